@@ -1,0 +1,14 @@
+"""keras_bn: BatchNorm for Keras 3 with explicit conventions, exact folding and verified export."""
+
+from keras_bn.conventions import keras_momentum_to_torch, torch_momentum_to_keras
+from keras_bn.errors import KerasBNError
+from keras_bn.layer import BatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "KerasBNError",
+    "keras_momentum_to_torch",
+    "torch_momentum_to_keras",
+]

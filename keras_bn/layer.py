@@ -1,0 +1,457 @@
+"""`keras_bn.BatchNorm`: a Keras 3 BatchNorm layer with explicit, convertible conventions."""
+
+import math
+import sys
+import warnings
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from keras_bn.conventions import (
+    KERAS_EPSILON,
+    KERAS_MOMENTUM,
+    TORCH_EPSILON,
+    TORCH_MOMENTUM,
+    _check_momentum,
+    torch_momentum_to_keras,
+)
+from keras_bn.errors import KerasBNError, expected
+
+# cuDNN, and with it tf.nn.fused_batch_norm, raises any epsilon below this to this value without a
+# word. The fast path is only taken when the user's epsilon is at least this, so it is never changed.
+FUSED_MIN_EPSILON = 1.001e-5
+
+_LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def _batch_of_one_message(shape):
+    return (
+        "Expected more than 1 value per channel when training, got input shape "
+        f"{shape}. Train with a batch of at least 2 samples (or inputs with spatial dimensions), "
+        "or call the layer with training=False for inference."
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class BatchNorm(keras.layers.Layer):
+    """Batch normalization with explicit momentum, epsilon and variance conventions.
+
+    Training (`training=True` and the layer is trainable) normalizes each channel with the
+    statistics of the current batch and updates the moving statistics; inference uses the moving
+    statistics:
+
+    - training: `y = gamma * (x - mean(batch)) / sqrt(var(batch) + epsilon) + beta`, where
+      `var(batch)` is the biased variance (divide by n), as in every framework.
+    - inference: `y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta`, an
+      affine map `y = x * s + t` per channel with `s = gamma / sqrt(moving_variance + epsilon)`
+      and `t = beta - moving_mean * s`. This is what `keras_bn.fold_bn` merges into neighbours.
+
+    Moving statistics, with `momentum` in the Keras convention (weight of the OLD value):
+
+    - `moving_mean = moving_mean * momentum + mean(batch) * (1 - momentum)`
+    - `moving_variance = moving_variance * momentum + v * (1 - momentum)`, where `v` is the biased
+      batch variance, or the unbiased one `var(batch) * n / (n - 1)` if `unbiased_variance=True`
+      (PyTorch's running_var).
+    - `momentum=None`: the cumulative, equal-weight average of every batch seen so far (PyTorch's
+      `momentum=None`): `moving = moving + (batch - moving) / k` for the k-th batch. The batch
+      count lives in the non-trainable weight `num_batches_tracked`.
+
+    Conventions (see also `keras_bn.conventions`):
+
+    | argument          | Keras (default here)  | PyTorch `BatchNorm*d`        | ONNX BatchNormalization  |
+    |-------------------|-----------------------|------------------------------|--------------------------|
+    | momentum          | 0.99, weight of old   | 0.1, weight of NEW (=0.9 here) | 0.9, weight of old     |
+    | epsilon           | 1e-3                  | 1e-5                         | 1e-5                     |
+    | moving variance   | biased                | unbiased                     | (inference only)         |
+    | cumulative average| momentum=None         | momentum=None                | -                        |
+
+    `BatchNorm.from_torch(momentum=0.1, eps=1e-5, affine=True)` builds a layer with PyTorch's
+    semantics.
+
+    A batch whose statistics contain NaN or Inf does not update the moving statistics: the update
+    is skipped and a warning is emitted (a Python warning in eager mode, a line on stderr inside
+    `tf.function`/`model.fit`). Training with one value per channel raises an error, as PyTorch does.
+
+    Fast path: channels-last rank-4/5 inputs in training use `FusedBatchNormV3` when `epsilon >=
+    1.001e-5`, no mask is given and `synchronized=False`. Below that epsilon the generic path is
+    used, because the fused kernel would silently raise epsilon.
+
+    Args:
+        axis: Integer, the channel axis. -1 for channels_last, 1 for channels_first.
+        momentum: Weight of the old moving value, in [0, 1]; None for a cumulative average.
+        epsilon: Small positive float added to the variance; honoured exactly.
+        center: If True, add the learned offset `beta`.
+        scale: If True, multiply by the learned scale `gamma`.
+        unbiased_variance: If True, the moving variance is updated with the unbiased
+            (Bessel-corrected, n / (n - 1)) batch variance, as in PyTorch. Normalization during
+            training always uses the biased batch variance.
+        synchronized: If True under a `tf.distribute` strategy, batch statistics are computed over
+            the global batch of all replicas. Without a strategy it has no effect.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_variance_initializer, beta_regularizer, gamma_regularizer, beta_constraint,
+        gamma_constraint: As in `keras.layers.BatchNormalization`.
+        **kwargs: Base layer arguments (`name`, `dtype`, `trainable`).
+
+    Call arguments:
+        inputs: Tensor of any rank >= 2.
+        training: Python boolean. With `trainable=False` the layer always runs in inference mode,
+            the Keras fine-tuning convention.
+        mask: Optional boolean tensor of rank `rank(inputs) - 1` (no channel axis). Masked-out
+            entries are left out of the batch statistics; the output is computed for all entries.
+
+    Reference:
+        Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+        Internal Covariate Shift", ICML 2015, Algorithms 1 and 2.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=KERAS_MOMENTUM,
+        epsilon=KERAS_EPSILON,
+        center=True,
+        scale=True,
+        unbiased_variance=False,
+        synchronized=False,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        # Validated here, not in build(): __init__ also runs for configs read from model files.
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise KerasBNError(
+                expected("Invalid `axis`", "an integer (-1 or 1 for channels last/first)",
+                         f"axis={axis!r}")
+            )
+        self.axis = axis
+        self.momentum = _check_momentum(momentum, "momentum")
+        if (
+            isinstance(epsilon, bool)
+            or not isinstance(epsilon, (int, float))
+            or not math.isfinite(epsilon)
+            or epsilon <= 0
+        ):
+            raise KerasBNError(
+                expected("Invalid `epsilon`", "a finite number > 0", f"epsilon={epsilon!r}")
+            )
+        self.epsilon = float(epsilon)
+        for flag_name, flag in (("center", center), ("scale", scale),
+                                ("unbiased_variance", unbiased_variance),
+                                ("synchronized", synchronized)):
+            if not isinstance(flag, bool):
+                raise KerasBNError(
+                    expected(f"Invalid `{flag_name}`", "True or False", f"{flag_name}={flag!r}")
+                )
+        self.center = center
+        self.scale = scale
+        self.unbiased_variance = unbiased_variance
+        self.synchronized = synchronized
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self.num_batches_tracked = None
+
+    @classmethod
+    def from_torch(cls, momentum=TORCH_MOMENTUM, eps=TORCH_EPSILON, affine=True, **kwargs):
+        """Builds a layer with PyTorch's `BatchNorm*d` semantics.
+
+        `momentum` is PyTorch's (weight of the NEW batch value), converted to Keras's
+        `1 - momentum`; `None` keeps the cumulative average. The moving variance is unbiased, as
+        PyTorch's running_var. `affine=False` gives no gamma and no beta. Other keyword arguments
+        (`axis`, `name`, ...) go to the constructor; note that PyTorch's channel axis is 1 while
+        Keras data is usually channels-last (axis=-1, the default here).
+        """
+        if not isinstance(affine, bool):
+            raise KerasBNError(expected("Invalid `affine`", "True or False", f"affine={affine!r}"))
+        return cls(
+            momentum=torch_momentum_to_keras(momentum),
+            epsilon=eps,
+            center=affine,
+            scale=affine,
+            unbiased_variance=True,
+            **kwargs,
+        )
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if rank < 2:
+            raise KerasBNError(
+                expected("BatchNorm needs a batch axis and a channel axis", "input rank >= 2",
+                         f"input shape {tuple(input_shape)}")
+            )
+        if not -rank <= self.axis < rank:
+            raise KerasBNError(
+                expected("Invalid `axis` for this input", f"an axis in [{-rank}, {rank - 1}]",
+                         f"axis={self.axis} for input shape {tuple(input_shape)}")
+            )
+        self._axis = self.axis % rank
+        channels = input_shape[self._axis]
+        if channels is None:
+            raise KerasBNError(
+                expected("The channel axis must have a known size", "an int",
+                         f"None at axis {self.axis} of input shape {tuple(input_shape)}")
+            )
+        shape = (channels,)
+        # Weights are created in Keras's order (gamma, beta, moving_mean, moving_variance) so
+        # get_weights()/set_weights() interchange with keras.layers.BatchNormalization.
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+                trainable=True, autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+                trainable=True, autocast=False,
+            )
+        # aggregation="mean": under a tf.distribute strategy each replica assigns the moving
+        # statistics from replica context; with synchronized=True they are identical anyway.
+        self.moving_mean = self.add_weight(
+            shape=shape, name="moving_mean", initializer=self.moving_mean_initializer,
+            trainable=False, autocast=False, aggregation="mean",
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape, name="moving_variance", initializer=self.moving_variance_initializer,
+            trainable=False, autocast=False, aggregation="mean",
+        )
+        if self.momentum is None:
+            self.num_batches_tracked = self.add_weight(
+                shape=(), name="num_batches_tracked", initializer="zeros", dtype="int64",
+                trainable=False, autocast=False, aggregation="only_first_replica",
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=rank, axes={self._axis: channels})
+        self._reduction_axes = [i for i in range(rank) if i != self._axis]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # ---------------------------------------------------------------------------------------
+    # Statistics
+
+    def _broadcast_shape(self, rank):
+        shape = [1] * rank
+        shape[self._axis] = -1
+        return shape
+
+    def _values_per_channel(self, inputs):
+        """Static count if every reduced dimension is known, else a scalar tensor."""
+        static = [inputs.shape[i] for i in self._reduction_axes]
+        if all(d is not None for d in static):
+            return math.prod(static)
+        shape = tf.shape(inputs)
+        return tf.reduce_prod(tf.gather(shape, self._reduction_axes))
+
+    def _check_more_than_one_value(self, inputs):
+        count = self._values_per_channel(inputs)
+        message = _batch_of_one_message(tuple(inputs.shape))
+        if isinstance(count, int):
+            if count <= 1:
+                raise KerasBNError(message)
+            return []
+        return [tf.debugging.assert_greater(count, 1, message=message)]
+
+    def _pivot(self, x):
+        """One sample of each channel, shape broadcastable to `x`, without gradient.
+
+        Statistics are computed on `x - pivot`: shifting by a value near the data keeps the mean
+        and variance exact in float32 when the mean is large and the spread small (mean 1e4,
+        std 0.01). Both E[x^2] - E[x]^2 and a plain two-pass mean lose digits there.
+        """
+        rank = len(x.shape)
+        size = [1] * rank
+        size[self._axis] = -1
+        return tf.stop_gradient(tf.slice(x, [0] * rank, size))
+
+    def _batch_moments(self, x, mask):
+        """Statistics of a float32 batch.
+
+        Returns `(centered, mean, variance, count)`: `centered = x - mean` computed without
+        cancellation, the batch mean and biased variance per channel, and the number of values
+        per channel that entered them.
+        """
+        axes = self._reduction_axes
+        shape = self._broadcast_shape(len(x.shape))
+        weights = None
+        if mask is not None:
+            weights = tf.expand_dims(tf.cast(mask, x.dtype), self._axis) + tf.zeros_like(x)
+        ctx = tf.distribute.get_replica_context()
+        synchronized = self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
+        # A masked-out first sample may hold padding far from the data: no shift then.
+        pivot = self._pivot(x)
+        if weights is not None:
+            pivot = tf.zeros_like(pivot)
+        if synchronized:
+            pivot = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, pivot)
+        shifted = x - pivot
+        if synchronized:
+            # Global-batch moments: two all-reduces (sums, then squared deviations).
+            w = tf.ones_like(shifted) if weights is None else weights
+            local = tf.stack([tf.reduce_sum(shifted * w, axes), tf.reduce_sum(w, axes)])
+            total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
+            count = total[1]
+            shifted_mean = tf.math.divide_no_nan(total[0], count)
+            centered = shifted - tf.reshape(shifted_mean, shape)
+            local_sq = tf.reduce_sum(tf.square(centered) * w, axes)
+            variance = tf.math.divide_no_nan(
+                ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq), count)
+        elif weights is None:
+            shifted_mean, variance = tf.nn.moments(shifted, axes)
+            count = tf.cast(self._values_per_channel(x), tf.float32)
+            centered = shifted - tf.reshape(shifted_mean, shape)
+        else:
+            shifted_mean, variance = tf.nn.weighted_moments(shifted, axes, weights)
+            count = tf.reduce_sum(weights, axes)
+            centered = shifted - tf.reshape(shifted_mean, shape)
+        mean = shifted_mean + tf.reshape(pivot, [-1])
+        return centered, mean, variance, count
+
+    def _update_moving(self, mean, variance, count):
+        """Moving-statistics update; skipped (with a warning) when the batch had NaN/Inf."""
+        mean = tf.stop_gradient(mean)
+        variance = tf.stop_gradient(variance)
+        if self.unbiased_variance:
+            count = tf.cast(count, tf.float32)
+            variance = variance * tf.math.divide_no_nan(count, count - 1.0)
+        finite = tf.logical_and(
+            tf.reduce_all(tf.math.is_finite(mean)), tf.reduce_all(tf.math.is_finite(variance))
+        )
+        if self.momentum is None:
+            k = tf.cast(self.num_batches_tracked + 1, tf.float32)
+            weight_new = 1.0 / k
+        else:
+            weight_new = 1.0 - self.momentum
+        # momentum * old + (1 - momentum) * new, not old + (new - old) * w: with a tiny batch
+        # variance and momentum 0, the latter would round the result to the old value's ulp.
+        new_mean = self.moving_mean * (1.0 - weight_new) + mean * weight_new
+        new_variance = self.moving_variance * (1.0 - weight_new) + variance * weight_new
+        # tf.where, not a Python branch: the same graph serves eager, tf.function and model.fit.
+        self.moving_mean.assign(tf.where(finite, new_mean, self.moving_mean))
+        self.moving_variance.assign(tf.where(finite, new_variance, self.moving_variance))
+        if self.momentum is None:
+            self.num_batches_tracked.assign_add(tf.cast(finite, tf.int64))
+        self._warn_if_not_finite(finite)
+
+    def _warn_if_not_finite(self, finite):
+        message = (
+            f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
+            "the moving statistics were not updated for this batch."
+        )
+        if tf.executing_eagerly():
+            if not bool(finite):
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return
+
+        def _print():
+            tf.print("WARNING:", message, output_stream=sys.stderr)
+            return tf.constant(True)
+
+        tf.cond(finite, lambda: tf.constant(True), _print)
+
+    # ---------------------------------------------------------------------------------------
+    # Call
+
+    def _use_fused(self, inputs, mask):
+        rank = len(inputs.shape)
+        return (
+            rank in (4, 5)
+            and self._axis == rank - 1
+            and mask is None
+            and not self.synchronized
+            and self.epsilon >= FUSED_MIN_EPSILON
+            and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
+        )
+
+    def _gamma_beta(self, channels):
+        gamma = self.gamma if self.scale else tf.ones((channels,), tf.float32)
+        beta = self.beta if self.center else tf.zeros((channels,), tf.float32)
+        return tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta)
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise KerasBNError(
+                expected("The mask must have one dimension less than the inputs",
+                         f"mask rank {len(inputs.shape) - 1}",
+                         f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}")
+            )
+        inputs = tf.convert_to_tensor(inputs)
+        channels = inputs.shape[self._axis]
+        gamma, beta = self._gamma_beta(channels)
+        if training and self.trainable:
+            with tf.control_dependencies(self._check_more_than_one_value(inputs)):
+                inputs = tf.identity(inputs)
+            if self._use_fused(inputs, mask):
+                outputs, mean, variance = self._fused_train(inputs, gamma, beta)
+                count = tf.cast(self._values_per_channel(inputs), tf.float32)
+                self._update_moving(mean, variance, count)
+                return tf.cast(outputs, self.compute_dtype)
+            x = tf.cast(inputs, tf.float32)
+            centered, mean, variance, count = self._batch_moments(x, mask)
+            self._update_moving(mean, variance, count)
+            inv = gamma * tf.math.rsqrt(variance + self.epsilon)
+            shape = self._broadcast_shape(len(inputs.shape))
+            outputs = centered * tf.reshape(inv, shape) + tf.reshape(beta, shape)
+            return tf.cast(outputs, self.compute_dtype)
+        else:
+            x = tf.cast(inputs, tf.float32)
+            mean = tf.convert_to_tensor(self.moving_mean)
+            variance = tf.convert_to_tensor(self.moving_variance)
+        # y = x * s + t: one multiply-add per element; s and t are per-channel vectors.
+        inv = gamma * tf.math.rsqrt(variance + self.epsilon)
+        shape = self._broadcast_shape(len(inputs.shape))
+        outputs = x * tf.reshape(inv, shape) + tf.reshape(beta - mean * inv, shape)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _fused_train(self, inputs, gamma, beta):
+        """FusedBatchNormV3 in training mode; returns output, batch mean, BIASED batch variance."""
+        rank = len(inputs.shape)
+        data_format = "NHWC" if rank == 4 else "NDHWC"
+        outputs, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=gamma, offset=beta,
+            mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
+            epsilon=self.epsilon, data_format=data_format, is_training=True,
+        )
+        # The kernel returns the Bessel-corrected variance; undo it to keep one convention here.
+        n = tf.cast(self._values_per_channel(inputs), tf.float32)
+        variance = unbiased * tf.math.divide_no_nan(n - 1.0, n)
+        return outputs, mean, variance
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "unbiased_variance": self.unbiased_variance,
+            "synchronized": self.synchronized,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+        }
+        return {**base_config, **config}
