@@ -73,9 +73,14 @@ class BatchNorm(keras.layers.Layer):
     is skipped and a warning is emitted (a Python warning in eager mode, a line on stderr inside
     `tf.function`/`model.fit`). Training with one value per channel raises an error, as PyTorch does.
 
-    Fast path: channels-last rank-4/5 inputs in training use `FusedBatchNormV3` when `epsilon >=
-    1.001e-5`, no mask is given and `synchronized=False`. Below that epsilon the generic path is
-    used, because the fused kernel would silently raise epsilon.
+    Fast path: channels-last inputs (any rank; rank 2/3 are viewed as 4-D) in training use
+    `FusedBatchNormV3` when `epsilon >= 1.001e-5`, no mask is given and `synchronized=False`.
+    Below that epsilon the generic path is used, because the fused kernel would silently raise
+    epsilon. The generic path computes statistics on the input shifted by one of its samples, so
+    data with a large mean and a tiny spread (mean 1e4, std 0.01) keeps its variance to ~1e-5
+    relative. The fused kernel computes a plain two-pass variance, which loses digits once
+    |mean| / std > ~1e3 (0.6% at 1e6); batches like that are detected from the kernel's own
+    statistics and recomputed on the shifted path. E[x^2] - E[x]^2 would give 0 there.
 
     Args:
         axis: Integer, the channel axis. -1 for channels_last, 1 for channels_first.
@@ -371,10 +376,11 @@ class BatchNorm(keras.layers.Layer):
     # Call
 
     def _use_fused(self, inputs, mask):
+        """Channels-last inputs of any rank, no mask, no cross-replica statistics, and an epsilon
+        the kernel will not change."""
         rank = len(inputs.shape)
         return (
-            rank in (4, 5)
-            and self._axis == rank - 1
+            self._axis == rank - 1
             and mask is None
             and not self.synchronized
             and self.epsilon >= FUSED_MIN_EPSILON
@@ -397,20 +403,26 @@ class BatchNorm(keras.layers.Layer):
         channels = inputs.shape[self._axis]
         gamma, beta = self._gamma_beta(channels)
         if training and self.trainable:
-            with tf.control_dependencies(self._check_more_than_one_value(inputs)):
-                inputs = tf.identity(inputs)
-            if self._use_fused(inputs, mask):
+            checks = self._check_more_than_one_value(inputs)
+            if checks:
+                with tf.control_dependencies(checks):
+                    inputs = tf.identity(inputs)
+            if not self._use_fused(inputs, mask):
+                outputs, mean, variance, count = self._generic_train(inputs, mask, gamma, beta)
+            else:
                 outputs, mean, variance = self._fused_train(inputs, gamma, beta)
+                # The kernel's plain two-pass variance loses digits once |mean| / std exceeds
+                # ~1e3 in float32 (0.6% error at 1e6). Such batches, rare, are recomputed on the
+                # shifted generic path; the check itself costs a few per-channel operations.
+                ill_conditioned = tf.reduce_any(tf.square(mean) > 1e6 * variance)
+                outputs, mean, variance = tf.cond(
+                    ill_conditioned,
+                    lambda: self._generic_train(inputs, None, gamma, beta)[:3],
+                    lambda: (tf.cast(outputs, self.compute_dtype), mean, variance),
+                )
                 count = tf.cast(self._values_per_channel(inputs), tf.float32)
-                self._update_moving(mean, variance, count)
-                return tf.cast(outputs, self.compute_dtype)
-            x = tf.cast(inputs, tf.float32)
-            centered, mean, variance, count = self._batch_moments(x, mask)
             self._update_moving(mean, variance, count)
-            inv = gamma * tf.math.rsqrt(variance + self.epsilon)
-            shape = self._broadcast_shape(len(inputs.shape))
-            outputs = centered * tf.reshape(inv, shape) + tf.reshape(beta, shape)
-            return tf.cast(outputs, self.compute_dtype)
+            return outputs
         else:
             x = tf.cast(inputs, tf.float32)
             mean = tf.convert_to_tensor(self.moving_mean)
@@ -421,15 +433,32 @@ class BatchNorm(keras.layers.Layer):
         outputs = x * tf.reshape(inv, shape) + tf.reshape(beta - mean * inv, shape)
         return tf.cast(outputs, self.compute_dtype)
 
+    def _generic_train(self, inputs, mask, gamma, beta):
+        x = tf.cast(inputs, tf.float32)
+        centered, mean, variance, count = self._batch_moments(x, mask)
+        inv = gamma * tf.math.rsqrt(variance + self.epsilon)
+        shape = self._broadcast_shape(len(inputs.shape))
+        outputs = centered * tf.reshape(inv, shape) + tf.reshape(beta, shape)
+        return tf.cast(outputs, self.compute_dtype), mean, variance, count
+
     def _fused_train(self, inputs, gamma, beta):
-        """FusedBatchNormV3 in training mode; returns output, batch mean, BIASED batch variance."""
+        """FusedBatchNormV3 in training mode; returns output, batch mean, BIASED batch variance.
+
+        The kernel reduces over every axis but the last, so rank 2 and 3 inputs are viewed as
+        (N, L, 1, C) -- a free reshape -- and rank 5 runs as NDHWC.
+        """
         rank = len(inputs.shape)
-        data_format = "NHWC" if rank == 4 else "NDHWC"
+        x = inputs
+        if rank < 4:
+            shape = tf.shape(inputs)
+            x = tf.reshape(inputs, tf.concat([shape[:1], [-1, 1], shape[-1:]], 0))
         outputs, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=gamma, offset=beta,
+            x=x, scale=gamma, offset=beta,
             mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
-            epsilon=self.epsilon, data_format=data_format, is_training=True,
+            epsilon=self.epsilon, data_format="NDHWC" if rank == 5 else "NHWC", is_training=True,
         )
+        if rank < 4:
+            outputs = tf.reshape(outputs, tf.shape(inputs))
         # The kernel returns the Bessel-corrected variance; undo it to keep one convention here.
         n = tf.cast(self._values_per_channel(inputs), tf.float32)
         variance = unbiased * tf.math.divide_no_nan(n - 1.0, n)

@@ -1,0 +1,21 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def mixed_policy():
+    """Sets a global dtype policy for one test and restores float32 afterwards."""
+    def _set(name):
+        keras.config.set_dtype_policy(name)
+    yield _set
+    keras.config.set_dtype_policy("float32")

@@ -1,0 +1,487 @@
+"""keras_bn.BatchNorm: layer contract, golden values, parity sweeps, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_bn
+from keras_bn import BatchNorm, KerasBNError
+from tests.tolerances import LAYER_ATOL, LAYER_RTOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer contract helper, in the spirit of keras' own `run_layer_test`.
+
+def run_layer_contract(make_layer, input_shape, rng):
+    layer = make_layer()
+    # 1. config round trip, including through the serialization registry.
+    config = layer.get_config()
+    clone = BatchNorm.from_config(config)
+    assert clone.get_config() == config
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(revived, BatchNorm) and revived.get_config() == config
+    json.dumps(config)  # JSON-able
+
+    # 2. symbolic call.
+    inputs = keras.Input(input_shape[1:])
+    outputs = layer(inputs)
+    assert tuple(outputs.shape) == (None, *input_shape[1:])
+
+    # 3. eager call in both modes.
+    x = rng.normal(2.0, 3.0, size=input_shape).astype("float32")
+    y_infer = np.asarray(layer(x, training=False))
+    assert y_infer.shape == x.shape and np.all(np.isfinite(y_infer))
+
+    # 4. a training step through model.fit: trainable weights and moving statistics move.
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = [np.array(w) for w in layer.weights]
+    model.fit(x, rng.normal(size=input_shape).astype("float32"), batch_size=input_shape[0],
+              epochs=1, verbose=0)
+    after = [np.array(w) for w in layer.weights]
+    for w, b, a in zip(layer.weights, before, after):
+        if w.name == "num_batches_tracked":
+            assert a == b + 1
+        else:
+            assert not np.allclose(a, b), f"{w.name} did not change in a training step"
+
+    # 5. mixed precision: float16 compute, float32 statistics.
+    mp_layer = make_layer()
+    mp_layer.dtype_policy = keras.dtype_policies.DTypePolicy("mixed_float16")
+    y16 = mp_layer(x.astype("float16"), training=True)
+    assert y16.dtype == tf.float16
+    assert mp_layer.moving_mean.dtype == "float32"
+    assert np.all(np.isfinite(np.asarray(y16, dtype=np.float32)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,input_shape",
+    [
+        ({}, (8, 5)),
+        ({"axis": 1}, (8, 3, 4)),
+        ({}, (6, 4, 4, 3)),  # fused path
+        ({"epsilon": 1e-6}, (6, 4, 4, 3)),  # epsilon below the fused minimum: generic path
+        ({"axis": 1}, (4, 3, 2, 2, 2)),
+        ({"momentum": None, "unbiased_variance": True}, (8, 5)),
+    ],
+)
+def test_layer_contract(kwargs, input_shape, rng):
+    run_layer_contract(lambda: BatchNorm(**kwargs), input_shape, rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden values from the seed post's PyTorch example (torch.nn.BatchNorm1d(1, momentum=0.1)).
+
+def test_seed_post_golden_values():
+    bn = BatchNorm.from_torch(momentum=0.1)
+    batch = np.array([[7.0], [7.0], [7.0]], np.float32)
+    expected_means = [0.7, 1.33, 1.897]  # 0.9*m + 0.1*7, by hand
+    expected_vars = [0.9, 0.81, 0.729]  # 0.9*v + 0.1*0 (unbiased var of a constant batch is 0)
+    for mean, var in zip(expected_means, expected_vars):
+        bn(batch, training=True)
+        np.testing.assert_allclose(bn.moving_mean.numpy(), [mean], rtol=1e-6)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), [var], rtol=1e-6)
+    # (3 - 1.897) / sqrt(0.729 + 1e-5) = 1.2918403 (PyTorch prints this)
+    out = bn(np.array([[3.0]], np.float32), training=False)
+    np.testing.assert_allclose(np.asarray(out), [[1.2918403]], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, "
+                                          r"got input shape \(1, 1\)"):
+        bn(np.array([[3.0]], np.float32), training=True)
+
+
+def test_unbiased_variance_golden():
+    # Keras convention: momentum 0 takes the batch value. Batch [1, 3]: biased var 1, unbiased 2.
+    bn = BatchNorm(momentum=0.0, unbiased_variance=True)
+    y = bn(np.array([[1.0], [3.0]], np.float32), training=True)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [2.0], rtol=1e-7)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [2.0], rtol=1e-7)
+    # Normalization uses the biased variance 1: (1-2)/sqrt(1+1e-3), (3-2)/sqrt(1+1e-3).
+    np.testing.assert_allclose(np.asarray(y), [[-1 / np.sqrt(1.001)], [1 / np.sqrt(1.001)]],
+                               rtol=1e-6)
+    biased = BatchNorm(momentum=0.0)
+    biased(np.array([[1.0], [3.0]], np.float32), training=True)
+    np.testing.assert_allclose(biased.moving_variance.numpy(), [1.0], rtol=1e-7)
+
+
+def torch_reference(batches, momentum, eps, axis):
+    """NumPy transcription of torch.nn.BatchNorm's documented update rule (float64).
+
+    running = (1 - momentum) * running + momentum * batch_stat, with the unbiased batch variance;
+    momentum=None: momentum = 1 / num_batches_tracked. Returns running mean/var and the
+    training-mode output of the last batch (normalized with the biased variance).
+    """
+    running_mean, running_var, tracked = None, None, 0
+    for x in batches:
+        x = np.moveaxis(x.astype(np.float64), axis, -1)
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        mean, var = flat.mean(0), flat.var(0)
+        if running_mean is None:
+            running_mean, running_var = np.zeros_like(mean), np.ones_like(var)
+        tracked += 1
+        factor = 1.0 / tracked if momentum is None else momentum
+        running_mean = (1 - factor) * running_mean + factor * mean
+        running_var = (1 - factor) * running_var + factor * var * n / (n - 1)
+        out = np.moveaxis((x - mean) / np.sqrt(var + eps), -1, axis)
+    return running_mean, running_var, out
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 0.01, 1.0, 0.0, None])
+@pytest.mark.parametrize("shape,axis", [((5, 3), -1), ((4, 3, 6), 1), ((4, 5, 5, 3), -1)])
+def test_torch_convention_sweep(momentum, shape, axis, rng):
+    bn = BatchNorm.from_torch(momentum=momentum, eps=1e-5, axis=axis)
+    batches = [rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 4), size=shape).astype("float32")
+               for _ in range(4)]
+    for x in batches:
+        y = bn(x, training=True)
+    mean, var, out = torch_reference(batches, momentum, 1e-5, axis)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), out, rtol=1e-4, atol=1e-5)
+    if momentum is None:
+        assert int(bn.num_batches_tracked.numpy()) == 4
+
+
+def test_cumulative_average_is_independent_of_batch_split(rng):
+    # fvcore precise_bn's check: equal-size batches, same mean whatever the split.
+    data = rng.normal(1.0, 2.0, size=(24, 3)).astype("float32")
+    means = []
+    for batch_size in (4, 6, 12):
+        bn = BatchNorm(momentum=None)
+        for start in range(0, 24, batch_size):
+            bn(data[start:start + batch_size], training=True)
+        means.append(bn.moving_mean.numpy())
+    for m in means:
+        np.testing.assert_allclose(m, data.astype(np.float64).mean(0), rtol=1e-5)
+
+
+def test_conventions_convert():
+    assert keras_bn.torch_momentum_to_keras(0.1) == pytest.approx(0.9)
+    assert keras_bn.keras_momentum_to_torch(0.99) == pytest.approx(0.01)
+    assert keras_bn.torch_momentum_to_keras(None) is None
+    bn = BatchNorm.from_torch(momentum=0.1, eps=1e-5, affine=False)
+    assert bn.momentum == pytest.approx(0.9) and bn.epsilon == 1e-5 and bn.unbiased_variance
+    bn.build((None, 4))
+    assert [w.name for w in bn.weights] == ["moving_mean", "moving_variance"]
+    with pytest.raises(ValueError, match=r"Expected: a number in \[0, 1\].*Received: momentum=1.5"):
+        keras_bn.torch_momentum_to_keras(1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with keras.layers.BatchNormalization.
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("momentum,epsilon", [(0.99, 1e-3), (0.9, 1e-5)])
+def test_keras_parity(rank, axis, momentum, epsilon, rng):
+    shape = (6, 3, 4, 5, 2)[:rank]
+    ours = BatchNorm(axis=axis, momentum=momentum, epsilon=epsilon,
+                     gamma_initializer="random_uniform", beta_initializer="random_normal")
+    theirs = keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=epsilon)
+    ours.build(shape)
+    theirs.build(shape)
+    theirs.set_weights(ours.get_weights())
+    for _ in range(4):
+        x = rng.normal(1.5, 2.5, size=shape).astype("float32")
+        with tf.GradientTape(persistent=True) as tape:
+            xt = tf.constant(x)
+            tape.watch(xt)
+            y_ours = ours(xt, training=True)
+            y_theirs = theirs(xt, training=True)
+            loss_ours = tf.reduce_sum(y_ours * tf.sin(xt))
+            loss_theirs = tf.reduce_sum(y_theirs * tf.sin(xt))
+        np.testing.assert_allclose(y_ours, y_theirs, rtol=LAYER_RTOL, atol=LAYER_ATOL)
+        g_ours = tape.gradient(loss_ours, [xt] + ours.trainable_weights)
+        g_theirs = tape.gradient(loss_theirs, [xt] + theirs.trainable_weights)
+        for a, b in zip(g_ours, g_theirs):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), theirs.moving_mean.numpy(),
+                               rtol=LAYER_RTOL, atol=1e-6)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), theirs.moving_variance.numpy(),
+                               rtol=LAYER_RTOL, atol=1e-6)
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False),
+                               rtol=LAYER_RTOL, atol=LAYER_ATOL)
+
+
+def test_masked_statistics_match_keras(rng):
+    x = rng.normal(2.0, 1.5, size=(4, 7, 3)).astype("float32")
+    mask = rng.random((4, 7)) > 0.4
+    ours, theirs = BatchNorm(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
+    y_ours = ours(x, training=True, mask=mask)
+    y_theirs = theirs(x, training=True, mask=mask)
+    np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-4, atol=1e-4)
+    # The statistics come from unmasked entries only (NumPy reference).
+    kept = x[mask]
+    np.testing.assert_allclose(ours.moving_mean.numpy(), 0.5 * kept.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), 0.5 + 0.5 * kept.var(0), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"Expected: mask rank 2\. Received: mask\.shape=\(4,\)"):
+        ours(x, training=True, mask=mask[:, 0])
+
+
+def test_trainable_false_runs_in_inference_mode(rng):
+    bn = BatchNorm(moving_mean_initializer="ones", moving_variance_initializer=keras.initializers.Constant(4.0))
+    bn.trainable = False
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = bn(x, training=True)
+    np.testing.assert_allclose(y, (x - 1.0) / np.sqrt(4.0 + 1e-3), rtol=1e-6)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics: precision, mixed precision, epsilon, NaN/Inf.
+
+@pytest.mark.parametrize(
+    "shape,kwargs,rtol",
+    [
+        ((256, 4), {}, 1e-4),  # fused kernel detects the ill-conditioned batch and falls back
+        ((16, 8, 8, 4), {}, 1e-4),
+        ((256, 4), {"epsilon": 1e-6}, 1e-4),  # generic path: pivot-shifted statistics
+        ((16, 4, 8, 8), {"axis": 1}, 1e-4),
+    ],
+)
+def test_variance_large_mean_small_spread(shape, kwargs, rtol, rng):
+    x = (1e4 + 0.01 * rng.standard_normal(shape)).astype("float32")
+    axis = kwargs.get("axis", -1)
+    flat = np.moveaxis(x, axis, -1).astype(np.float64).reshape(-1, 4)
+    reference = flat.var(0)
+    # E[x^2] - E[x]^2 in float32 has no correct digit here.
+    x32 = np.moveaxis(x, axis, -1).reshape(-1, 4)
+    naive = (x32 ** 2).mean(0) - x32.mean(0) ** 2
+    assert np.all(np.abs(naive - reference) > 0.5 * reference)
+    bn = BatchNorm(momentum=0.0, **kwargs)
+    y = np.moveaxis(np.asarray(bn(x, training=True)), axis, -1).reshape(-1, 4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), reference, rtol=rtol)
+    eps = kwargs.get("epsilon", 1e-3)
+    expected = (flat - flat.mean(0)) / np.sqrt(reference + eps)
+    np.testing.assert_allclose(y, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("shape", [(8, 6), (4, 3, 3, 6)])
+def test_mixed_precision_near_float16_limit(policy, shape, mixed_policy, rng):
+    mixed_policy(policy)
+    bn = BatchNorm(momentum=0.0)
+    x = rng.uniform(-60000, 60000, size=shape).astype("float32")
+    x16 = x.astype("float16" if policy == "mixed_float16" else tf.bfloat16.as_numpy_dtype)
+    y = bn(x16, training=True)
+    assert y.dtype == (tf.float16 if policy == "mixed_float16" else tf.bfloat16)
+    assert bn.moving_variance.dtype == "float32" and bn.gamma.dtype == "float32"
+    xr = x16.astype(np.float64).reshape(-1, shape[-1])
+    assert np.all(np.isfinite(bn.moving_variance.numpy()))
+    np.testing.assert_allclose(bn.moving_variance.numpy(), xr.var(0), rtol=1e-3)
+    expected = ((xr - xr.mean(0)) / np.sqrt(xr.var(0) + 1e-3)).reshape(shape)
+    np.testing.assert_allclose(np.asarray(y, dtype=np.float32), expected, atol=0.05)
+
+
+@pytest.mark.parametrize("shape", [(16, 4, 4, 3), (64, 3)])
+def test_epsilon_below_fused_minimum_is_honoured(shape, rng):
+    x = (rng.standard_normal(shape) * np.sqrt(1e-5)).astype("float32")
+    flat = x.astype(np.float64).reshape(-1, 3)
+    for eps in (1e-6, 2e-5):
+        bn = BatchNorm(epsilon=eps, momentum=0.0)
+        y = np.asarray(bn(x, training=True)).reshape(-1, 3)
+        expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + eps)
+        np.testing.assert_allclose(y, expected, rtol=1e-3, atol=1e-3)
+        y_inf = np.asarray(bn(x, training=False)).reshape(-1, 3)
+        np.testing.assert_allclose(y_inf, expected, rtol=1e-3, atol=1e-3)
+    # The fused kernel would have used 1.001e-5 there: outputs differ by ~30%.
+    assert not np.allclose((flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6),
+                           (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1.001e-5), rtol=0.1)
+
+
+def test_fused_path_is_taken_only_where_exact():
+    bn = BatchNorm()
+    bn.build((None, 4, 4, 3))
+    x = tf.zeros((2, 4, 4, 3))
+    assert bn._use_fused(x, None)
+    small = BatchNorm(epsilon=1e-5)
+    small.build((None, 4, 4, 3))
+    assert not small._use_fused(x, None)
+    synced = BatchNorm(synchronized=True)
+    synced.build((None, 4, 4, 3))
+    assert not synced._use_fused(x, None)
+    assert not bn._use_fused(x, tf.ones((2, 4, 4), tf.bool))
+    cf = BatchNorm(axis=1)
+    cf.build((None, 3, 4, 4))
+    assert not cf._use_fused(tf.zeros((2, 3, 4, 4)), None)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 3, 3)])
+@pytest.mark.parametrize("momentum", [0.9, None])
+def test_nan_batch_skips_update_with_warning(shape, momentum, rng):
+    bn = BatchNorm(momentum=momentum)
+    good = rng.normal(size=shape).astype("float32")
+    bn(good, training=True)
+    mean, var = bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()
+    bad = good.copy()
+    bad[0, 0] = np.nan
+    bad.reshape(-1)[-1] = np.inf
+    with pytest.warns(RuntimeWarning, match="NaN or Inf.*not updated"):
+        bn(bad, training=True)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), var)
+    # Inside tf.function (model.fit's path) the update is skipped too.
+    step = tf.function(lambda x: bn(x, training=True))
+    step(tf.constant(bad))
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
+    if momentum is None:
+        assert int(bn.num_batches_tracked.numpy()) == 1
+    step(tf.constant(good + 1.0))
+    assert not np.array_equal(bn.moving_mean.numpy(), mean)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch of one.
+
+def test_batch_of_one_raises_static_and_at_run_time():
+    bn = BatchNorm()
+    one = np.ones((1, 3), np.float32)
+    with pytest.raises(KerasBNError, match=r"Expected more than 1 value per channel when training, "
+                                          r"got input shape \(1, 3\)"):
+        bn(one, training=True)
+    # Spatial dimensions give more than one value per channel: fine.
+    bn4 = BatchNorm()
+    bn4(np.random.rand(1, 2, 2, 3).astype("float32"), training=True)
+    # Unknown batch size while tracing: the same message at run time.
+    step = tf.function(lambda x: bn(x, training=True),
+                       input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"Expected more than 1 value per channel when training, "
+                             r"got input shape \(None, 3\)"):
+        step(tf.constant(one))
+    step(tf.ones((2, 3)))
+    # Through model.fit.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, BatchNorm()(inputs))
+    model.compile("sgd", "mse")
+    with pytest.raises(Exception, match="Expected more than 1 value per channel"):
+        model.fit(one, one, batch_size=1, verbose=0)
+    # Inference on one sample works.
+    np.testing.assert_allclose(model.predict(one, verbose=0), one / np.sqrt(1 + 1e-3), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad arguments.
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"momentum": 1.5}, r"Invalid `momentum`\. Expected: a number in \[0, 1\], or None for a "
+                            r"cumulative average\. Received: momentum=1\.5\."),
+        ({"momentum": -0.1}, r"Received: momentum=-0\.1\."),
+        ({"momentum": float("nan")}, r"Received: momentum=nan\."),
+        ({"momentum": "0.9"}, r"Received: momentum='0\.9'\."),
+        ({"epsilon": 0.0}, r"Invalid `epsilon`\. Expected: a finite number > 0\. Received: epsilon=0\.0\."),
+        ({"epsilon": -1e-3}, r"Received: epsilon=-0\.001\."),
+        ({"epsilon": float("inf")}, r"Received: epsilon=inf\."),
+        ({"axis": 1.0}, r"Invalid `axis`\. Expected: an integer .*Received: axis=1\.0\."),
+        ({"axis": [1, 2]}, r"Received: axis=\[1, 2\]\."),
+        ({"center": "yes"}, r"Invalid `center`\. Expected: True or False\. Received: center='yes'\."),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BatchNorm(**kwargs)
+    # Configs read from model files go through __init__ too; Keras wraps the error in a TypeError
+    # that carries our message.
+    config = {**BatchNorm().get_config(), **kwargs}
+    with pytest.raises((KerasBNError, TypeError), match=message):
+        BatchNorm.from_config(config)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match=r"Expected: an axis in \[-2, 1\]\. Received: axis=3"):
+        BatchNorm(axis=3).build((None, 4))
+    with pytest.raises(ValueError, match=r"channel axis must have a known size.*Received: None"):
+        BatchNorm().build((None, None))
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialization.
+
+def test_keras_file_round_trip_and_saved_model(tmp_path, rng):
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(5, 3, use_bias=False)(inputs)
+    x = BatchNorm(momentum=None, unbiased_variance=True, epsilon=1e-5)(x)
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    data = rng.normal(size=(8, 4, 4, 3)).astype("float32")
+    model(data, training=True)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    # A fresh interpreter: only `import keras_bn` registers the class, no custom_objects.
+    script = textwrap.dedent(f"""
+        import numpy as np, keras, keras_bn
+        m = keras.saving.load_model({str(path)!r})
+        bn = [l for l in m.layers if isinstance(l, keras_bn.BatchNorm)][0]
+        print(bn.momentum, bn.unbiased_variance, bn.epsilon, int(bn.num_batches_tracked.numpy()))
+        np.save({str(tmp_path / "y.npy")!r}, m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+    """)
+    np.save(tmp_path / "x.npy", data)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=os.getcwd(), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-4:] == ["None", "True", "1e-05", "1"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(data, verbose=0),
+                               rtol=1e-6)
+    # SavedModel export serves the inference path.
+    model.export(str(tmp_path / "saved"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "saved"))
+    np.testing.assert_allclose(served.serve(data), model.predict(data, verbose=0), rtol=1e-5,
+                               atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synchronized statistics under tf.distribute, two logical CPUs in a subprocess.
+
+SYNC_SCRIPT = textwrap.dedent("""
+    import json, numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    import keras_bn
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")
+    data[4:] += 10.0  # the replicas' halves differ, so local statistics would be wrong
+    result = {}
+    for synchronized in (True, False):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            bn = keras_bn.BatchNorm(momentum=0.0, synchronized=synchronized)
+            bn.build((None, 5))
+        dist = strategy.experimental_distribute_values_from_function(
+            lambda ctx: data[4 * ctx.replica_id_in_sync_group: 4 * ctx.replica_id_in_sync_group + 4])
+        out = strategy.run(tf.function(lambda x: bn(x, training=True)), args=(dist,))
+        result[str(synchronized)] = {
+            "replicas": strategy.num_replicas_in_sync,
+            "mean": bn.moving_mean.numpy().tolist(),
+            "var": bn.moving_variance.numpy().tolist(),
+            "out": np.concatenate([o.numpy() for o in strategy.experimental_local_results(out)]).tolist(),
+        }
+    plain = keras_bn.BatchNorm(momentum=0.0)
+    result["plain"] = {"out": plain(data, training=True).numpy().tolist(),
+                       "mean": plain.moving_mean.numpy().tolist(),
+                       "var": plain.moving_variance.numpy().tolist()}
+    print(json.dumps(result))
+""")
+
+
+def test_synchronized_matches_single_global_batch():
+    out = subprocess.run([sys.executable, "-c", SYNC_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    sync, local, plain = result["True"], result["False"], result["plain"]
+    assert sync["replicas"] == 2
+    np.testing.assert_allclose(sync["mean"], plain["mean"], rtol=1e-5)
+    np.testing.assert_allclose(sync["var"], plain["var"], rtol=1e-5)
+    np.testing.assert_allclose(sync["out"], plain["out"], rtol=1e-4, atol=1e-5)
+    # Negative case: without synchronization each replica normalizes with its own half.
+    assert not np.allclose(local["out"], plain["out"], atol=1e-2)
