@@ -1,0 +1,110 @@
+"""Pure NumPy math of BatchNorm folding. Knows nothing of Keras layers or graphs.
+
+At inference a BatchNorm is a per-channel affine map
+
+    y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta = x * s + t,
+    s = gamma / sqrt(moving_variance + epsilon),   t = beta - moving_mean * s.
+
+Backward folding (producer -> BN), for a layer z = W * x + b whose output channel is o:
+
+    W'[..., o] = W[..., o] * s[o],   b'[o] = b[o] * s[o] + t[o]
+
+Forward folding (BN -> consumer), for a layer whose input channel is c and which sees every input
+value through its kernel without padding (Dense, or a conv with 'valid' padding or 1x1 kernels):
+
+    W'[..., c, o] = W[..., c, o] * s[c],   b'[o] = b[o] + sum_{spatial, c} W[..., c, o] * t[c]
+
+Keras kernel layouts (output channels last, unlike PyTorch):
+    Dense (in, out); Conv (k..., in / groups, out); ConvTranspose (k..., out, in);
+    DepthwiseConv (k..., in, depth_multiplier) with output channel c * depth_multiplier + m;
+    SeparableConv: pointwise kernel (1..., in * depth_multiplier, out).
+
+All arithmetic runs in float64; callers cast back to each variable's dtype.
+"""
+
+import ml_dtypes
+import numpy as np
+
+from keras_bn.errors import KerasBNError, expected
+
+
+def bn_scale_shift(moving_mean, moving_variance, epsilon, gamma=None, beta=None):
+    """Returns (s, t) in float64, or raises KerasBNError when the statistics cannot be folded.
+
+    `gamma=None` means scale=False (gamma = 1); `beta=None` means center=False (beta = 0).
+    """
+    mean = np.asarray(moving_mean, np.float64)
+    var = np.asarray(moving_variance, np.float64)
+    gamma = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64)
+    beta = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64)
+    for name, value in (("moving_mean", mean), ("moving_variance", var), ("gamma", gamma),
+                        ("beta", beta)):
+        if not np.all(np.isfinite(value)):
+            bad = int(np.sum(~np.isfinite(value)))
+            raise KerasBNError(expected(f"{name} has {bad} non-finite value(s)", "finite values",
+                                        f"{value[~np.isfinite(value)][:3].tolist()}"))
+    denominator = var + epsilon
+    if np.any(denominator <= 0):
+        raise KerasBNError(expected("moving_variance + epsilon must be positive", "> 0",
+                                    f"min {denominator.min():.6g}"))
+    s = gamma / np.sqrt(denominator)
+    t = beta - mean * s
+    return s, t
+
+
+def fold_backward(kernel, bias, s, t, out_axis=-1):
+    """Folds y = z * s + t into z = x @ kernel + bias, the output channel on `out_axis` of kernel.
+
+    `W' = W * s` along `out_axis`, `b' = b * s + t` (`bias=None`: no bias, b = 0).
+    Dense and Conv use out_axis=-1; ConvTranspose uses out_axis=-2.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    shape = [1] * kernel.ndim
+    shape[out_axis] = -1
+    new_kernel = kernel * np.reshape(s, shape)
+    b = 0.0 if bias is None else np.asarray(bias, np.float64)
+    return new_kernel, b * s + t
+
+
+def fold_backward_depthwise(kernel, bias, s, t):
+    """Depthwise kernel (k..., in, multiplier): output channel c * multiplier + m scales
+    W[..., c, m]; `b' = b * s + t` on the flattened (in * multiplier) channels."""
+    kernel = np.asarray(kernel, np.float64)
+    channels, multiplier = kernel.shape[-2:]
+    new_kernel = kernel * np.reshape(s, (channels, multiplier))
+    b = 0.0 if bias is None else np.asarray(bias, np.float64)
+    return new_kernel, b * s + t
+
+
+def fold_forward(kernel, bias, s, t, groups=1):
+    """Folds x -> x * s + t into the input side of a Dense (in, out) or a Conv
+    (k..., in / groups, out) kernel that applies to every input value without padding.
+
+    `W'[..., c, o] = W[..., c, o] * s[c]`, `b'[o] = b[o] + sum W[..., c, o] * t[c]`, where for
+    grouped convs input channel c of group g is `g * in_per_group + j` and output o belongs to
+    group `o // out_per_group`.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    in_per_group, out = kernel.shape[-2:]
+    out_per_group = out // groups
+    # s_grid[j, o] = s[group(o) * in_per_group + j]
+    group_of_out = np.arange(out) // out_per_group
+    index = group_of_out[None, :] * in_per_group + np.arange(in_per_group)[:, None]
+    s_grid, t_grid = np.asarray(s)[index], np.asarray(t)[index]
+    new_kernel = kernel * s_grid
+    b = np.zeros(out) if bias is None else np.asarray(bias, np.float64)
+    summed = kernel.sum(axis=tuple(range(kernel.ndim - 2)))  # (in_per_group, out)
+    return new_kernel, b + (summed * t_grid).sum(axis=0)
+
+
+def cast_checked(value, dtype, what):
+    """Casts a float64 array to `dtype`; returns (array, warning or None) when it overflows."""
+    dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
+    if dtype.kind == "f" or dtype == ml_dtypes.bfloat16:
+        limit = ml_dtypes.finfo(dtype).max
+        if np.any(np.abs(value) > limit):
+            return value.astype(dtype), (
+                f"{what}: folded value {np.abs(value).max():.4g} overflows {dtype.name} "
+                f"(max {float(limit):.4g})"
+            )
+    return value.astype(dtype), None
