@@ -255,9 +255,11 @@ def _fold_functional(model, report, prefix, replace_leftovers):
         if match:
             backward_plan.append((match, s, t))
             passthrough.add(id(bn))
+            note = None
             if id(node.output_tensors[0]) in graph.outputs:
                 rename[id(match[0])] = bn.name  # the model output keeps its name
-            report.rows.append(FoldRow(name, BACKWARD, into=prefix + match[0].name))
+                note = f"'{match[0].name}' takes the name '{bn.name}' to keep the output name"
+            report.rows.append(FoldRow(name, BACKWARD, into=prefix + match[0].name, reason=note))
             continue
         match, reason_fwd = _match_forward(graph, bn, node, rank, bn_axis)
         if match:

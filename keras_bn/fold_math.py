@@ -103,7 +103,9 @@ def cast_checked(value, dtype, what):
     if dtype.kind == "f" or dtype == ml_dtypes.bfloat16:
         limit = ml_dtypes.finfo(dtype).max
         if np.any(np.abs(value) > limit):
-            return value.astype(dtype), (
+            with np.errstate(over="ignore"):
+                cast = value.astype(dtype)
+            return cast, (
                 f"{what}: folded value {np.abs(value).max():.4g} overflows {dtype.name} "
                 f"(max {float(limit):.4g})"
             )

@@ -1,0 +1,409 @@
+"""fold_bn: the NumPy math against PyTorch's formulas, every foldable pattern, the negative cases,
+bad statistics, keras.applications models and random architectures (hypothesis)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import keras_bn
+from keras_bn import fold_math
+from keras_bn.fold import AFFINE, BACKWARD, BATCHNORM_TYPES, FORWARD, KEPT
+from tests.tolerances import FOLD_RTOL
+
+
+def randomize_bn(model, seed=0):
+    """BatchNorm statistics as in the acceptance criteria: gamma U[0.5,1.5], beta N(0,0.1),
+    mean N(0,0.1), var U[0.5,2]."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, BATCHNORM_TYPES):
+            n = layer.moving_mean.shape[0]
+            values = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
+                      "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 2, n)}
+            for w in layer.weights:
+                w.assign(values[w.name].astype(w.dtype))
+    return model
+
+
+def batchnorms(model):
+    return [l for l in model._flatten_layers() if isinstance(l, BATCHNORM_TYPES)]
+
+
+def assert_close_to_original(model, folded, x):
+    ref = np.asarray(model(x, training=False), np.float64)
+    out = np.asarray(folded(x, training=False), np.float64)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=FOLD_RTOL * np.abs(ref).max())
+
+
+# ------------------------------------------------------------------------------------------------
+# Math: independent references.
+
+def torch_fuse_conv_bn_weights(conv_w, conv_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b):
+    """NumPy transcription of torch.nn.utils.fusion.fuse_conv_bn_weights (PyTorch layout:
+    conv_w is (out, in, k...))."""
+    bn_var_rsqrt = 1.0 / np.sqrt(bn_rv + bn_eps)
+    fused_w = conv_w * (bn_w * bn_var_rsqrt).reshape([-1] + [1] * (conv_w.ndim - 1))
+    fused_b = (conv_b - bn_rm) * bn_var_rsqrt * bn_w + bn_b
+    return fused_w, fused_b
+
+
+def test_fold_backward_equals_pytorch_formula(rng):
+    kernel = rng.normal(size=(3, 3, 4, 5))  # Keras (kh, kw, in, out)
+    bias, gamma, beta = rng.normal(size=5), rng.uniform(0.5, 1.5, 5), rng.normal(size=5)
+    mean, var, eps = rng.normal(size=5), rng.uniform(0.5, 2, 5), 1e-3
+    s, t = fold_math.bn_scale_shift(mean, var, eps, gamma, beta)
+    w, b = fold_math.fold_backward(kernel, bias, s, t)
+    tw, tb = torch_fuse_conv_bn_weights(kernel.transpose(3, 2, 0, 1), bias, mean, var, eps, gamma, beta)
+    np.testing.assert_allclose(w.transpose(3, 2, 0, 1), tw, rtol=1e-12)
+    np.testing.assert_allclose(b, tb, rtol=1e-12)
+    # Hand-computed one-channel case: gamma 2, beta 1, mean 3, var 3, eps 1 -> s = 1, t = -2.
+    s1, t1 = fold_math.bn_scale_shift([3.0], [3.0], 1.0, [2.0], [1.0])
+    assert s1[0] == pytest.approx(1.0) and t1[0] == pytest.approx(-2.0)
+    w1, b1 = fold_math.fold_backward(np.array([[4.0]]), None, s1, t1)
+    assert w1[0, 0] == pytest.approx(4.0) and b1[0] == pytest.approx(-2.0)
+
+
+def test_fold_forward_matches_direct_evaluation(rng):
+    # Dense: (x * s + t) @ W + b == x @ W' + b'.
+    x = rng.normal(size=(7, 4))
+    kernel, bias = rng.normal(size=(4, 3)), rng.normal(size=3)
+    s, t = rng.uniform(0.5, 2, 4), rng.normal(size=4)
+    w, b = fold_math.fold_forward(kernel, bias, s, t)
+    np.testing.assert_allclose(x @ w + b, (x * s + t) @ kernel + bias, rtol=1e-12)
+    # Grouped 1-D valid conv, by explicit loops over groups.
+    groups, length, ksize = 2, 6, 3
+    x = rng.normal(size=(length, 4))
+    kernel, bias = rng.normal(size=(ksize, 2, 6)), rng.normal(size=6)
+    w, b = fold_math.fold_forward(kernel, bias, s, t, groups=groups)
+
+    def conv(inp, k, bb):
+        out = np.zeros((length - ksize + 1, 6))
+        for o in range(6):
+            g = o // 3
+            for p in range(length - ksize + 1):
+                out[p, o] = np.sum(inp[p:p + ksize, 2 * g:2 * g + 2] * k[:, :, o]) + bb[o]
+        return out
+
+    np.testing.assert_allclose(conv(x, w, b), conv(x * s + t, kernel, bias), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mean,var,eps,match", [
+    ([np.nan], [1.0], 1e-3, r"moving_mean has 1 non-finite"),
+    ([0.0], [np.inf], 1e-3, r"moving_variance has 1 non-finite"),
+    ([0.0], [-1.0], 1e-3, r"moving_variance \+ epsilon must be positive\. Expected: > 0\. Received: min -0\.999"),
+])
+def test_bad_statistics_are_refused(mean, var, eps, match):
+    with pytest.raises(keras_bn.KerasBNError, match=match):
+        fold_math.bn_scale_shift(mean, var, eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward folding for every producer.
+
+L = keras.layers
+PRODUCERS = {
+    "dense": ((6,), lambda: L.Dense(5)),
+    "dense_rank3": ((4, 6), lambda: L.Dense(5, use_bias=False)),
+    "conv1d_causal_dilated": ((12, 3), lambda: L.Conv1D(4, 3, padding="causal", dilation_rate=2)),
+    "conv2d_same_stride": ((9, 9, 3), lambda: L.Conv2D(4, 3, strides=2, padding="same", use_bias=False)),
+    "conv2d_groups": ((8, 8, 4), lambda: L.Conv2D(6, 3, groups=2)),
+    "conv3d": ((5, 5, 5, 2), lambda: L.Conv3D(3, 2)),
+    "depthwise1d": ((10, 3), lambda: L.DepthwiseConv1D(3, depth_multiplier=2, use_bias=False)),
+    "depthwise2d": ((8, 8, 3), lambda: L.DepthwiseConv2D(3, depth_multiplier=3, padding="same")),
+    "separable1d": ((10, 3), lambda: L.SeparableConv1D(4, 3, depth_multiplier=2)),
+    "separable2d": ((8, 8, 3), lambda: L.SeparableConv2D(5, 3, use_bias=False)),
+    "conv1d_transpose": ((6, 3), lambda: L.Conv1DTranspose(4, 3, strides=2)),
+    "conv2d_transpose": ((5, 5, 3), lambda: L.Conv2DTranspose(4, 3, strides=2, padding="same", use_bias=False)),
+    "conv3d_transpose": ((3, 3, 3, 2), lambda: L.Conv3DTranspose(3, 2)),
+}
+BN_VARIANTS = {
+    "keras": lambda: L.BatchNormalization(),
+    "keras_bn": lambda: keras_bn.BatchNorm(epsilon=1e-5),
+    "no_center": lambda: L.BatchNormalization(center=False),
+    "no_scale": lambda: keras_bn.BatchNorm(scale=False),
+}
+
+
+@pytest.mark.parametrize("bn_kind", list(BN_VARIANTS))
+@pytest.mark.parametrize("producer", list(PRODUCERS))
+def test_backward_fold_every_producer(producer, bn_kind, rng):
+    shape, make = PRODUCERS[producer]
+    inputs = keras.Input(shape)
+    layer = make()
+    x = BN_VARIANTS[bn_kind]()(layer(inputs))
+    model = randomize_bn(keras.Model(inputs, L.Activation("tanh")(x)))
+    folded, report = keras_bn.fold_bn(model)
+    assert_close_to_original(model, folded, rng.normal(size=(3, *shape)).astype("float32"))
+    assert batchnorms(folded) == []
+    assert [(r.action, r.into) for r in report.rows] == [(BACKWARD, layer.name)]
+    assert folded.get_layer(layer.name).use_bias
+
+
+def test_channels_first_folds_on_the_weights(rng):
+    # TF on CPU cannot run channels_first convs: check the folded weights against NumPy.
+    inputs = keras.Input((3, 8, 8))
+    conv = L.Conv2D(4, 3, data_format="channels_first")
+    bn = L.BatchNormalization(axis=1)
+    model = randomize_bn(keras.Model(inputs, bn(conv(inputs))))
+    folded, report = keras_bn.fold_bn(model, verify=False)
+    assert [(r.action, r.into) for r in report.rows] == [(BACKWARD, conv.name)]
+    gamma, beta, mean, var = (np.asarray(w, np.float64) for w in bn.weights)
+    s = gamma / np.sqrt(var + bn.epsilon)
+    kernel, bias = (np.asarray(w, np.float64) for w in conv.weights)
+    assert report.rows[0].reason == f"'{conv.name}' takes the name '{bn.name}' to keep the output name"
+    new_kernel, new_bias = folded.get_layer(bn.name).get_weights()
+    np.testing.assert_allclose(new_kernel, kernel * s, rtol=1e-6)
+    np.testing.assert_allclose(new_bias, (bias - mean) * s + beta, rtol=1e-6, atol=1e-7)
+    # Negative: a channels_first conv followed by a BatchNorm on the last axis is not folded.
+    odd = keras.Model(inputs, L.BatchNormalization(axis=-1)(L.Conv2D(4, 3, data_format="channels_first")(inputs)))
+    _, report = keras_bn.fold_bn(odd, verify=False)
+    assert report.rows[0].action == AFFINE and "channel axis is 1" in report.rows[0].reason
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward folding, leftovers, negative cases.
+
+def test_forward_fold_into_dense_and_valid_or_pointwise_conv(rng):
+    inputs = keras.Input((8, 8, 3))
+    x = L.ReLU()(inputs)
+    x = L.BatchNormalization(name="bn_valid")(x)
+    x = L.Conv2D(4, 3, padding="valid", name="valid_conv", activation="relu")(x)
+    x = L.BatchNormalization(name="bn_pointwise")(x)
+    x = L.Conv2D(5, 1, padding="same", name="pointwise")(x)
+    x = L.ReLU()(x)
+    x = L.BatchNormalization(name="bn_same")(x)
+    x = L.Conv2D(3, 3, padding="same", name="same_conv")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    x = L.BatchNormalization(name="bn_dense")(L.ReLU()(x))
+    model = randomize_bn(keras.Model(inputs, L.Dense(2, name="head")(x)))
+    folded, report = keras_bn.fold_bn(model)
+    assert_close_to_original(model, folded, rng.normal(size=(4, 8, 8, 3)).astype("float32"))
+    rows = {r.name: r for r in report.rows}
+    assert (rows["bn_valid"].action, rows["bn_valid"].into) == (FORWARD, "valid_conv")
+    assert (rows["bn_pointwise"].action, rows["bn_pointwise"].into) == (FORWARD, "pointwise")
+    assert (rows["bn_dense"].action, rows["bn_dense"].into) == (FORWARD, "head")
+    assert rows["bn_same"].action == AFFINE
+    assert "pads with zeros ('same'): forward folding is not exact" in rows["bn_same"].reason
+    assert [type(l).__name__ for l in folded.layers].count("ChannelAffine") == 1
+    assert batchnorms(folded) == []
+
+
+def test_negative_cases_are_left_exact_with_reasons(rng):
+    inputs = keras.Input((8, 8, 3))
+    two_consumers = L.Conv2D(4, 3, padding="same", name="two_consumers")(inputs)
+    a = L.BatchNormalization(name="bn_after_branch")(two_consumers)
+    relu_conv = L.Conv2D(4, 3, padding="same", activation="relu", name="relu_conv")(a + two_consumers)
+    b = L.BatchNormalization(name="bn_after_relu")(relu_conv)
+    shared = L.Conv2D(4, 1, name="shared")
+    c = L.BatchNormalization(name="bn_after_shared")(shared(b))
+    d = shared(c)
+    model = randomize_bn(keras.Model(inputs, d))
+    for replace in (True, False):
+        folded, report = keras_bn.fold_bn(model, replace_leftovers=replace)
+        assert_close_to_original(model, folded, rng.normal(size=(2, 8, 8, 3)).astype("float32"))
+        rows = {r.name: r for r in report.rows}
+        assert "the output of 'two_consumers' has 2 consumers" in rows["bn_after_branch"].reason
+        assert "'relu_conv' has a non-linear activation (relu)" in rows["bn_after_relu"].reason
+        assert "'shared' is shared (called 2 times)" in rows["bn_after_shared"].reason
+        expected = AFFINE if replace else KEPT
+        assert all(r.action == expected for r in report.rows)
+        assert len(batchnorms(folded)) == (0 if replace else 3)
+        assert len(report.not_folded) == 3 and report.counts[expected] == 3
+
+
+@pytest.mark.parametrize("bad", ["negative", "nan"])
+def test_bad_statistics_leave_the_batchnorm_with_a_reason(bad):
+    inputs = keras.Input((4,))
+    bn = L.BatchNormalization(name="bad_bn")
+    model = keras.Model(inputs, bn(L.Dense(3, name="producer")(inputs)))
+    var = np.array([1.0, -5.0 if bad == "negative" else np.nan, 1.0], np.float32)
+    bn.moving_variance.assign(var)
+    folded, report = keras_bn.fold_bn(model, verify=False)
+    assert report.rows[0].action == KEPT and report.rows[0].reason.startswith("bad statistics")
+    assert len(batchnorms(folded)) == 1
+    for w in folded.get_layer("producer").weights:
+        assert np.all(np.isfinite(np.asarray(w)))
+    np.testing.assert_array_equal(np.asarray(folded.get_layer("bad_bn").moving_variance), var)
+
+
+def test_callers_model_is_not_modified(rng):
+    inputs = keras.Input((6,))
+    model = randomize_bn(keras.Model(inputs, L.BatchNormalization()(L.Dense(4, use_bias=False)(inputs))))
+    before = [np.array(w) for w in model.weights]
+    layers_before = [l.name for l in model.layers]
+    nodes_before = [len(l._inbound_nodes) for l in model.layers]
+    keras_bn.fold_bn(model)
+    assert [l.name for l in model.layers] == layers_before
+    assert [len(l._inbound_nodes) for l in model.layers] == nodes_before
+    assert not model.layers[1].use_bias
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_verification_error_names_the_problem(rng):
+    inputs = keras.Input((8, 8, 3))
+    x = L.BatchNormalization()(L.Conv2D(8, 3)(inputs))
+    model = randomize_bn(keras.Model(inputs, L.Conv2D(4, 3)(x)))
+    _, report = keras_bn.fold_bn(model)
+    assert report.verification[0]["max_abs_error"] > 0  # float rounding makes it non-zero
+    with pytest.raises(keras_bn.KerasBNError,
+                       match=r"The folded model differs from the original on synthetic inputs.*"
+                             r"Expected: max abs error <= 0 \+ 0 \* .*Received: "):
+        keras_bn.fold_bn(model, rtol=0.0, atol=0.0)
+    with pytest.raises(keras_bn.KerasBNError, match=r"Expected: a keras.Model\. Received: str"):
+        keras_bn.fold_bn("model.keras")
+
+
+def test_float16_overflow_warns():
+    inputs = keras.Input((4,), dtype="float16")
+    bn = L.BatchNormalization(dtype="float16", epsilon=1e-7)
+    dense = L.Dense(3, dtype="float16")
+    model = keras.Model(inputs, bn(dense(inputs)))
+    dense.kernel.assign(np.full((4, 3), 1000.0, np.float16))
+    bn.moving_variance.assign(np.zeros(3, np.float16))
+    with pytest.warns(RuntimeWarning, match=r"overflows float16"):
+        keras_bn.fold_bn(model, verify=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files, names, nesting, masks.
+
+def test_folded_model_saves_and_loads_without_keras_bn(tmp_path, rng):
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras_bn.BatchNorm(name="bn1")(L.Conv2D(4, 3, name="conv1")(inputs))
+    x = L.GlobalAveragePooling2D(name="pool")(L.ReLU(name="relu")(x))
+    out = keras_bn.BatchNorm(name="logits")(L.Dense(3, name="dense")(x))
+    model = randomize_bn(keras.Model(inputs, out))
+    folded, report = keras_bn.fold_bn(model)
+    assert report.counts[BACKWARD] == 2
+    assert [x.name for x in folded.inputs] == ["image"]
+    assert folded.output_names == model.output_names == ["logits"]
+    assert {"pool", "relu", "conv1"} <= {l.name for l in folded.layers}
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    data = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", data)
+    script = textwrap.dedent(f"""
+        import numpy as np, keras  # no keras_bn import
+        m = keras.saving.load_model({str(path)!r})
+        np.save({str(tmp_path / "y.npy")!r}, m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(data, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_and_masked_inputs(rng):
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), L.Embedding(10, 4, mask_zero=True),
+                              L.Conv1D(6, 1), keras_bn.BatchNorm(), L.GlobalAveragePooling1D(),
+                              L.Dense(3, use_bias=False), L.BatchNormalization()])
+    randomize_bn(model)
+    folded, report = keras_bn.fold_bn(model)
+    tokens = np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0]], np.int32)
+    assert_close_to_original(model, folded, tokens)
+    assert report.counts[BACKWARD] == 2 and batchnorms(folded) == []
+
+
+APPLICATIONS = [
+    ("ResNet50", (64, 64, 3)),
+    ("MobileNetV2", (64, 64, 3)),
+    ("EfficientNetB0", (64, 64, 3)),
+    ("DenseNet121", (64, 64, 3)),
+    ("Xception", (71, 71, 3)),
+]
+
+
+@pytest.mark.parametrize("name,shape", APPLICATIONS)
+def test_keras_applications(name, shape, rng):
+    model = getattr(keras.applications, name)(weights=None, input_shape=shape, classes=10,
+                                              classifier_activation=None)
+    randomize_bn(model, seed=1)
+    folded, report = keras_bn.fold_bn(model)
+    x = rng.normal(size=(2, *shape)).astype("float32")
+    assert_close_to_original(model, folded, x)
+    # Every BatchNorm after a linear conv/dense with a single consumer is folded.
+    graph = keras_bn.fold._Graph(model)
+    expected_backward = 0
+    for node in graph.nodes:
+        if isinstance(node.operation, BATCHNORM_TYPES):
+            match, _ = keras_bn.fold._match_backward(graph, node.operation, node, 4, 3)
+            expected_backward += match is not None
+    assert report.counts[BACKWARD] == expected_backward > 0
+    assert len(batchnorms(folded)) == report.counts[KEPT] == 0
+    if name != "DenseNet121":
+        assert report.counts[BACKWARD] == report.counts["batchnorms"]
+
+
+def test_nested_backbone_inside_classifier(rng):
+    backbone = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35)
+    inputs = keras.Input((32, 32, 3))
+    x = L.GlobalAveragePooling2D()(backbone(inputs))
+    x = L.BatchNormalization(name="head_bn")(L.Dense(8, name="head_dense")(x))
+    model = randomize_bn(keras.Model(inputs, L.Dense(3)(x)))
+    folded, report = keras_bn.fold_bn(model)
+    assert_close_to_original(model, folded, rng.normal(size=(2, 32, 32, 3)).astype("float32"))
+    assert report.counts[BACKWARD] == report.counts["batchnorms"] == len(batchnorms(model))
+    assert any(r.name.startswith(backbone.name + "/") for r in report.rows)
+    assert batchnorms(folded) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Property-based: random small architectures.
+
+BLOCKS = ["conv", "dense_conv1x1", "depthwise", "separable", "transpose", "relu_bn", "bn_valid_conv",
+          "branch", "conv_relu_bn"]
+
+
+def build_random_model(blocks, channels, kernel, use_bias, seed):
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((9, 9, 3))
+    x = inputs
+    for block in blocks:
+        if block == "conv":
+            x = L.BatchNormalization()(L.Conv2D(channels, kernel, padding="same", use_bias=use_bias,
+                                                 groups=1)(x))
+        elif block == "dense_conv1x1":
+            x = L.BatchNormalization()(L.Dense(channels, use_bias=use_bias)(x))
+        elif block == "depthwise":
+            x = keras_bn.BatchNorm()(L.DepthwiseConv2D(kernel, padding="same", depth_multiplier=2)(x))
+        elif block == "separable":
+            x = L.BatchNormalization()(L.SeparableConv2D(channels, kernel, padding="same")(x))
+        elif block == "transpose":
+            x = L.BatchNormalization()(L.Conv2DTranspose(channels, kernel, padding="same")(x))
+        elif block == "relu_bn":
+            x = L.BatchNormalization()(L.ReLU()(x))
+        elif block == "bn_valid_conv":
+            x = L.ReLU()(x)
+            x = L.ZeroPadding2D(kernel // 2)(L.Conv2D(channels, kernel, padding="valid")(L.BatchNormalization()(x)))
+        elif block == "branch":
+            y = L.Conv2D(channels, 1)(x)
+            x = L.Concatenate()([L.BatchNormalization()(y), y])
+        elif block == "conv_relu_bn":
+            x = L.BatchNormalization()(L.Conv2D(channels, kernel, padding="same", activation="relu")(x))
+    model = keras.Model(inputs, L.Dense(2)(L.Flatten()(x)))
+    return randomize_bn(model, seed=int(rng.integers(1 << 30)))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(blocks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=4),
+       channels=st.integers(2, 5), kernel=st.sampled_from([1, 3]), use_bias=st.booleans(),
+       seed=st.integers(0, 1000), replace=st.booleans())
+def test_random_architectures(blocks, channels, kernel, use_bias, seed, replace):
+    model = build_random_model(blocks, channels, kernel, use_bias, seed)
+    folded, report = keras_bn.fold_bn(model, replace_leftovers=replace)
+    x = np.random.default_rng(seed).normal(size=(2, 9, 9, 3)).astype("float32")
+    assert_close_to_original(model, folded, x)
+    assert len(batchnorms(folded)) == report.counts[KEPT]
+    assert len(report.rows) == len(batchnorms(model))
+    affines = [l for l in folded.layers if isinstance(l, keras_bn.ChannelAffine)]
+    assert len(affines) == report.counts[AFFINE]
