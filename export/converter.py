@@ -1,0 +1,320 @@
+"""ONNX export through tf2onnx, checked with onnx.checker and verified against onnxruntime.
+
+`to_onnx` folds BatchNorms (keras_bn.fold_bn), traces the model as a `tf.function` with a
+dynamic batch dimension (tf2onnx.convert.from_keras fails on Keras 3 models; from_function
+works), checks the graph, runs it in onnxruntime with graph optimizations disabled and enabled,
+and only then writes the file, atomically.
+
+Grouped convolutions: Keras runs them on CPU through a nested `tf.function(jit_compile=True)`,
+which tf2onnx leaves as a `StatefulPartitionedCall` that onnxruntime rejects. The export trace
+lowers them to the plain `Conv` op (TF's Conv2D/Conv3D infer groups from the kernel shape), which
+tf2onnx turns into an ONNX `Conv` with `group`.
+"""
+
+import collections
+import dataclasses
+import os
+import time
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tensorflow as tf
+import tf2onnx
+from keras.src import tree
+from keras.src.layers.convolutional.base_conv import BaseConv
+from keras.src.models.functional import Functional
+
+import keras_bn
+from keras_bn.errors import KerasBNError, expected
+from keras_bn.fold import compare_outputs, synthetic_inputs
+from export.files import atomic_output, check_output_path
+
+DEFAULT_ATOL = 1e-5  # onnxruntime parity
+DEFAULT_RTOL = 1e-5  # relative to the largest output magnitude
+NCHW_KEY = "keras_bn.nchw_inputs"
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """Keras (inference mode) vs onnxruntime, per output, input set and optimization level."""
+
+    rows: list = dataclasses.field(default_factory=list)
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+
+    @property
+    def passed(self):
+        return all(r["passed"] for r in self.rows)
+
+    @property
+    def max_abs_error(self):
+        return max((r["max_abs_error"] for r in self.rows), default=0.0)
+
+    def to_dict(self):
+        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol,
+                "max_abs_error": self.max_abs_error, "rows": self.rows}
+
+    def __str__(self):
+        lines = [f"{'output':<20} {'inputs':<26} {'ort optimizations':<18} {'max abs err':>12} "
+                 f"{'max rel err':>12}  ok"]
+        for r in self.rows:
+            lines.append(f"{r['output']:<20} {r['inputs']:<26} {r['optimization']:<18} "
+                         f"{r['max_abs_error']:>12.3g} {r['max_rel_error']:>12.3g}  "
+                         f"{'yes' if r['passed'] else 'NO'}")
+        lines.append(f"verification {'passed' if self.passed else 'FAILED'} "
+                     f"(atol={self.atol:g}, rtol={self.rtol:g} x max|keras output|)")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class ExportReport:
+    path: str
+    op_counts: dict
+    fold: object  # keras_bn.FoldReport or None
+    verification: VerifyReport
+    timings: dict
+    opset: int
+
+    def to_dict(self):
+        return {"path": self.path, "opset": self.opset, "op_counts": self.op_counts,
+                "batchnorms_folded": len(self.fold.folded) if self.fold else 0,
+                "fold": self.fold.to_dict() if self.fold else None,
+                "verification": self.verification.to_dict(), "timings_s": self.timings}
+
+    def __str__(self):
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
+        lines = [f"wrote {self.path} (opset {self.opset})", f"ONNX ops: {ops}"]
+        if self.fold is not None:
+            c = self.fold.counts
+            lines.append(f"BatchNorms: {c['batchnorms']} in the model, {len(self.fold.folded)} folded, "
+                         f"{c['replaced by affine']} replaced by affine, {c['left unfolded']} kept")
+        lines.append(str(self.verification))
+        lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracing
+
+
+def _lower_grouped_conv(layer):
+    """A callable equivalent to a grouped Conv1D/2D/3D, made of ops tf2onnx converts."""
+    rank = layer.rank
+    channels_last = layer.data_format == "channels_last"
+
+    def call(x, *args, **kwargs):
+        kernel = tf.convert_to_tensor(layer.kernel)
+        padding = layer.padding.upper()
+        if layer.padding == "causal":
+            pad = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            x = tf.pad(x, [[0, 0], [pad, 0], [0, 0]] if channels_last else [[0, 0], [0, 0], [pad, 0]])
+            padding = "VALID"
+        if rank == 1:  # TF's grouped kernels are 2-D/3-D: view 1-D as height 1
+            x = tf.expand_dims(x, 1 if channels_last else 2)
+            kernel = tf.expand_dims(kernel, 0)
+            strides, dilations = (1, *layer.strides), (1, *layer.dilation_rate)
+        else:
+            strides, dilations = layer.strides, layer.dilation_rate
+        spatial = max(rank, 2)
+        data_format = ("NHWC" if spatial == 2 else "NDHWC") if channels_last else \
+            ("NCHW" if spatial == 2 else "NCDHW")
+        y = tf.nn.convolution(x, kernel, strides=strides, padding=padding, dilations=dilations,
+                              data_format=data_format)
+        if rank == 1:
+            y = tf.squeeze(y, 1 if channels_last else 2)
+        if layer.use_bias:
+            y = tf.nn.bias_add(y, layer.bias, data_format="N...C" if channels_last else "NC...")
+        return layer.activation(y)
+
+    return call
+
+
+def _has_grouped_conv(model):
+    return any(isinstance(l, BaseConv) and l.groups > 1 for l in model._flatten_layers())
+
+
+def _inference_fn(model):
+    """A function of the model inputs (a list) computing the model in inference mode, with
+    grouped convolutions lowered where there are any."""
+    if not _has_grouped_conv(model):
+        return lambda inputs: model(inputs[0] if len(inputs) == 1 else inputs, training=False)
+
+    def operation_fn(op):
+        if isinstance(op, BaseConv) and op.groups > 1:
+            return _lower_grouped_conv(op)
+        if isinstance(op, keras.Sequential):
+            op = op._functional
+        if isinstance(op, Functional):
+            return lambda *args, **kwargs: op._run_through_graph(args[0], operation_fn=operation_fn)
+        if isinstance(op, keras.layers.Layer) and op._call_has_training_arg:
+            return lambda *args, **kwargs: op(*args, **{**kwargs, "training": False})
+        return op
+
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    if not isinstance(graph, Functional):
+        raise KerasBNError(expected("Grouped convolutions are exported from graph models",
+                                    "a Functional or Sequential model", type(model).__name__))
+    return lambda inputs: graph._run_through_graph(
+        tree.pack_sequence_as(graph._inputs_struct, inputs), operation_fn=operation_fn)
+
+
+def _convert(model, opset, nchw_inputs):
+    inputs = tree.flatten(model.inputs)
+    names = [x.name for x in inputs]
+    signature = [tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name)
+                 for x, name in zip(inputs, names)]
+    output_names = list(model.output_names)
+    forward = _inference_fn(model)
+
+    @tf.function(input_signature=signature, autograph=False)
+    def serve(*args):
+        outputs = tree.flatten(forward(list(args)))
+        return {name: tf.identity(y) for name, y in zip(output_names, outputs)}
+
+    proto, _ = tf2onnx.convert.from_function(
+        serve, input_signature=signature, opset=opset,
+        inputs_as_nchw=names if nchw_inputs else None)
+    # Output order as in the Keras model (tf2onnx orders dict outputs by key).
+    by_name = {o.name: o for o in proto.graph.output}
+    if set(by_name) == set(output_names):
+        ordered = [by_name[n] for n in output_names]
+        del proto.graph.output[:]
+        proto.graph.output.extend(ordered)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = NCHW_KEY, "1" if nchw_inputs else "0"
+    return proto
+
+
+def _check_graph(proto, model):
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as error:
+        raise KerasBNError(expected("tf2onnx produced an invalid ONNX graph", "a graph that passes "
+                                    "onnx.checker.check_model(full_check=True)",
+                                    str(error).splitlines()[0][:300])) from error
+    unconverted = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")
+                   or n.op_type in ("StatefulPartitionedCall", "PartitionedCall")]
+    if unconverted:
+        node = unconverted[0]
+        raise KerasBNError(expected(
+            f"The ONNX graph has a node onnxruntime cannot run ({node.domain or 'ai.onnx'}::"
+            f"{node.op_type} '{node.name}')", "only standard ONNX ops",
+            f"{len(unconverted)} such node(s); the first comes from '{node.name}'",
+            "Report the layer type; keras-bn lowers grouped convolutions, not this."))
+
+
+def op_counts(proto):
+    return dict(collections.Counter(n.op_type for n in proto.graph.node))
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification
+
+
+def _session(model_bytes, optimized):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _input_sets(model, samples):
+    sets = [("synthetic, batch 1", synthetic_inputs(model, batch_size=1, seed=1)),
+            ("synthetic, batch 4", synthetic_inputs(model, batch_size=4, seed=2))]
+    if samples is not None:
+        from keras_bn.fold import _as_input_list
+        sets.append(("samples", _as_input_list(model, samples)))
+    return sets
+
+
+def _verify_proto(model, model_bytes, nchw, samples, atol, rtol):
+    report = VerifyReport(atol=atol, rtol=rtol)
+    sessions = {"disabled": _session(model_bytes, False), "enabled": _session(model_bytes, True)}
+    names = [i.name for i in sessions["disabled"].get_inputs()]
+    output_names = list(model.output_names)
+    for label, arrays in _input_sets(model, samples):
+        reference = tree.flatten(model(arrays[0] if len(arrays) == 1 else arrays, training=False))
+        feed = {}
+        for name, array in zip(names, arrays):
+            array = np.asarray(array)
+            feed[name] = np.moveaxis(array, -1, 1) if nchw and array.ndim > 2 else array
+        for level, session in sessions.items():
+            outputs = session.run(None, feed)
+            for name, ref, out in zip(output_names, reference, outputs):
+                max_abs, max_rel = compare_outputs(ref, out)
+                scale = float(np.max(np.abs(np.asarray(ref)))) if np.size(ref) else 0.0
+                report.rows.append({
+                    "output": name, "inputs": label, "optimization": level,
+                    "max_abs_error": max_abs, "max_rel_error": max_rel,
+                    "passed": bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)})
+    return report
+
+
+def verify(model, onnx_path, *, samples=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL):
+    """Runs `model` (inference mode) and onnxruntime, with graph optimizations disabled and
+    enabled, on deterministic synthetic inputs (batch 1 and 4) and on `samples`. Returns a
+    `VerifyReport`; `report.passed` says whether every output is within
+    `atol + rtol * max|keras output|`."""
+    onnx_path = os.fspath(onnx_path)
+    if not os.path.isfile(onnx_path):
+        raise KerasBNError(expected("The ONNX file does not exist", "a path to a .onnx file",
+                                    repr(onnx_path)))
+    try:
+        proto = onnx.load(onnx_path)
+    except Exception as error:
+        raise KerasBNError(expected("The ONNX file could not be read", "a valid .onnx file",
+                                    f"{type(error).__name__} for {onnx_path!r}")) from error
+    nchw = any(p.key == NCHW_KEY and p.value == "1" for p in proto.metadata_props)
+    return _verify_proto(model, proto.SerializeToString(), nchw, samples, atol, rtol)
+
+
+def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_ATOL,
+            rtol=DEFAULT_RTOL, nchw_inputs=False):
+    """Exports `model` to ONNX at `path` and returns an `ExportReport`.
+
+    Folds BatchNorms first (unless `fold=False`), converts with tf2onnx (dynamic batch
+    dimension, the Keras input and output names kept; `nchw_inputs=True` makes rank >= 3 inputs
+    channels-first), checks the graph with `onnx.checker.check_model(full_check=True)`, verifies it
+    against the Keras model in onnxruntime, and only then writes `path` atomically. Raises
+    `KerasBNError` and writes nothing when any step fails.
+    """
+    if not isinstance(model, keras.Model):
+        raise KerasBNError(expected("to_onnx exports Keras models", "a keras.Model",
+                                    type(model).__name__))
+    path = check_output_path(path)
+    timings = {}
+    start = time.perf_counter()
+    fold_report = None
+    exported = model
+    if fold:
+        exported, fold_report = keras_bn.fold_bn(model, samples=samples)
+    timings["fold"] = time.perf_counter() - start
+    start = time.perf_counter()
+    proto = _convert(exported, opset, nchw_inputs)
+    timings["convert"] = time.perf_counter() - start
+    _check_graph(proto, model)
+    start = time.perf_counter()
+    model_bytes = proto.SerializeToString()
+    verification = _verify_proto(model, model_bytes, nchw_inputs, samples, atol, rtol)
+    timings["verify"] = time.perf_counter() - start
+    if not verification.passed:
+        worst = max(verification.rows, key=lambda r: r["max_abs_error"])
+        raise KerasBNError(expected(
+            f"onnxruntime output '{worst['output']}' differs from Keras on {worst['inputs']} "
+            f"(optimizations {worst['optimization']}); nothing was written",
+            f"max abs error <= {atol:g} + {rtol:g} x max|output|",
+            f"{worst['max_abs_error']:.4g}"))
+    with atomic_output(path, ".onnx") as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(model_bytes)
+    opset_used = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                     default=0)
+    return ExportReport(path=path, op_counts=op_counts(proto), fold=fold_report,
+                        verification=verification, timings=timings, opset=opset_used)
