@@ -27,7 +27,7 @@ from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.models.functional import Functional
 
 import keras_bn
-from keras_bn.errors import KerasBNError, expected
+from keras_bn.errors import KerasBNError, VerificationError, expected
 from keras_bn.fold import compare_outputs, synthetic_inputs
 from export.files import atomic_output, check_output_path
 
@@ -306,7 +306,7 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
     timings["verify"] = time.perf_counter() - start
     if not verification.passed:
         worst = max(verification.rows, key=lambda r: r["max_abs_error"])
-        raise KerasBNError(expected(
+        raise VerificationError(expected(
             f"onnxruntime output '{worst['output']}' differs from Keras on {worst['inputs']} "
             f"(optimizations {worst['optimization']}); nothing was written",
             f"max abs error <= {atol:g} + {rtol:g} x max|output|",

@@ -16,3 +16,10 @@ def expected(what, expected_value, received, fix=None):
     if fix:
         message += f" {fix}"
     return message
+
+
+class VerificationError(KerasBNError):
+    """A folded model or an exported graph does not reproduce the original within tolerance.
+
+    The one kind of KerasBNError that is not about bad input; the command line exits with 1.
+    """

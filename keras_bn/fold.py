@@ -30,7 +30,7 @@ from keras.src import tree
 
 from keras_bn import fold_math
 from keras_bn.affine import ChannelAffine
-from keras_bn.errors import KerasBNError, expected
+from keras_bn.errors import KerasBNError, VerificationError, expected
 from keras_bn.layer import BatchNorm
 
 BATCHNORM_TYPES = (keras.layers.BatchNormalization, BatchNorm)
@@ -442,7 +442,7 @@ def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT
                                         "max_rel_error": max_rel, "rtol": rtol, "atol": atol})
             scale = max_abs / max_rel if max_rel > 0 else 0.0
             if not np.isfinite(max_abs) or max_abs > atol + rtol * scale:
-                raise KerasBNError(expected(
+                raise VerificationError(expected(
                     f"The folded model differs from the original on {label}",
                     f"max abs error <= {atol:g} + {rtol:g} * {scale:.4g}",
                     f"{max_abs:.4g} (relative {max_rel:.3g})",

@@ -1,0 +1,237 @@
+"""`keras-bn`: inspect / fold / export / verify / demo. Parses arguments, calls the library,
+formats results. Exit codes: 0 success, 1 verification failed, 2 bad input or usage."""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"keras-bn: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _progress(message):
+    print(f"[keras-bn] {message}", file=sys.stderr, flush=True)
+
+
+class _Step:
+    """Prints a step on stderr with its duration."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def __enter__(self):
+        _progress(f"{self.message} ...")
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            _progress(f"{self.message}: done in {time.perf_counter() - self.start:.1f}s")
+
+
+def _load_samples(path):
+    import numpy as np
+
+    from keras_bn.errors import KerasBNError, expected
+
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise KerasBNError(expected("The samples file does not exist", "a .npy or .npz file",
+                                    repr(path)))
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise KerasBNError(expected("The samples file could not be read", "a .npy or .npz file "
+                                    "of numbers (no pickles)", f"{type(error).__name__} for {path!r}")) from error
+    if isinstance(data, np.ndarray):
+        return data
+    return {name: data[name] for name in data.files}
+
+
+def _load(args):
+    from export.files import load_model_file
+
+    with _Step(f"loading {args.model}"):
+        return load_model_file(args.model, unsafe=args.unsafe)
+
+
+def _bn_rows(model):
+    from keras_bn.fold import BATCHNORM_TYPES
+
+    rows = []
+    for layer in model._flatten_layers():
+        if isinstance(layer, BATCHNORM_TYPES):
+            rows.append({
+                "name": layer.name, "type": type(layer).__name__, "axis": layer.axis,
+                "momentum_keras": layer.momentum,
+                "momentum_torch": None if layer.momentum is None else round(1 - layer.momentum, 12),
+                "epsilon": layer.epsilon,
+                "moving_variance": "unbiased" if getattr(layer, "unbiased_variance", False) else "biased",
+            })
+    return rows
+
+
+def cmd_inspect(args):
+    import keras_bn
+
+    model = _load(args)
+    with _Step("planning the fold"):
+        _, report = keras_bn.fold_bn(model, verify=False)
+    rows = _bn_rows(model)
+    if args.json:
+        print(json.dumps({"model": model.name, "batchnorms": rows, "fold_plan": report.to_dict()}, indent=2))
+        return EXIT_OK
+    print(f"model {model.name}: {len(model.layers)} layers, {len(rows)} BatchNorm(s)")
+    print(f"{'BatchNorm':<28} {'type':<20} {'axis':>4} {'momentum (Keras / PyTorch)':>28} {'epsilon':>9}  moving var")
+    for r in rows:
+        momentum = "cumulative" if r["momentum_keras"] is None else f"{r['momentum_keras']:g} / {r['momentum_torch']:g}"
+        print(f"{r['name']:<28} {r['type']:<20} {r['axis']:>4} {momentum:>28} {r['epsilon']:>9.3g}  {r['moving_variance']}")
+    print()
+    print("fold plan:")
+    print(report)
+    return EXIT_OK
+
+
+def cmd_fold(args):
+    import keras_bn
+    from export.files import atomic_output, check_output_path
+
+    output = check_output_path(args.output, inputs=[args.model])
+    if not output.endswith(".keras"):
+        from keras_bn.errors import KerasBNError, expected
+        raise KerasBNError(expected("The output must be a .keras file", "a path ending in .keras", repr(args.output)))
+    model = _load(args)
+    samples = _load_samples(args.samples)
+    with _Step("folding and verifying"):
+        folded, report = keras_bn.fold_bn(model, samples=samples, rtol=args.rtol, atol=args.atol)
+    with _Step(f"writing {output}"):
+        with atomic_output(output, ".keras") as tmp:
+            folded.save(tmp)
+    if args.json:
+        print(json.dumps({"output": output, **report.to_dict()}, indent=2))
+    else:
+        print(report)
+        print(f"wrote {output}")
+    return EXIT_OK
+
+
+def cmd_export(args):
+    import export
+    from export.files import check_output_path
+
+    check_output_path(args.output, inputs=[args.model])
+    model = _load(args)
+    samples = _load_samples(args.samples)
+    with _Step("folding, converting with tf2onnx and verifying with onnxruntime"):
+        report = export.to_onnx(model, args.output, fold=not args.no_fold, opset=args.opset,
+                                samples=samples, atol=args.atol, rtol=args.rtol,
+                                nchw_inputs=args.nchw)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return EXIT_OK
+
+
+def cmd_verify(args):
+    import export
+
+    model = _load(args)
+    samples = _load_samples(args.samples)
+    with _Step("running Keras and onnxruntime"):
+        report = export.verify(model, args.onnx, samples=samples, atol=args.atol, rtol=args.rtol)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
+
+
+def cmd_demo(args):
+    from export.demo import run_demo
+
+    summary = run_demo(args.out, epochs=args.epochs, verbose=not args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def build_parser():
+    from export.converter import DEFAULT_ATOL, DEFAULT_RTOL
+
+    parser = _Parser(prog="keras-bn", description="BatchNorm tooling for Keras 3: inspect, fold, "
+                     "export to ONNX (verified against onnxruntime).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p, model=True, tolerances=True):
+        if model:
+            p.add_argument("model", help="a .keras file (loaded with safe_mode=True)")
+            p.add_argument("--unsafe", action="store_true",
+                           help="allow legacy .h5 files, whose loader can run code from the file")
+        if tolerances:
+            p.add_argument("--samples", help="inputs for verification: .npy, or .npz keyed by input name")
+            p.add_argument("--atol", type=float, default=DEFAULT_ATOL)
+            p.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("inspect", help="BatchNorm layers, their conventions and the fold plan")
+    common(p, tolerances=False)
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("fold", help="fold BatchNorms and write a .keras file")
+    common(p)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_fold)
+    p = sub.add_parser("export", help="fold, convert to ONNX, verify, write")
+    common(p)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--no-fold", action="store_true")
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--nchw", action="store_true", help="channels-first graph inputs")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")
+    common(p)
+    p.add_argument("onnx")
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("demo", help="train on bundled digits, fold, export, verify")
+    p.add_argument("--out", default="keras-bn-demo")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from keras_bn.errors import KerasBNError, VerificationError
+
+    try:
+        return args.func(args)
+    except KerasBNError as error:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(error).split())
+        print(f"keras-bn: error: {message}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("keras-bn: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything else: still one line, traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"keras-bn: error: {type(error).__name__}: {' '.join(str(error).split())[:500]}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
