@@ -1,9 +1,17 @@
 """Deployment tooling for keras_bn: verified ONNX export and the `keras-bn` command line.
 
-Depends on keras_bn; keras_bn never imports this package.
+Depends on keras_bn; keras_bn never imports this package. Attributes load lazily, so the command
+line answers usage errors without importing TensorFlow.
 """
 
-from export.converter import ExportReport, VerifyReport, to_onnx, verify
-from export.files import load_model_file
-
 __all__ = ["ExportReport", "VerifyReport", "load_model_file", "to_onnx", "verify"]
+
+
+def __getattr__(name):
+    if name == "load_model_file":
+        from export.files import load_model_file
+        return load_model_file
+    if name in ("ExportReport", "VerifyReport", "to_onnx", "verify"):
+        from export import converter
+        return getattr(converter, name)
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -64,6 +64,23 @@ def _load(args):
         return load_model_file(args.model, unsafe=args.unsafe)
 
 
+def _refuse_corrupt_statistics(model):
+    """fold_bn leaves such a BatchNorm in place; writing a model that outputs NaN is refused."""
+    from keras_bn import fold_math
+    from keras_bn.errors import KerasBNError
+    from keras_bn.fold import BATCHNORM_TYPES, _bn_gamma_beta
+
+    for layer in model._flatten_layers():
+        if isinstance(layer, BATCHNORM_TYPES):
+            gamma, beta, mean, var = _bn_gamma_beta(layer)
+            try:
+                fold_math.bn_scale_shift(mean, var, layer.epsilon, gamma, beta)
+            except KerasBNError as error:
+                raise KerasBNError(f"BatchNorm '{layer.name}' has corrupt statistics: {error} "
+                                   "Recompute them (train or run precise BN statistics) before "
+                                   "folding or exporting.") from error
+
+
 def _bn_rows(model):
     from keras_bn.fold import BATCHNORM_TYPES
 
@@ -110,6 +127,7 @@ def cmd_fold(args):
         from keras_bn.errors import KerasBNError, expected
         raise KerasBNError(expected("The output must be a .keras file", "a path ending in .keras", repr(args.output)))
     model = _load(args)
+    _refuse_corrupt_statistics(model)
     samples = _load_samples(args.samples)
     with _Step("folding and verifying"):
         folded, report = keras_bn.fold_bn(model, samples=samples, rtol=args.rtol, atol=args.atol)
@@ -130,6 +148,7 @@ def cmd_export(args):
 
     check_output_path(args.output, inputs=[args.model])
     model = _load(args)
+    _refuse_corrupt_statistics(model)
     samples = _load_samples(args.samples)
     with _Step("folding, converting with tf2onnx and verifying with onnxruntime"):
         report = export.to_onnx(model, args.output, fold=not args.no_fold, opset=args.opset,
@@ -160,7 +179,7 @@ def cmd_demo(args):
 
 
 def build_parser():
-    from export.converter import DEFAULT_ATOL, DEFAULT_RTOL
+    from export.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
     parser = _Parser(prog="keras-bn", description="BatchNorm tooling for Keras 3: inspect, fold, "
                      "export to ONNX (verified against onnxruntime).")

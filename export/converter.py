@@ -30,9 +30,8 @@ import keras_bn
 from keras_bn.errors import KerasBNError, VerificationError, expected
 from keras_bn.fold import compare_outputs, synthetic_inputs
 from export.files import atomic_output, check_output_path
+from export.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
-DEFAULT_ATOL = 1e-5  # onnxruntime parity
-DEFAULT_RTOL = 1e-5  # relative to the largest output magnitude
 NCHW_KEY = "keras_bn.nchw_inputs"
 
 

@@ -28,7 +28,8 @@ def randomize_bn(model, seed=0):
             values = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
                       "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 2, n)}
             for w in layer.weights:
-                w.assign(values[w.name].astype(w.dtype))
+                if w.name in values:
+                    w.assign(values[w.name].astype(w.dtype))
     return model
 
 

@@ -1,0 +1,140 @@
+"""export.to_onnx / export.verify: real tf2onnx, onnx.checker and onnxruntime."""
+
+import os
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import export
+import keras_bn
+from tests.test_fold import randomize_bn
+from tests.tolerances import ORT_ATOL
+
+L = keras.layers
+
+
+def single(shape, make_layer, bn=lambda: L.BatchNormalization(), tail=True):
+    inputs = keras.Input(shape, name="features")
+    x = bn()(make_layer()(inputs))
+    out = L.Activation("tanh", name="score")(x) if tail else x
+    return randomize_bn(keras.Model(inputs, out))
+
+
+def residual():
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)))
+    y = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False)(x)))
+    y = L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False)(y))
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.GlobalAveragePooling2D()(x)
+    return randomize_bn(keras.Model(inputs, L.Dense(4, name="logits")(x)))
+
+
+def bn_then_valid_conv():
+    inputs = keras.Input((8, 8, 3), name="features")
+    x = L.Conv2D(4, 3, padding="valid", name="c")(L.BatchNormalization()(inputs))
+    return randomize_bn(keras.Model(inputs, x))
+
+
+PATTERNS = {
+    "dense": lambda: single((6,), lambda: L.Dense(5)),
+    "depthwise2d": lambda: single((8, 8, 3), lambda: L.DepthwiseConv2D(3, depth_multiplier=2)),
+    "conv2d_transpose": lambda: single((5, 5, 3), lambda: L.Conv2DTranspose(4, 3, strides=2)),
+    "conv1d": lambda: single((10, 3), lambda: L.Conv1D(4, 3)),
+    "conv3d": lambda: single((5, 5, 5, 2), lambda: L.Conv3D(3, 2)),
+    "separable2d": lambda: single((8, 8, 3), lambda: L.SeparableConv2D(4, 3)),
+    "grouped_conv2d": lambda: single((8, 8, 4), lambda: L.Conv2D(6, 3, groups=2, padding="same")),
+    "grouped_conv1d_causal": lambda: single((9, 4), lambda: L.Conv1D(4, 3, groups=2, padding="causal")),
+    "keras_bn_layer": lambda: single((6,), lambda: L.Dense(5), bn=lambda: keras_bn.BatchNorm(epsilon=1e-5)),
+    "bn_then_valid_conv": bn_then_valid_conv,
+    "residual": residual,
+}
+
+
+def ort_run(path, x, optimized=True):
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_pattern_suite(name, tmp_path, rng):
+    model = PATTERNS[name]()
+    path = tmp_path / f"{name}.onnx"
+    report = export.to_onnx(model, path, rtol=1e-5)
+    assert report.verification.passed and len(report.verification.rows) == 4
+    graph = onnx.load(path)
+    ops = [n.op_type for n in graph.graph.node]
+    assert "BatchNormalization" not in ops
+    assert "Mul" not in ops  # every BatchNorm here folds: no Mul/Add left behind from one
+    assert not any(op in ("StatefulPartitionedCall", "PartitionedCall") for op in ops)
+    assert report.op_counts == {op: ops.count(op) for op in set(ops)}
+    assert ops.count("Add") <= (2 if name == "residual" else 1)
+    # Independent check: our own onnxruntime run against Keras, batch 3, both optimization levels.
+    x = rng.normal(size=(3, *model.inputs[0].shape[1:])).astype("float32")
+    ref = np.asarray(model(x, training=False))
+    for optimized in (False, True):
+        np.testing.assert_allclose(ort_run(str(path), x, optimized), ref,
+                                   atol=ORT_ATOL + 1e-5 * np.abs(ref).max())
+    # Names: Keras input/output names, dynamic batch dimension.
+    assert [i.name for i in graph.graph.input] == [model.inputs[0].name]
+    assert [o.name for o in graph.graph.output] == list(model.output_names)
+    assert not graph.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+
+
+def test_lone_batchnorm_becomes_one_mul_add(tmp_path, rng):
+    inputs = keras.Input((5,), name="features")
+    model = randomize_bn(keras.Model(inputs, L.BatchNormalization(name="bn")(inputs)))
+    report = export.to_onnx(model, tmp_path / "lone.onnx")
+    assert report.op_counts == {"Mul": 1, "Add": 1}
+    assert report.fold.counts["replaced by affine"] == 1
+
+
+def test_no_fold_keeps_the_batchnorm_and_still_verifies(tmp_path):
+    model = PATTERNS["dense"]()
+    report = export.to_onnx(model, tmp_path / "raw.onnx", fold=False)
+    assert report.fold is None and report.verification.passed
+    assert any(op in report.op_counts for op in ("BatchNormalization", "Mul"))
+
+
+def test_nchw_inputs(tmp_path, rng):
+    model = PATTERNS["depthwise2d"]()
+    path = tmp_path / "nchw.onnx"
+    export.to_onnx(model, path, nchw_inputs=True)
+    graph = onnx.load(path)
+    dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim[1:]]
+    assert dims == [3, 8, 8]
+    x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(ort_run(str(path), np.moveaxis(x, -1, 1)),
+                               np.asarray(model(x, training=False)), atol=1e-5)
+    assert export.verify(model, path).passed
+
+
+def test_verify_reports_a_mismatch(tmp_path, rng):
+    model = PATTERNS["dense"]()
+    other = PATTERNS["dense"]()  # same architecture, different weights
+    path = tmp_path / "m.onnx"
+    export.to_onnx(model, path)
+    good = export.verify(model, path, samples=rng.normal(size=(7, 6)).astype("float32"))
+    assert good.passed and {r["inputs"] for r in good.rows} == {"synthetic, batch 1", "synthetic, batch 4", "samples"}
+    assert {r["optimization"] for r in good.rows} == {"disabled", "enabled"}
+    bad = export.verify(other, path)
+    assert not bad.passed and bad.max_abs_error > 1e-3
+    assert "verification FAILED" in str(bad)
+    with pytest.raises(keras_bn.KerasBNError, match=r"The ONNX file does not exist.*Received: '.*nope\.onnx'"):
+        export.verify(model, tmp_path / "nope.onnx")
+
+
+def test_failed_verification_writes_nothing(tmp_path):
+    model = residual()
+    path = tmp_path / "out.onnx"
+    with pytest.raises(keras_bn.VerificationError, match=r"nothing was written"):
+        export.to_onnx(model, path, atol=0.0, rtol=0.0)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(keras_bn.KerasBNError, match=r"The output directory does not exist"):
+        export.to_onnx(model, tmp_path / "missing" / "out.onnx")
