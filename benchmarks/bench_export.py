@@ -63,7 +63,7 @@ def main():
     print(f"| raw tf2onnx.from_function (unfolded) | {statistics.median(raw):.1f} |")
     print(f"| export.to_onnx: fold + convert + check + verify | {statistics.median(ours):.1f} |")
     print(f"| ratio (median of per-round ratios) | {statistics.median(ratios):.2f} |")
-    print(f"steps of the last to_onnx: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
+    print("steps of the last to_onnx: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
     print(f"ONNX ops, ours: {report.op_counts}")
     raw_ops = {}
     for n in proto.graph.node:

@@ -62,7 +62,7 @@ def main():
     assert not any(isinstance(l, BATCHNORM_TYPES) for l in removed.layers)
     fns = {name: tf.function(lambda x, m=m: m(x, training=False), jit_compile=False)
            for name, m in (("bn", model), ("folded", folded), ("removed", removed))}
-    print(f"| ResNet50 224x224 | with BN (ms) | folded (ms) | BN removed (ms) | folded/removed | removed/BN |")
+    print("| ResNet50 224x224 | with BN (ms) | folded (ms) | BN removed (ms) | folded/removed | removed/BN |")
     print("|---|---|---|---|---|---|")
     for batch, repeats in ((8, 2), (1, 5)):
         x = tf.constant(np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype("float32"))

@@ -82,7 +82,7 @@ def main():
         print(json.dumps({"machine": machine, "rows": rows}, indent=2))
         return
     print(f"machine: {machine}; median of {args.rounds} interleaved rounds x {args.repeats} calls")
-    print(f"| input | step | keras_bn (ms) | Keras (ms) | ratio keras_bn/Keras |")
+    print("| input | step | keras_bn (ms) | Keras (ms) | ratio keras_bn/Keras |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['step']} | {r['keras_bn_ms']:.2f} | {r['keras_ms']:.2f} | {r['ratio']:.2f} |")

@@ -190,7 +190,7 @@ def _convert(model, opset, nchw_inputs):
     return proto
 
 
-def _check_graph(proto, model):
+def _check_graph(proto):
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as error:
@@ -306,7 +306,7 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
     start = time.perf_counter()
     proto = _convert(exported, opset, nchw_inputs)
     timings["convert"] = time.perf_counter() - start
-    _check_graph(proto, model)
+    _check_graph(proto)
     start = time.perf_counter()
     model_bytes = proto.SerializeToString()
     verification = _verify_proto(model, model_bytes, nchw_inputs, samples, atol, rtol)

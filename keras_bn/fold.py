@@ -131,7 +131,7 @@ def _not_plain(layer):
     return None
 
 
-def _kernel_layout_check(layer, kind, rank, bn_axis, direction):
+def _kernel_layout_check(layer, kind, rank, bn_axis):
     if kind is None:
         return f"{type(layer).__name__} is not a foldable layer"
     channel = _channel_axis(layer, rank)
@@ -169,7 +169,7 @@ class _Graph:
 # The pass
 
 
-def _match_backward(graph, bn, node, rank, bn_axis):
+def _match_backward(graph, node, rank, bn_axis):
     source = node.input_tensors[0]
     producer_node = graph.producer(source)
     if producer_node is None:
@@ -189,13 +189,13 @@ def _match_backward(graph, bn, node, rank, bn_axis):
         return None, f"the output of '{layer.name}' has {n_consumers} consumers"
     if id(source) in graph.outputs:
         return None, f"the output of '{layer.name}' is also a model output"
-    reason = _kernel_layout_check(layer, kind, rank, bn_axis, "backward")
+    reason = _kernel_layout_check(layer, kind, rank, bn_axis)
     if reason:
         return None, reason
     return (layer, kind), None
 
 
-def _match_forward(graph, bn, node, rank, bn_axis):
+def _match_forward(graph, node, rank, bn_axis):
     out = node.output_tensors[0]
     consumers = graph.consumers[id(out)]
     if id(out) in graph.outputs:
@@ -214,7 +214,7 @@ def _match_forward(graph, bn, node, rank, bn_axis):
     if kind == "conv" and layer.padding != "valid" and any(k != 1 for k in layer.kernel_size):
         return None, (f"the next layer '{layer.name}' pads with zeros ('{layer.padding}'): "
                       "forward folding is not exact at the borders")
-    reason = _kernel_layout_check(layer, kind, rank, bn_axis, "forward")
+    reason = _kernel_layout_check(layer, kind, rank, bn_axis)
     if reason:
         return None, reason
     return (layer, kind), None
@@ -251,7 +251,7 @@ def _fold_functional(model, report, prefix, replace_leftovers):
             continue
         rank = len(node.output_tensors[0].shape)
         bn_axis = bn.axis % rank
-        match, reason_back = _match_backward(graph, bn, node, rank, bn_axis)
+        match, reason_back = _match_backward(graph, node, rank, bn_axis)
         if match:
             backward_plan.append((match, s, t))
             passthrough.add(id(bn))
@@ -261,7 +261,7 @@ def _fold_functional(model, report, prefix, replace_leftovers):
                 note = f"'{match[0].name}' takes the name '{bn.name}' to keep the output name"
             report.rows.append(FoldRow(name, BACKWARD, into=prefix + match[0].name, reason=note))
             continue
-        match, reason_fwd = _match_forward(graph, bn, node, rank, bn_axis)
+        match, reason_fwd = _match_forward(graph, node, rank, bn_axis)
         if match:
             forward_plan.append((match, s, t))
             passthrough.add(id(bn))

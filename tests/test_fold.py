@@ -337,7 +337,7 @@ def test_keras_applications(name, shape, rng):
     expected_backward = 0
     for node in graph.nodes:
         if isinstance(node.operation, BATCHNORM_TYPES):
-            match, _ = keras_bn.fold._match_backward(graph, node.operation, node, 4, 3)
+            match, _ = keras_bn.fold._match_backward(graph, node, 4, 3)
             expected_backward += match is not None
     assert report.counts[BACKWARD] == expected_backward > 0
     assert len(batchnorms(folded)) == report.counts[KEPT] == 0
