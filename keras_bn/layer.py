@@ -424,9 +424,14 @@ class BatchNorm(keras.layers.Layer):
             self._update_moving(mean, variance, count)
             return outputs
         else:
-            x = tf.cast(inputs, tf.float32)
             mean = tf.convert_to_tensor(self.moving_mean)
             variance = tf.convert_to_tensor(self.moving_variance)
+            if self._use_fused(inputs, mask):
+                # One pass over the data instead of a multiply and an add.
+                x = self._as_4d(inputs)
+                outputs = self._fused(x, gamma, beta, mean, variance, training=False)[0]
+                return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
+            x = tf.cast(inputs, tf.float32)
         # y = x * s + t: one multiply-add per element; s and t are per-channel vectors.
         inv = gamma * tf.math.rsqrt(variance + self.epsilon)
         shape = self._broadcast_shape(len(inputs.shape))
@@ -447,21 +452,28 @@ class BatchNorm(keras.layers.Layer):
         The kernel reduces over every axis but the last, so rank 2 and 3 inputs are viewed as
         (N, L, 1, C) -- a free reshape -- and rank 5 runs as NDHWC.
         """
-        rank = len(inputs.shape)
-        x = inputs
-        if rank < 4:
-            shape = tf.shape(inputs)
-            x = tf.reshape(inputs, tf.concat([shape[:1], [-1, 1], shape[-1:]], 0))
-        outputs, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=gamma, offset=beta,
-            mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
-            epsilon=self.epsilon, data_format="NDHWC" if rank == 5 else "NHWC", is_training=True,
-        )
-        if rank < 4:
-            outputs = tf.reshape(outputs, tf.shape(inputs))
+        x = self._as_4d(inputs)
+        outputs, mean, unbiased = self._fused(x, gamma, beta, tf.constant([], tf.float32),
+                                              tf.constant([], tf.float32), training=True)
+        outputs = tf.reshape(outputs, tf.shape(inputs))
         # The kernel returns the Bessel-corrected variance; undo it to keep one convention here.
         n = tf.cast(self._values_per_channel(inputs), tf.float32)
         variance = unbiased * tf.math.divide_no_nan(n - 1.0, n)
+        return outputs, mean, variance
+
+    @staticmethod
+    def _as_4d(inputs):
+        """Rank 2 and 3 channels-last inputs viewed as (N, L, 1, C): a free reshape."""
+        if len(inputs.shape) >= 4:
+            return inputs
+        shape = tf.shape(inputs)
+        return tf.reshape(inputs, tf.concat([shape[:1], [-1, 1], shape[-1:]], 0))
+
+    def _fused(self, x, gamma, beta, mean, variance, training):
+        outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=self.epsilon,
+            data_format="NDHWC" if len(x.shape) == 5 else "NHWC", is_training=training,
+        )
         return outputs, mean, variance
 
     def get_config(self):
