@@ -145,7 +145,6 @@ class _Graph:
     """Nodes, consumers and call counts of one Functional model's graph."""
 
     def __init__(self, model):
-        self.model = model
         by_depth = model._nodes_by_depth
         self.nodes = [n for depth in sorted(by_depth, reverse=True) for n in by_depth[depth]
                       if n.operation is not None and not n.is_input]
@@ -391,7 +390,8 @@ def _as_input_list(model, samples):
 
 
 def compare_outputs(reference, candidate):
-    """(max abs error, max abs error / largest |reference|) over all outputs."""
+    """(max abs error, max abs error / scale, scale) over all outputs, where scale is the
+    largest finite |reference| value."""
     reference = [np.asarray(r, np.float64) for r in tree.flatten(reference)]
     candidate = [np.asarray(c, np.float64) for c in tree.flatten(candidate)]
     def error(r, c):
@@ -403,7 +403,12 @@ def compare_outputs(reference, candidate):
     max_abs = max(error(r, c) for r, c in zip(reference, candidate))
     finite = [np.abs(r[np.isfinite(r)]) for r in reference]
     scale = max(float(np.max(f)) if f.size else 0.0 for f in finite)
-    return max_abs, max_abs / scale if scale > 0 else max_abs
+    return max_abs, max_abs / scale if scale > 0 else max_abs, scale
+
+
+def within_tolerance(max_abs, scale, atol, rtol):
+    """The one acceptance rule of fold and export verification: max_abs <= atol + rtol * scale."""
+    return bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)
 
 
 def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL,
@@ -443,11 +448,10 @@ def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT
             feed = inputs[0] if len(inputs) == 1 else inputs
             reference = model(feed, training=False)
             candidate = folded(feed, training=False)
-            max_abs, max_rel = compare_outputs(reference, candidate)
+            max_abs, max_rel, scale = compare_outputs(reference, candidate)
             report.verification.append({"inputs": label, "max_abs_error": max_abs,
                                         "max_rel_error": max_rel, "rtol": rtol, "atol": atol})
-            scale = max_abs / max_rel if max_rel > 0 else 0.0
-            if not np.isfinite(max_abs) or max_abs > atol + rtol * scale:
+            if not within_tolerance(max_abs, scale, atol, rtol):
                 raise VerificationError(expected(
                     f"The folded model differs from the original on {label}",
                     f"max abs error <= {atol:g} + {rtol:g} * {scale:.4g}",

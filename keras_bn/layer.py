@@ -73,8 +73,8 @@ class BatchNorm(keras.layers.Layer):
     is skipped and a warning is emitted (a Python warning in eager mode, a line on stderr inside
     `tf.function`/`model.fit`). Training with one value per channel raises an error, as PyTorch does.
 
-    Fast path: channels-last inputs (any rank; rank 2/3 are viewed as 4-D) in training use
-    `FusedBatchNormV3` when `epsilon >= 1.001e-5`, no mask is given and `synchronized=False`.
+    Fast path: channels-last inputs (any rank; rank 2/3 are viewed as 4-D), in training and in
+    inference, use `FusedBatchNormV3` when `epsilon >= 1.001e-5`, no mask is given and `synchronized=False`.
     Below that epsilon the generic path is used, because the fused kernel would silently raise
     epsilon. The generic path computes statistics on the input shifted by one of its samples, so
     data with a large mean and a tiny spread (mean 1e4, std 0.01) keeps its variance to ~1e-5
@@ -410,7 +410,7 @@ class BatchNorm(keras.layers.Layer):
             if not self._use_fused(inputs, mask):
                 outputs, mean, variance, count = self._generic_train(inputs, mask, gamma, beta)
             else:
-                outputs, mean, variance = self._fused_train(inputs, gamma, beta)
+                outputs, mean, variance, count = self._fused_train(inputs, gamma, beta)
                 # The kernel's plain two-pass variance loses digits once |mean| / std exceeds
                 # ~1e3 in float32 (0.6% error at 1e6). Such batches, rare, are recomputed on the
                 # shifted generic path; the check itself costs a few per-channel operations.
@@ -420,7 +420,6 @@ class BatchNorm(keras.layers.Layer):
                     lambda: self._generic_train(inputs, None, gamma, beta)[:3],
                     lambda: (tf.cast(outputs, self.compute_dtype), mean, variance),
                 )
-                count = tf.cast(self._values_per_channel(inputs), tf.float32)
             self._update_moving(mean, variance, count)
             return outputs
         else:
@@ -447,7 +446,8 @@ class BatchNorm(keras.layers.Layer):
         return tf.cast(outputs, self.compute_dtype), mean, variance, count
 
     def _fused_train(self, inputs, gamma, beta):
-        """FusedBatchNormV3 in training mode; returns output, batch mean, BIASED batch variance.
+        """FusedBatchNormV3 in training mode; returns output, batch mean, BIASED batch variance
+        and the number of values per channel.
 
         The kernel reduces over every axis but the last, so rank 2 and 3 inputs are viewed as
         (N, L, 1, C) -- a free reshape -- and rank 5 runs as NDHWC.
@@ -459,7 +459,7 @@ class BatchNorm(keras.layers.Layer):
         # The kernel returns the Bessel-corrected variance; undo it to keep one convention here.
         n = tf.cast(self._values_per_channel(inputs), tf.float32)
         variance = unbiased * tf.math.divide_no_nan(n - 1.0, n)
-        return outputs, mean, variance
+        return outputs, mean, variance, n
 
     @staticmethod
     def _as_4d(inputs):
