@@ -144,9 +144,11 @@ def cmd_fold(args):
 
 def cmd_export(args):
     import export
+    from export.converter import check_opset
     from export.files import check_output_path
 
     check_output_path(args.output, inputs=[args.model])
+    check_opset(args.opset)
     model = _load(args)
     _refuse_corrupt_statistics(model)
     samples = _load_samples(args.samples)
@@ -209,7 +211,8 @@ def build_parser():
     common(p)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-fold", action="store_true")
-    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset, 7 to 18 (default: tf2onnx's, 15)")
     p.add_argument("--nchw", action="store_true", help="channels-first graph inputs")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")

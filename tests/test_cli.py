@@ -78,10 +78,11 @@ def test_fold_export_verify_round_trip(files, tmp_path):
     assert run.returncode == 0, run.stderr
     folded = keras.saving.load_model(tmp_path / "folded.keras")
     assert not any(isinstance(l, (keras_bn.BatchNorm, L.BatchNormalization)) for l in folded.layers)
-    run = cli("export", files / "model.keras", "-o", tmp_path / "model.onnx", "--json")
+    run = cli("export", files / "model.keras", "-o", tmp_path / "model.onnx", "--json", "--opset", "13")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["verification"]["passed"] and report["batchnorms_folded"] == 2
+    assert report["opset"] == 13
     assert "BatchNormalization" not in report["op_counts"]
     run = cli("verify", files / "model.keras", tmp_path / "model.onnx", "--samples", files / "samples.npy")
     assert run.returncode == 0 and "verification passed" in run.stdout
@@ -101,6 +102,7 @@ def test_fold_export_verify_round_trip(files, tmp_path):
     (["fold", "{d}/model.keras", "-o", "{d}/nowhere/out.keras"], r"The output directory does not exist"),
     (["fold", "{d}/corrupt.keras", "-o", "{t}/out.keras"], r"BatchNorm 'bn2' has corrupt statistics: moving_variance has 1 non-finite"),
     (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--samples", "{d}/missing.npy"], r"The samples file does not exist"),
+    (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--opset", "19"], r"Unsupported ONNX opset\. Expected: an integer from 7 .* to 18 .*Received: 19"),
 ])
 def test_bad_input_exits_2(files, tmp_path, args, pattern):
     run = cli(*[a.format(d=files, t=tmp_path) for a in args])

@@ -1,6 +1,7 @@
 """export.to_onnx / export.verify: real tf2onnx, onnx.checker and onnxruntime."""
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 import export
 import keras_bn
+from export import converter
 from tests.test_fold import randomize_bn
 from tests.tolerances import ORT_ATOL
 
@@ -113,6 +115,76 @@ def test_nchw_inputs(tmp_path, rng):
     np.testing.assert_allclose(ort_run(str(path), np.moveaxis(x, -1, 1)),
                                np.asarray(model(x, training=False)), atol=1e-5)
     assert export.verify(model, path).passed
+
+
+def _graph_structure(proto):
+    """Nodes (type, name, inputs, outputs, attributes) and initializers (name, bytes) with
+    tf2onnx's process-wide name counters (`__123`) taken out."""
+    def strip(name):
+        return re.sub(r"__\d+", "__N", name)
+    nodes = [(n.op_type, strip(n.name), [strip(i) for i in n.input], [strip(o) for o in n.output],
+              [a.SerializeToString() for a in n.attribute]) for n in proto.graph.node]
+    inits = sorted((strip(i.name), i.SerializeToString().replace(i.name.encode(), b""))
+                   for i in proto.graph.initializer)
+    return nodes, inits
+
+
+@pytest.mark.parametrize("name", ["residual", "dense"])
+def test_fast_conversion_gives_tf2onnx_default_graph(name, monkeypatch, rng):
+    # to_onnx turns off tf2onnx's per-optimizer graph copies; the graph must be the one tf2onnx
+    # makes with them on (its default). fold=False for "dense" leaves a BatchNorm for tf2onnx's
+    # optimizers to work on.
+    model = PATTERNS[name]()
+    if name == "residual":
+        model, _ = keras_bn.fold_bn(model)
+    monkeypatch.delenv(converter._CATCH_ERRORS, raising=False)
+    fast = converter._convert(model, None, False)
+    assert converter._CATCH_ERRORS not in os.environ  # restored
+    monkeypatch.setenv(converter._CATCH_ERRORS, "TRUE")
+    default = converter._convert(model, None, False)
+    assert _graph_structure(fast) == _graph_structure(default)
+    assert len(fast.graph.node) > 3
+    x = rng.normal(size=(2, *model.inputs[0].shape[1:])).astype("float32")
+    runs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(None, {p.graph.input[0].name: x})[0] for p in (fast, default)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(monkeypatch):
+    monkeypatch.delenv(converter._CATCH_ERRORS, raising=False)
+    seen = []
+
+    def convert():  # fails the way a tf2onnx optimizer bug would, only without error handling
+        seen.append(os.environ.get(converter._CATCH_ERRORS))
+        if os.environ[converter._CATCH_ERRORS] == "FALSE":
+            raise IndexError("optimizer failed")
+        return "graph"
+
+    with pytest.warns(RuntimeWarning, match=r"tf2onnx raised IndexError: optimizer failed; converting again"):
+        assert converter._run_tf2onnx(convert) == "graph"
+    assert seen == ["FALSE", "TRUE"] and converter._CATCH_ERRORS not in os.environ
+    # A setting the user made is used as it is, and a failure under it is not retried.
+    monkeypatch.setenv(converter._CATCH_ERRORS, "FALSE")
+    seen.clear()
+    with pytest.raises(IndexError):
+        converter._run_tf2onnx(convert)
+    assert seen == ["FALSE"] and os.environ[converter._CATCH_ERRORS] == "FALSE"
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_opset(opset, tmp_path):
+    model = residual()
+    report = export.to_onnx(model, tmp_path / "m.onnx", opset=opset)
+    graph = onnx.load(tmp_path / "m.onnx")
+    assert report.opset == opset and report.verification.passed
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+
+
+@pytest.mark.parametrize("opset", [6, 19, 15.0, True, "15"])
+def test_bad_opset_is_refused_before_any_work(opset, tmp_path):
+    with pytest.raises(keras_bn.KerasBNError, match=r"Unsupported ONNX opset\. Expected: an integer from 7 .* to 18 .*, or None for tf2onnx's default 15\. Received: "):
+        export.to_onnx(residual(), tmp_path / "m.onnx", opset=opset)
+    assert os.listdir(tmp_path) == []
 
 
 def test_verify_reports_a_mismatch(tmp_path, rng):
