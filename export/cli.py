@@ -4,6 +4,7 @@ formats results. Exit codes: 0 success, 1 verification failed, 2 bad input or us
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -228,8 +229,15 @@ def build_parser():
     return parser
 
 
+def _terminate(signum, frame):
+    # SIGTERM unwinds like Ctrl-C, so atomic writes remove their temporary files.
+    print("keras-bn: error: terminated", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    signal.signal(signal.SIGTERM, _terminate)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     parser = build_parser()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -109,6 +110,26 @@ def test_bad_input_exits_2(files, tmp_path, args, pattern):
     assert run.returncode == 2, (run.stdout, run.stderr[-2000:])
     one_line_error(run, pattern)
     assert not os.path.exists(tmp_path / "out.keras") and not os.path.exists(tmp_path / "o.onnx")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_export_leaves_the_previous_output_intact(files, tmp_path, sig):
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"previous export")
+    proc = subprocess.Popen([sys.executable, "-m", "export.cli", "export", str(files / "model.keras"),
+                             "-o", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=ENV)
+    for line in proc.stderr:
+        if "converting with tf2onnx" in line:
+            break
+    assert proc.poll() is None, "the export finished before it could be stopped"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == (128 + sig if sig == signal.SIGTERM else -sig), err
+    if sig == signal.SIGTERM:
+        assert "keras-bn: error: terminated" in err and "Traceback" not in err
+    assert out.read_bytes() == b"previous export"
+    assert os.listdir(tmp_path) == ["o.onnx"]  # no temporary file left either
 
 
 def test_lambda_model_is_refused_and_its_code_never_runs(files):
