@@ -204,13 +204,16 @@ def _match_forward(graph, node, rank, bn_axis):
     consumer_node = consumers[0]
     layer = consumer_node.operation
     kind = _producer_kind(layer)
-    if kind not in ("dense", "conv"):
-        return None, f"the next layer '{layer.name}' is {type(layer).__name__}, not a Dense or Conv"
+    if kind not in ("dense", "conv", "depthwise", "separable"):
+        return None, (f"the next layer '{layer.name}' is {type(layer).__name__}, not a Dense, Conv, "
+                      "DepthwiseConv or SeparableConv"
+                      + (" (a transposed conv spreads a constant unevenly over its output)"
+                         if kind == "transpose" else ""))
     if graph.calls[id(layer)] > 1:
         return None, f"the next layer '{layer.name}' is shared"
     if len(consumer_node.input_tensors) != 1:
         return None, f"the next layer '{layer.name}' has several inputs"
-    if kind == "conv" and layer.padding != "valid" and any(k != 1 for k in layer.kernel_size):
+    if kind != "dense" and layer.padding != "valid" and any(k != 1 for k in layer.kernel_size):
         return None, (f"the next layer '{layer.name}' pads with zeros ('{layer.padding}'): "
                       "forward folding is not exact at the borders")
     reason = _kernel_layout_check(layer, kind, rank, bn_axis)
@@ -282,8 +285,14 @@ def _fold_functional(model, report, prefix, replace_leftovers):
     # Input side first, then output side: f(x) = s_out * (W (s_in x + t_in) + b) + t_out.
     for (layer, kind), s, t in forward_plan:
         w = edit(layer)
-        w["kernel"], w["bias"] = fold_math.fold_forward(
-            w["kernel"], w.get("bias"), s, t, groups=getattr(layer, "groups", 1))
+        if kind == "separable":
+            w["depthwise_kernel"], w["bias"] = fold_math.fold_forward_separable(
+                w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), s, t)
+        elif kind == "depthwise":
+            w["kernel"], w["bias"] = fold_math.fold_forward_depthwise(w["kernel"], w.get("bias"), s, t)
+        else:
+            w["kernel"], w["bias"] = fold_math.fold_forward(
+                w["kernel"], w.get("bias"), s, t, groups=getattr(layer, "groups", 1))
     for (layer, kind), s, t in backward_plan:
         w = edit(layer)
         if kind == "separable":

@@ -14,6 +14,12 @@ value through its kernel without padding (Dense, or a conv with 'valid' padding 
 
     W'[..., c, o] = W[..., c, o] * s[c],   b'[o] = b[o] + sum_{spatial, c} W[..., c, o] * t[c]
 
+    Depthwise (output channel c * M + m sees input channel c only):
+        W'[..., c, m] = W[..., c, m] * s[c],   b'[c * M + m] = b[c * M + m] + sum_{spatial} W[..., c, m] * t[c]
+    Separable (depthwise D, then pointwise P, one bias after P): D' = D * s[c] as above, and the
+    constant the depthwise step makes, d[j] = sum_{spatial} D[..., j] * t[c(j)], goes through P:
+        b'[o] = b[o] + sum_j P[j, o] * d[j]
+
 Keras kernel layouts (output channels last, unlike PyTorch):
     Dense (in, out); Conv (k..., in / groups, out); ConvTranspose (k..., out, in);
     DepthwiseConv (k..., in, depth_multiplier) with output channel c * depth_multiplier + m;
@@ -95,6 +101,29 @@ def fold_forward(kernel, bias, s, t, groups=1):
     b = np.zeros(out) if bias is None else np.asarray(bias, np.float64)
     summed = kernel.sum(axis=tuple(range(kernel.ndim - 2)))  # (in_per_group, out)
     return new_kernel, b + (summed * t_grid).sum(axis=0)
+
+
+def fold_forward_depthwise(kernel, bias, s, t):
+    """Folds x -> x * s + t into the input side of a depthwise kernel (k..., in, multiplier)
+    that applies to every input value without padding. Returns (kernel', bias') with bias' on
+    the flattened (in * multiplier) output channels."""
+    kernel = np.asarray(kernel, np.float64)
+    channels, multiplier = kernel.shape[-2:]
+    s, t = np.asarray(s, np.float64)[:, None], np.asarray(t, np.float64)[:, None]
+    constant = (kernel.sum(axis=tuple(range(kernel.ndim - 2))) * t).reshape(-1)
+    b = np.zeros(channels * multiplier) if bias is None else np.asarray(bias, np.float64)
+    return kernel * s, b + constant
+
+
+def fold_forward_separable(depthwise_kernel, pointwise_kernel, bias, s, t):
+    """Folds x -> x * s + t into the input side of a separable conv (depthwise kernel
+    (k..., in, multiplier), pointwise kernel (1..., in * multiplier, out), bias (out,)).
+    Returns (depthwise_kernel', bias'); the pointwise kernel is unchanged."""
+    new_depthwise, constant = fold_forward_depthwise(depthwise_kernel, None, s, t)
+    pointwise = np.asarray(pointwise_kernel, np.float64)
+    pointwise = pointwise.reshape(pointwise.shape[-2:])  # (in * multiplier, out)
+    b = np.zeros(pointwise.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    return new_depthwise, b + constant @ pointwise
 
 
 def cast_checked(value, dtype, what):

@@ -35,10 +35,11 @@ def residual():
     return randomize_bn(keras.Model(inputs, L.Dense(4, name="logits")(x)))
 
 
-def bn_then_valid_conv():
-    inputs = keras.Input((8, 8, 3), name="features")
-    x = L.Conv2D(4, 3, padding="valid", name="c")(L.BatchNormalization()(inputs))
-    return randomize_bn(keras.Model(inputs, x))
+def bn_then(make_layer):
+    def build():
+        inputs = keras.Input((8, 8, 3), name="features")
+        return randomize_bn(keras.Model(inputs, make_layer()(L.BatchNormalization()(inputs))))
+    return build
 
 
 PATTERNS = {
@@ -51,7 +52,9 @@ PATTERNS = {
     "grouped_conv2d": lambda: single((8, 8, 4), lambda: L.Conv2D(6, 3, groups=2, padding="same")),
     "grouped_conv1d_causal": lambda: single((9, 4), lambda: L.Conv1D(4, 3, groups=2, padding="causal")),
     "keras_bn_layer": lambda: single((6,), lambda: L.Dense(5), bn=lambda: keras_bn.BatchNorm(epsilon=1e-5)),
-    "bn_then_valid_conv": bn_then_valid_conv,
+    "bn_then_valid_conv": bn_then(lambda: L.Conv2D(4, 3, padding="valid", name="c")),
+    "bn_then_valid_depthwise": bn_then(lambda: L.DepthwiseConv2D(3, depth_multiplier=2)),
+    "bn_then_valid_separable": bn_then(lambda: L.SeparableConv2D(4, 3, use_bias=False)),
     "residual": residual,
 }
 

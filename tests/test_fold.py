@@ -96,6 +96,36 @@ def test_fold_forward_matches_direct_evaluation(rng):
     np.testing.assert_allclose(conv(x, w, b), conv(x * s + t, kernel, bias), rtol=1e-10)
 
 
+def depthwise_1d_valid(x, kernel, bias):
+    """Explicit loops: x (length, C), kernel (k, C, M) -> (length - k + 1, C * M)."""
+    ksize, channels, multiplier = kernel.shape
+    out = np.zeros((x.shape[0] - ksize + 1, channels * multiplier))
+    for p in range(out.shape[0]):
+        for c in range(channels):
+            for m in range(multiplier):
+                out[p, c * multiplier + m] = x[p:p + ksize, c] @ kernel[:, c, m] + bias[c * multiplier + m]
+    return out
+
+
+def test_fold_forward_depthwise_and_separable_match_direct_evaluation(rng):
+    x = rng.normal(size=(9, 3))
+    s, t = rng.uniform(0.5, 2, 3), rng.normal(size=3)
+    kernel, bias = rng.normal(size=(4, 3, 2)), rng.normal(size=6)
+    w, b = fold_math.fold_forward_depthwise(kernel, bias, s, t)
+    np.testing.assert_allclose(depthwise_1d_valid(x, w, b),
+                               depthwise_1d_valid(x * s + t, kernel, bias), rtol=1e-10)
+    w, b = fold_math.fold_forward_depthwise(kernel, None, s, t)  # no bias: b' is the constant alone
+    np.testing.assert_allclose(depthwise_1d_valid(x, w, b),
+                               depthwise_1d_valid(x * s + t, kernel, np.zeros(6)), rtol=1e-10)
+    # Separable: depthwise, then the pointwise (1, C * M, out) kernel, then one bias.
+    pointwise, bias = rng.normal(size=(1, 6, 5)), rng.normal(size=5)
+    w, b = fold_math.fold_forward_separable(kernel, pointwise, bias, s, t)
+    zero = np.zeros(6)
+    np.testing.assert_allclose(depthwise_1d_valid(x, w, zero) @ pointwise[0] + b,
+                               depthwise_1d_valid(x * s + t, kernel, zero) @ pointwise[0] + bias,
+                               rtol=1e-10)
+
+
 @pytest.mark.parametrize("mean,var,eps,match", [
     ([np.nan], [1.0], 1e-3, r"moving_mean has 1 non-finite"),
     ([0.0], [np.inf], 1e-3, r"moving_variance has 1 non-finite"),
@@ -195,6 +225,54 @@ def test_forward_fold_into_dense_and_valid_or_pointwise_conv(rng):
     assert "pads with zeros ('same'): forward folding is not exact" in rows["bn_same"].reason
     assert [type(l).__name__ for l in folded.layers].count("ChannelAffine") == 1
     assert batchnorms(folded) == []
+
+
+def test_forward_fold_into_depthwise_and_separable(rng):
+    inputs = keras.Input((10, 10, 3))
+    x = L.BatchNormalization(name="bn_dw")(L.ReLU()(inputs))
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="valid", name="dw")(x)
+    x = L.BatchNormalization(name="bn_sep")(L.ReLU()(x))
+    x = L.SeparableConv2D(4, 3, depth_multiplier=2, padding="valid", use_bias=False, name="sep")(x)
+    x = L.BatchNormalization(name="bn_dw1x1")(L.ReLU()(x))
+    x = L.DepthwiseConv2D(1, padding="same", name="dw1x1")(x)  # 1x1: no border, 'same' is exact
+    x = L.BatchNormalization(name="bn_dw_same")(L.ReLU()(x))
+    x = L.DepthwiseConv2D(3, padding="same", name="dw_same")(x)
+    x = L.BatchNormalization(name="bn_sep_same")(L.ReLU()(x))
+    x = L.SeparableConv2D(2, 3, padding="same", name="sep_same")(x)
+    x = L.BatchNormalization(name="bn_transpose")(L.ReLU()(x))
+    x = L.Conv2DTranspose(2, 3, name="transpose", activation="relu")(x)
+    model = randomize_bn(keras.Model(inputs, x))
+    folded, report = keras_bn.fold_bn(model)
+    assert_close_to_original(model, folded, rng.normal(size=(3, 10, 10, 3)).astype("float32"))
+    rows = {r.name: r for r in report.rows}
+    for bn, layer in (("bn_dw", "dw"), ("bn_sep", "sep"), ("bn_dw1x1", "dw1x1")):
+        assert (rows[bn].action, rows[bn].into) == (FORWARD, layer)
+    for bn, layer in (("bn_dw_same", "dw_same"), ("bn_sep_same", "sep_same")):
+        assert rows[bn].action == AFFINE
+        assert f"the next layer '{layer}' pads with zeros ('same')" in rows[bn].reason
+    assert "Conv2DTranspose" in rows["bn_transpose"].reason and "unevenly" in rows["bn_transpose"].reason
+    assert folded.get_layer("sep").use_bias  # the folded constant needs a bias
+    assert len(batchnorms(folded)) == 0
+    assert [type(l).__name__ for l in folded.layers].count("ChannelAffine") == 3
+
+
+def test_forward_fold_into_channels_first_depthwise_on_the_weights(rng):
+    # TF on CPU cannot run channels_first convs: the folded weights must equal those of the
+    # same network in channels_last, which runs.
+    def build(data_format):
+        shape, axis = ((3, 7, 7), 1) if data_format == "channels_first" else ((7, 7, 3), -1)
+        inputs = keras.Input(shape)
+        x = L.BatchNormalization(axis=axis, name="bn")(L.ReLU()(inputs))
+        x = L.DepthwiseConv2D(3, depth_multiplier=2, data_format=data_format, name="dw")(x)
+        return keras.Model(inputs, x)
+
+    last, first = randomize_bn(build("channels_last")), build("channels_first")
+    first.set_weights(last.get_weights())
+    folded_last, _ = keras_bn.fold_bn(last)  # verified by running
+    folded_first, report = keras_bn.fold_bn(first, verify=False)
+    assert [(r.action, r.into) for r in report.rows] == [(FORWARD, "dw")]
+    for a, b in zip(folded_first.get_layer("dw").get_weights(), folded_last.get_layer("dw").get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_negative_cases_are_left_exact_with_reasons(rng):
