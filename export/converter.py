@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import re
 import time
 import warnings
 
@@ -251,22 +252,39 @@ def _convert(model, opset, nchw_inputs):
     return proto
 
 
-def _check_graph(proto):
+def _layer_of(node_name, layer_names):
+    """The Keras layer a tf2onnx node comes from: the deepest part of its TF name scope that is a
+    layer name, once TF's uniquifying suffix (`_1`) is taken off ('model_1/grouped_1/Op' ->
+    'grouped'). None when no part is."""
+    for part in reversed(node_name.split("/")[:-1]):
+        for name in (part, re.sub(r"_\d+$", "", part)):
+            if name in layer_names:
+                return name
+    return None
+
+
+def _check_graph(proto, layer_names=()):
+    """Refuses nodes onnxruntime cannot run (naming the Keras layer they come from), then runs
+    onnx.checker.check_model(full_check=True)."""
+    unconverted = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")
+                   or not onnx.defs.has(n.op_type)]
+    if unconverted:
+        node = unconverted[0]
+        layer = _layer_of(node.name, set(layer_names))
+        source = f"layer '{layer}'" if layer else f"node '{node.name}'"
+        raise KerasBNError(expected(
+            f"tf2onnx left a {node.op_type} node from {source} that onnxruntime cannot run",
+            "only standard ONNX ops",
+            f"{len(unconverted)} such node(s) ({', '.join(sorted({n.op_type for n in unconverted}))}); "
+            f"the first is '{node.name}'",
+            "Nothing was written. Report the layer type: keras-bn lowers grouped convolutions, "
+            "not this."))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as error:
         raise KerasBNError(expected("tf2onnx produced an invalid ONNX graph", "a graph that passes "
                                     "onnx.checker.check_model(full_check=True)",
                                     str(error).splitlines()[0][:300])) from error
-    unconverted = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")
-                   or n.op_type in ("StatefulPartitionedCall", "PartitionedCall")]
-    if unconverted:
-        node = unconverted[0]
-        raise KerasBNError(expected(
-            f"The ONNX graph has a node onnxruntime cannot run ({node.domain or 'ai.onnx'}::"
-            f"{node.op_type} '{node.name}')", "only standard ONNX ops",
-            f"{len(unconverted)} such node(s); the first comes from '{node.name}'",
-            "Report the layer type; keras-bn lowers grouped convolutions, not this."))
 
 
 def op_counts(proto):
@@ -367,7 +385,7 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
     start = time.perf_counter()
     proto = _convert(exported, opset, nchw_inputs)
     timings["convert"] = time.perf_counter() - start
-    _check_graph(proto)
+    _check_graph(proto, {l.name for l in exported._flatten_layers()})
     start = time.perf_counter()
     model_bytes = proto.SerializeToString()
     verification = _verify_proto(model, model_bytes, nchw_inputs, samples, atol, rtol)

@@ -120,6 +120,26 @@ def test_nchw_inputs(tmp_path, rng):
     assert export.verify(model, path).passed
 
 
+def test_graph_check_names_the_layer_tf2onnx_could_not_convert():
+    # Raw tf2onnx leaves Keras's grouped conv (a nested XLA function) as StatefulPartitionedCall:
+    # a real graph that onnxruntime rejects. The check must refuse it and name the layer.
+    import tensorflow as tf
+    import tf2onnx
+
+    model = PATTERNS["grouped_conv2d"]()
+    grouped = next(l for l in model.layers if getattr(l, "groups", 1) > 1)
+    spec = [tf.TensorSpec((None, 8, 8, 4), tf.float32, name="features")]
+    proto, _ = tf2onnx.convert.from_function(
+        tf.function(lambda x: model(x, training=False), input_signature=spec), input_signature=spec)
+    assert "StatefulPartitionedCall" in [n.op_type for n in proto.graph.node]
+    names = {l.name for l in model._flatten_layers()}
+    with pytest.raises(keras_bn.KerasBNError, match=rf"tf2onnx left a StatefulPartitionedCall node from layer '{grouped.name}' that onnxruntime cannot run\. Expected: only standard ONNX ops\. Received: 1 such node"):
+        converter._check_graph(proto, names)
+    assert converter._layer_of("functional_1/conv2d_3_1/StatefulPartitionedCall", {"conv2d_3"}) == "conv2d_3"
+    assert converter._layer_of("functional_1/dense/MatMul", {"dense"}) == "dense"
+    assert converter._layer_of("Identity", {"dense"}) is None
+
+
 def _graph_structure(proto):
     """Nodes (type, name, inputs, outputs, attributes) and initializers (name, bytes) with
     tf2onnx's process-wide name counters (`__123`) taken out."""
