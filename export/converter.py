@@ -303,30 +303,35 @@ def _session(model_bytes, optimized):
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
+def _feed(names, arrays, nchw):
+    return {name: np.moveaxis(a, -1, 1) if nchw and a.ndim > 2 else a
+            for name, a in zip(names, arrays)}
+
+
+def _input_sets(model, samples):
+    from keras_bn.fold import _as_input_list
+
+    sets = [("synthetic", synthetic_inputs(model, batch_size=4, seed=1))]
+    if samples is not None:
+        sets.append(("samples", _as_input_list(model, samples)))
+    return [(label, [np.asarray(a) for a in arrays]) for label, arrays in sets]
+
+
 def _verify_proto(model, model_bytes, nchw, samples, atol, rtol):
     """Keras runs once per input set; onnxruntime runs the same inputs at batch 4 and, on the
     first sample alone, at batch 1 (the dynamic batch dimension), at both optimization levels."""
-    from keras_bn.fold import _as_input_list
-
     report = VerifyReport(atol=atol, rtol=rtol)
     sessions = {"disabled": _session(model_bytes, False), "enabled": _session(model_bytes, True)}
     names = [i.name for i in sessions["disabled"].get_inputs()]
     output_names = list(model.output_names)
-    input_sets = [("synthetic", synthetic_inputs(model, batch_size=4, seed=1))]
-    if samples is not None:
-        input_sets.append(("samples", _as_input_list(model, samples)))
-    for label, arrays in input_sets:
-        arrays = [np.asarray(a) for a in arrays]
+    for label, arrays in _input_sets(model, samples):
         reference = [np.asarray(r) for r in
                      tree.flatten(model(arrays[0] if len(arrays) == 1 else arrays, training=False))]
         batches = [(f"{label}, batch {len(arrays[0])}", slice(None))]
         if label == "synthetic":
             batches.insert(0, (f"{label}, batch 1", slice(0, 1)))
         for batch_label, rows in batches:
-            feed = {}
-            for name, array in zip(names, arrays):
-                array = array[rows]
-                feed[name] = np.moveaxis(array, -1, 1) if nchw and array.ndim > 2 else array
+            feed = _feed(names, [a[rows] for a in arrays], nchw)
             for level, session in sessions.items():
                 outputs = session.run(None, feed)
                 for name, ref, out in zip(output_names, reference, outputs):
@@ -337,6 +342,55 @@ def _verify_proto(model, model_bytes, nchw, samples, atol, rtol):
                         "max_abs_error": max_abs, "max_rel_error": max_rel,
                         "passed": within_tolerance(max_abs, scale, atol, rtol)})
     return report
+
+
+def _first_divergence(model, exported, arrays, optimized, opset, nchw, atol, rtol):
+    """After a failed verification: says where the outputs first leave the original model's, or
+    None. The fold first (folded Keras vs original Keras), then the conversion layer by layer: the
+    folded model with every layer's output made a model output is converted the same way and
+    compared in topological order."""
+    from keras_bn.fold import _Graph
+
+    def run(m):
+        return [np.asarray(y) for y in tree.flatten(m(arrays[0] if len(arrays) == 1 else arrays,
+                                                       training=False))]
+
+    if exported is not model:
+        for name, ref, out in zip(model.output_names, run(model), run(exported)):
+            max_abs, _, scale = compare_outputs(ref, out)
+            if not within_tolerance(max_abs, scale, atol, rtol):
+                return (f"Folding already changes output '{name}' (max abs error {max_abs:.3g}); "
+                        "see the fold report, or export with fold=False.")
+    graph = exported._functional if isinstance(exported, keras.Sequential) else exported
+    if not isinstance(graph, Functional):
+        return None
+    nodes = _Graph(graph)
+    layers, outputs = [], []
+    for node in nodes.nodes:
+        op = node.operation
+        if nodes.calls[id(op)] == 1 and len(node.output_tensors) == 1:
+            layers.append(op)
+            outputs.append(node.output_tensors[0])
+    probe = keras.Model(graph._inputs_struct, outputs)
+    proto = _convert(probe, opset, nchw)
+    session = _session(proto.SerializeToString(), optimized)
+    names = [i.name for i in session.get_inputs()]
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, _feed(names, arrays, nchw))))
+    worst = None
+    for layer, name, ref in zip(layers, probe.output_names, run(probe)):
+        if name not in got:
+            continue
+        max_abs, max_rel, scale = compare_outputs(ref, got[name])
+        if not within_tolerance(max_abs, scale, atol, rtol):
+            return (f"The first layer whose output differs is '{layer.name}' "
+                    f"({type(layer).__name__}): max abs error {max_abs:.3g}.")
+        if worst is None or max_rel > worst[1]:
+            worst = (layer, max_rel)
+    if worst is not None:
+        return (f"No single layer output is off by more than the tolerance: the error adds up; "
+                f"the largest relative error is at '{worst[0].name}' ({worst[1]:.3g}).")
+    return None
 
 
 def verify(model, onnx_path, *, samples=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL):
@@ -391,12 +445,19 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
     verification = _verify_proto(model, model_bytes, nchw_inputs, samples, atol, rtol)
     timings["verify"] = time.perf_counter() - start
     if not verification.passed:
-        worst = max(verification.rows, key=lambda r: r["max_abs_error"])
+        worst = max((r for r in verification.rows if not r["passed"]),
+                    key=lambda r: r["max_abs_error"])
+        label, batch = worst["inputs"].split(", ")
+        arrays = dict(_input_sets(model, samples))[label]
+        if batch == "batch 1":
+            arrays = [a[:1] for a in arrays]
+        where = _first_divergence(model, exported, arrays, worst["optimization"] == "enabled",
+                                  opset, nchw_inputs, atol, rtol)
         raise VerificationError(expected(
             f"onnxruntime output '{worst['output']}' differs from Keras on {worst['inputs']} "
             f"(optimizations {worst['optimization']}); nothing was written",
             f"max abs error <= {atol:g} + {rtol:g} x max|output|",
-            f"{worst['max_abs_error']:.4g}"))
+            f"{worst['max_abs_error']:.4g}", where))
     with atomic_output(path, ".onnx") as tmp:
         with open(tmp, "wb") as handle:
             handle.write(model_bytes)

@@ -225,6 +225,29 @@ def test_verify_reports_a_mismatch(tmp_path, rng):
         export.verify(model, tmp_path / "nope.onnx")
 
 
+class TraceDependent(L.Layer):
+    """Doubles its input when run eagerly (as Keras runs it in verification) and triples it in a
+    traced graph (as tf2onnx sees it): a real layer that exports wrongly."""
+
+    def call(self, x):
+        import tensorflow as tf
+        return x * (2.0 if tf.executing_eagerly() else 3.0)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_failed_verification_names_the_first_layer_that_differs(fold, tmp_path):
+    inputs = keras.Input((6,), name="features")
+    x = L.BatchNormalization(name="bn")(L.Dense(5, name="first")(inputs))
+    x = TraceDependent(name="odd")(L.ReLU(name="relu")(x))
+    model = randomize_bn(keras.Model(inputs, L.Dense(3, name="logits")(x)))
+    with pytest.raises(keras_bn.VerificationError, match=(
+            r"onnxruntime output 'logits' differs from Keras on synthetic, batch \d \(optimizations "
+            r"(en|dis)abled\); nothing was written\. .* The first layer whose output differs is "
+            r"'odd' \(TraceDependent\): max abs error")):
+        export.to_onnx(model, tmp_path / "m.onnx", fold=fold)
+    assert os.listdir(tmp_path) == []
+
+
 def test_failed_verification_writes_nothing(tmp_path):
     model = residual()
     path = tmp_path / "out.onnx"
