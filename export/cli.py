@@ -38,6 +38,31 @@ class _Step:
             _progress(f"{self.message}: done in {time.perf_counter() - self.start:.1f}s")
 
 
+class _Steps:
+    """A `progress` callback for the library: each call ends the step before it (printing its
+    duration) and starts the next; leaving the `with` block ends the last one."""
+
+    def __init__(self):
+        self.current = None
+
+    def __call__(self, message):
+        self._end()
+        self.current = _Step(message)
+        self.current.__enter__()
+
+    def _end(self):
+        if self.current is not None:
+            self.current.__exit__(None, None, None)
+            self.current = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self._end()
+
+
 def _load_samples(path):
     import numpy as np
 
@@ -153,10 +178,10 @@ def cmd_export(args):
     model = _load(args)
     _refuse_corrupt_statistics(model)
     samples = _load_samples(args.samples)
-    with _Step("folding, converting with tf2onnx and verifying with onnxruntime"):
+    with _Steps() as steps:
         report = export.to_onnx(model, args.output, fold=not args.no_fold, opset=args.opset,
                                 samples=samples, atol=args.atol, rtol=args.rtol,
-                                nchw_inputs=args.nchw)
+                                nchw_inputs=args.nchw, progress=steps)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
 
@@ -230,9 +255,14 @@ def build_parser():
 
 
 def _terminate(signum, frame):
-    # SIGTERM unwinds like Ctrl-C, so atomic writes remove their temporary files.
+    # No exception is raised into whatever TensorFlow is doing: the temporary file being written,
+    # if any, is removed and the process ends. Outputs only ever appear by os.replace, so nothing
+    # half-written is left at the destination.
+    from export.files import remove_pending
+
+    remove_pending()
     print("keras-bn: error: terminated", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
+    os._exit(128 + signum)
 
 
 def main(argv=None):

@@ -413,15 +413,18 @@ def verify(model, onnx_path, *, samples=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RT
 
 
 def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_ATOL,
-            rtol=DEFAULT_RTOL, nchw_inputs=False):
+            rtol=DEFAULT_RTOL, nchw_inputs=False, progress=None):
     """Exports `model` to ONNX at `path` and returns an `ExportReport`.
 
     Folds BatchNorms first (unless `fold=False`), converts with tf2onnx (dynamic batch
     dimension, the Keras input and output names kept; `nchw_inputs=True` makes rank >= 3 inputs
     channels-first), checks the graph with `onnx.checker.check_model(full_check=True)`, verifies it
     against the Keras model in onnxruntime, and only then writes `path` atomically. Raises
-    `KerasBNError` and writes nothing when any step fails.
+    `KerasBNError` and writes nothing when any step fails. `progress`, if given, is called with
+    the name of each step as it starts ("folding", "converting with tf2onnx", "checking the graph",
+    "verifying with onnxruntime", "writing").
     """
+    step = progress or (lambda name: None)
     if not isinstance(model, keras.Model):
         raise KerasBNError(expected("to_onnx exports Keras models", "a keras.Model",
                                     type(model).__name__))
@@ -432,15 +435,19 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
     fold_report = None
     exported = model
     if fold:
+        step("folding")
         # No separate fold verification: the ONNX graph is checked against the original model
         # below, which covers the fold and the conversion at once.
         exported, fold_report = keras_bn.fold_bn(model, verify=False)
     timings["fold"] = time.perf_counter() - start
     start = time.perf_counter()
+    step("converting with tf2onnx")
     proto = _convert(exported, opset, nchw_inputs)
     timings["convert"] = time.perf_counter() - start
+    step("checking the graph")
     _check_graph(proto, {l.name for l in exported._flatten_layers()})
     start = time.perf_counter()
+    step("verifying with onnxruntime")
     model_bytes = proto.SerializeToString()
     verification = _verify_proto(model, model_bytes, nchw_inputs, samples, atol, rtol)
     timings["verify"] = time.perf_counter() - start
@@ -458,6 +465,7 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
             f"(optimizations {worst['optimization']}); nothing was written",
             f"max abs error <= {atol:g} + {rtol:g} x max|output|",
             f"{worst['max_abs_error']:.4g}", where))
+    step("writing")
     with atomic_output(path, ".onnx") as tmp:
         with open(tmp, "wb") as handle:
             handle.write(model_bytes)

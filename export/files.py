@@ -89,6 +89,19 @@ def check_output_path(output, *, inputs=()):
     return output
 
 
+_pending = set()  # temporary files being written now
+
+
+def remove_pending():
+    """Removes the temporary files of writes in progress (for a signal handler that is about to
+    end the process)."""
+    for tmp in list(_pending):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def atomic_output(path, suffix):
     """Yields a temporary path in the destination directory; on success it is flushed, fsynced
@@ -96,6 +109,7 @@ def atomic_output(path, suffix):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".keras-bn-", suffix=suffix, dir=directory)
     os.close(fd)
+    _pending.add(tmp)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -108,5 +122,6 @@ def atomic_output(path, suffix):
         finally:
             os.close(dir_fd)
     finally:
+        _pending.discard(tmp)
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -84,6 +85,9 @@ def test_fold_export_verify_round_trip(files, tmp_path):
     report = json.loads(run.stdout)
     assert report["verification"]["passed"] and report["batchnorms_folded"] == 2
     assert report["opset"] == 13
+    steps = [l.split("] ")[1].split(":")[0] for l in run.stderr.splitlines() if "done in" in l]
+    assert steps[1:] == ["folding", "converting with tf2onnx", "checking the graph",
+                         "verifying with onnxruntime", "writing"], run.stderr
     assert "BatchNormalization" not in report["op_counts"]
     run = cli("verify", files / "model.keras", tmp_path / "model.onnx", "--samples", files / "samples.npy")
     assert run.returncode == 0 and "verification passed" in run.stdout
@@ -130,6 +134,31 @@ def test_killed_export_leaves_the_previous_output_intact(files, tmp_path, sig):
         assert "keras-bn: error: terminated" in err and "Traceback" not in err
     assert out.read_bytes() == b"previous export"
     assert os.listdir(tmp_path) == ["o.onnx"]  # no temporary file left either
+
+
+def test_terminated_mid_write_removes_the_temporary_file(tmp_path):
+    # SIGTERM while the output is being written: the half-written temporary file goes, the
+    # previous output stays.
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"previous export")
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        from export import cli
+        from export.files import atomic_output
+        signal.signal(signal.SIGTERM, cli._terminate)
+        with atomic_output(sys.argv[1], ".onnx") as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(b"half")
+            print(os.path.basename(tmp), flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+    """)
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                         env=ENV, timeout=120)
+    assert run.returncode == 143 and "keras-bn: error: terminated" in run.stderr, run.stderr
+    assert run.stdout.startswith(".keras-bn-")  # the temporary file did exist
+    assert out.read_bytes() == b"previous export"
+    assert os.listdir(tmp_path) == ["o.onnx"]
 
 
 def test_lambda_model_is_refused_and_its_code_never_runs(files):
