@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -261,13 +262,16 @@ def _terminate(signum, frame):
     from export.files import remove_pending
 
     remove_pending()
-    print("keras-bn: error: terminated", file=sys.stderr, flush=True)
+    word = "interrupted" if signum == signal.SIGINT else "terminated"
+    print(f"keras-bn: error: {word}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    signal.signal(signal.SIGTERM, _terminate)
+    if threading.current_thread() is threading.main_thread():  # signals are for the main thread
+        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, _terminate)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     parser = build_parser()
@@ -282,9 +286,6 @@ def main(argv=None):
         message = " ".join(str(error).split())
         print(f"keras-bn: error: {message}", file=sys.stderr)
         return EXIT_VERIFY_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("keras-bn: error: interrupted", file=sys.stderr)
-        return 130
     except Exception as error:  # anything else: still one line, traceback with --debug
         if debug:
             traceback.print_exc()

@@ -116,7 +116,7 @@ def test_bad_input_exits_2(files, tmp_path, args, pattern):
     assert not os.path.exists(tmp_path / "out.keras") and not os.path.exists(tmp_path / "o.onnx")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_killed_export_leaves_the_previous_output_intact(files, tmp_path, sig):
     out = tmp_path / "o.onnx"
     out.write_bytes(b"previous export")
@@ -129,9 +129,10 @@ def test_killed_export_leaves_the_previous_output_intact(files, tmp_path, sig):
     assert proc.poll() is None, "the export finished before it could be stopped"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (128 + sig if sig == signal.SIGTERM else -sig), err
-    if sig == signal.SIGTERM:
-        assert "keras-bn: error: terminated" in err and "Traceback" not in err
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), err
+    if sig != signal.SIGKILL:
+        word = "interrupted" if sig == signal.SIGINT else "terminated"
+        assert f"keras-bn: error: {word}" in err and "Traceback" not in err
     assert out.read_bytes() == b"previous export"
     assert os.listdir(tmp_path) == ["o.onnx"]  # no temporary file left either
 
