@@ -140,6 +140,24 @@ def test_graph_check_names_the_layer_tf2onnx_could_not_convert():
     assert converter._layer_of("Identity", {"dense"}) is None
 
 
+def test_reference_thread_runs_under_the_callers_device_scope():
+    import concurrent.futures
+
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    def device_seen():
+        return context.context().device_name
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with tf.device("/CPU:0"):
+            wrapped = converter._on_callers_device(device_seen)
+            plain = pool.submit(device_seen).result()  # a thread does not inherit the scope...
+            passed = pool.submit(wrapped).result()     # ...unless it is passed on
+        assert plain == "" and passed.endswith("device:CPU:0")
+        assert pool.submit(converter._on_callers_device(device_seen)).result() == ""
+
+
 def _graph_structure(proto):
     """Nodes (type, name, inputs, outputs, attributes) and initializers (name, bytes) with
     tf2onnx's process-wide name counters (`__123`) taken out."""
@@ -174,22 +192,34 @@ def test_fast_conversion_gives_tf2onnx_default_graph(name, monkeypatch, rng):
 
 
 def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(monkeypatch):
+    import tf2onnx.optimizer
+
     monkeypatch.delenv(converter._CATCH_ERRORS, raising=False)
     seen = []
 
-    def convert():  # fails the way a tf2onnx optimizer bug would, only without error handling
+    def convert():  # without error handling, a tf2onnx optimizer raises (here: on no graph)
         seen.append(os.environ.get(converter._CATCH_ERRORS))
         if os.environ[converter._CATCH_ERRORS] == "FALSE":
-            raise IndexError("optimizer failed")
+            tf2onnx.optimizer.optimize_graph(None, catch_errors=False)
         return "graph"
 
-    with pytest.warns(RuntimeWarning, match=r"tf2onnx raised IndexError: optimizer failed; converting again"):
+    with pytest.warns(RuntimeWarning, match=r"a tf2onnx optimizer raised AttributeError: .*; converting again"):
         assert converter._run_tf2onnx(convert) == "graph"
     assert seen == ["FALSE", "TRUE"] and converter._CATCH_ERRORS not in os.environ
+
+    # An error from anywhere else (tracing, conversion of an op) would come back the same: no retry.
+    def broken():
+        seen.append(os.environ.get(converter._CATCH_ERRORS))
+        raise IndexError("not an optimizer")
+
+    seen.clear()
+    with pytest.raises(IndexError):
+        converter._run_tf2onnx(broken)
+    assert seen == ["FALSE"] and converter._CATCH_ERRORS not in os.environ
     # A setting the user made is used as it is, and a failure under it is not retried.
     monkeypatch.setenv(converter._CATCH_ERRORS, "FALSE")
     seen.clear()
-    with pytest.raises(IndexError):
+    with pytest.raises(AttributeError):
         converter._run_tf2onnx(convert)
     assert seen == ["FALSE"] and os.environ[converter._CATCH_ERRORS] == "FALSE"
 
