@@ -192,3 +192,29 @@ def test_usage_errors_exit_2():
     assert run.returncode == 2 and "keras-bn: error:" in run.stderr
     run = cli("frobnicate")
     assert run.returncode == 2
+
+
+def test_demo_through_the_console_script(tmp_path):
+    # The Quickstart's main command, as installed by pip (console script `keras-bn`).
+    import shutil
+
+    exe = shutil.which("keras-bn")
+    assert exe, "the keras-bn console script is not installed: pip install -e ."
+    out = tmp_path / "demo"
+    run = subprocess.run([exe, "demo", "--out", str(out), "--json"], capture_output=True,
+                         text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["verification_passed"] and summary["batchnorms_after"] == 0
+    assert summary["batchnorms_before"] == 4
+    assert all(a > 0.95 for a in summary["accuracy"].values()), summary["accuracy"]
+    assert all(summary["identical_predictions"].values())
+    assert max(summary["max_abs_error"].values()) < 1e-4
+    assert sorted(os.listdir(out)) == ["folded.keras", "folded.onnx", "trained.keras"]
+    folded = keras.saving.load_model(out / "folded.keras")
+    assert not any(isinstance(l, (keras_bn.BatchNorm, L.BatchNormalization)) for l in folded.layers)
+    # A second run over the same directory replaces the files.
+    run = subprocess.run([exe, "demo", "--out", str(out), "--epochs", "1", "--json"],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["folded.keras", "folded.onnx", "trained.keras"]
