@@ -37,11 +37,10 @@ import tf2onnx
 from keras.src import tree
 from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.models.functional import Functional
-from tensorflow.python.eager import context as tf_context
 
 import keras_bn
 from keras_bn.errors import KerasBNError, VerificationError, expected
-from keras_bn.fold import compare_outputs, synthetic_inputs, within_tolerance
+from keras_bn.fold import compare_outputs, on_callers_device, synthetic_inputs, within_tolerance
 from export.files import atomic_output, check_output_path
 from export.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -338,18 +337,6 @@ def _references(model, input_sets):
     return [(label, arrays, _keras_outputs(model, arrays)) for label, arrays in input_sets]
 
 
-def _on_callers_device(fn):
-    """`fn` wrapped to run under the calling thread's TF device scope (`with tf.device(...)`),
-    which TF keeps per thread, when it runs on another thread."""
-    device = tf_context.context().device_name or None
-
-    def run():
-        with tf.device(device):
-            return fn()
-
-    return run
-
-
 def _verify_proto(model, model_bytes, nchw, references, atol, rtol):
     """`references` from `_references`. onnxruntime runs each input set at its batch size and,
     for the synthetic one, on its first sample alone at batch 1 (the dynamic batch dimension),
@@ -468,7 +455,7 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
     # thread while this one folds and converts (TF runs its kernels without the GIL; ResNet50:
     # 7.8 s instead of 8.6 s). TF's device scope is per thread: the caller's is passed on.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
-        pending = pool.submit(_on_callers_device(lambda: _references(model, input_sets)))
+        pending = pool.submit(on_callers_device(lambda: _references(model, input_sets)))
         start = time.perf_counter()
         fold_report = None
         exported = model

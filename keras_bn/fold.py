@@ -16,17 +16,20 @@ The math lives in `keras_bn.fold_math`; this module only walks graphs and moves 
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
 from keras.src.models.functional import Functional
 from keras.src import tree
+from tensorflow.python.eager import context as tf_context
 
 from keras_bn import fold_math
 from keras_bn.affine import ChannelAffine
@@ -420,6 +423,18 @@ def within_tolerance(max_abs, scale, atol, rtol):
     return bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)
 
 
+def on_callers_device(fn):
+    """`fn` wrapped to run under the calling thread's TF device scope (`with tf.device(...)`),
+    which TF keeps per thread, when it runs on another thread."""
+    device = tf_context.context().device_name or None
+
+    def run():
+        with tf.device(device):
+            return fn()
+
+    return run
+
+
 def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL,
             replace_leftovers=True):
     """Returns `(folded_model, report)`: a new inference model with every exactly-foldable
@@ -444,19 +459,25 @@ def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT
         raise KerasBNError(expected("fold_bn folds Keras models", "a keras.Model",
                                     type(model).__name__))
     report = FoldReport()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Keras' "layer not built" chatter
-        folded = _fold_model(model, report, "", replace_leftovers)
+    checks = []
+    if verify:  # inputs first: bad samples fail before any work
+        checks.append(("synthetic inputs (batch 4, seed 0)", synthetic_inputs(model)))
+        if samples is not None:
+            checks.append(("samples", _as_input_list(model, samples)))
+    # The original model's outputs are computed on a second thread while this one folds (TF runs
+    # its kernels without the GIL).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
+        pending = pool.submit(on_callers_device(
+            lambda: [model(x[0] if len(x) == 1 else x, training=False) for _, x in checks]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Keras' "layer not built" chatter
+            folded = _fold_model(model, report, "", replace_leftovers)
+        pending.result()  # its errors surface here
     for warning in report.warnings:
         warnings.warn(f"fold_bn: {warning}", RuntimeWarning, stacklevel=2)
     if verify:
-        checks = [("synthetic inputs (batch 4, seed 0)", synthetic_inputs(model))]
-        if samples is not None:
-            checks.append(("samples", _as_input_list(model, samples)))
-        for label, inputs in checks:
-            feed = inputs[0] if len(inputs) == 1 else inputs
-            reference = model(feed, training=False)
-            candidate = folded(feed, training=False)
+        for (label, inputs), reference in zip(checks, pending.result()):
+            candidate = folded(inputs[0] if len(inputs) == 1 else inputs, training=False)
             max_abs, max_rel, scale = compare_outputs(reference, candidate)
             report.verification.append({"inputs": label, "max_abs_error": max_abs,
                                         "max_rel_error": max_rel, "rtol": rtol, "atol": atol})

@@ -151,11 +151,11 @@ def test_reference_thread_runs_under_the_callers_device_scope():
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         with tf.device("/CPU:0"):
-            wrapped = converter._on_callers_device(device_seen)
+            wrapped = keras_bn.fold.on_callers_device(device_seen)
             plain = pool.submit(device_seen).result()  # a thread does not inherit the scope...
             passed = pool.submit(wrapped).result()     # ...unless it is passed on
         assert plain == "" and passed.endswith("device:CPU:0")
-        assert pool.submit(converter._on_callers_device(device_seen)).result() == ""
+        assert pool.submit(keras_bn.fold.on_callers_device(device_seen)).result() == ""
 
 
 def _graph_structure(proto):
