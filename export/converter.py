@@ -7,10 +7,10 @@ and only then writes the file, atomically.
 
 Conversion speed: tf2onnx deep-copies the whole graph before each of its optimizers, in every
 optimization round, so that an optimizer that raises can be skipped ("catch errors"). For ResNet50
-those copies were a quarter to a half of the conversion time here and about 2.7 GB of peak memory. `to_onnx` converts
-with them off (tf2onnx's own TF2ONNX_CATCH_ERRORS switch) and, if one of tf2onnx's optimizers
-raises, converts again with them on: when no optimizer fails the graph is the same either way, and the exported
-graph is verified against Keras in both cases.
+those copies were a quarter to a half of the conversion time here and about 2.7 GB of peak
+memory. `to_onnx` converts with them off (tf2onnx's own TF2ONNX_CATCH_ERRORS switch) and, if one
+of tf2onnx's optimizers raises, converts again with them on: when no optimizer fails the graph is
+the same either way, and the exported graph is verified against Keras in both cases.
 
 Grouped convolutions: Keras runs them on CPU through a nested `tf.function(jit_compile=True)`,
 which tf2onnx leaves as a `StatefulPartitionedCall` that onnxruntime rejects. The export trace
@@ -19,7 +19,6 @@ tf2onnx turns into an ONNX `Conv` with `group`.
 """
 
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -40,7 +39,7 @@ from keras.src.models.functional import Functional
 
 import keras_bn
 from keras_bn.errors import KerasBNError, VerificationError, expected
-from keras_bn.fold import compare_outputs, on_callers_device, synthetic_inputs, within_tolerance
+from keras_bn.fold import compare_outputs, in_background, synthetic_inputs, within_tolerance
 from export.files import atomic_output, check_output_path
 from export.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -370,11 +369,9 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, atol, rto
     compared in topological order."""
     from keras_bn.fold import _Graph
 
-    def run(m):
-        return _keras_outputs(m, arrays)
-
     if exported is not model:
-        for name, ref, out in zip(model.output_names, run(model), run(exported)):
+        for name, ref, out in zip(model.output_names, _keras_outputs(model, arrays),
+                                  _keras_outputs(exported, arrays)):
             max_abs, _, scale = compare_outputs(ref, out)
             if not within_tolerance(max_abs, scale, atol, rtol):
                 return (f"Folding already changes output '{name}' (max abs error {max_abs:.3g}); "
@@ -396,7 +393,7 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, atol, rto
     got = dict(zip([o.name for o in session.get_outputs()],
                    session.run(None, _feed(names, arrays, nchw))))
     worst = None
-    for layer, name, ref in zip(layers, probe.output_names, run(probe)):
+    for layer, name, ref in zip(layers, probe.output_names, _keras_outputs(probe, arrays)):
         if name not in got:
             continue
         max_abs, max_rel, scale = compare_outputs(ref, got[name])
@@ -452,10 +449,8 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
     input_sets = _input_sets(model, samples)  # bad samples fail here, before any conversion
     timings = {}
     # Keras's reference outputs depend only on the original model: they are computed on a second
-    # thread while this one folds and converts (TF runs its kernels without the GIL; ResNet50:
-    # 7.8 s instead of 8.6 s). TF's device scope is per thread: the caller's is passed on.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
-        pending = pool.submit(on_callers_device(lambda: _references(model, input_sets)))
+    # thread while this one folds and converts (ResNet50: 7.8 s instead of 8.6 s).
+    with in_background(lambda: _references(model, input_sets)) as pending:
         start = time.perf_counter()
         fold_report = None
         exported = model

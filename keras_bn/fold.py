@@ -17,6 +17,7 @@ The math lives in `keras_bn.fold_math`; this module only walks graphs and moves 
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import warnings
 
@@ -423,6 +424,15 @@ def within_tolerance(max_abs, scale, atol, rtol):
     return bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)
 
 
+@contextlib.contextmanager
+def in_background(fn):
+    """Starts `fn` on a second thread, under the caller's TF device scope, and yields its future;
+    leaving the block waits for it. For Keras reference outputs computed while the calling
+    thread folds or converts (TF runs its kernels without the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
+        yield pool.submit(on_callers_device(fn))
+
+
 def on_callers_device(fn):
     """`fn` wrapped to run under the calling thread's TF device scope (`with tf.device(...)`),
     which TF keeps per thread, when it runs on another thread."""
@@ -466,9 +476,8 @@ def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT
             checks.append(("samples", _as_input_list(model, samples)))
     # The original model's outputs are computed on a second thread while this one folds (TF runs
     # its kernels without the GIL).
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
-        pending = pool.submit(on_callers_device(
-            lambda: [model(x[0] if len(x) == 1 else x, training=False) for _, x in checks]))
+    with in_background(lambda: [model(x[0] if len(x) == 1 else x, training=False)
+                                for _, x in checks]) as pending:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Keras' "layer not built" chatter
             folded = _fold_model(model, report, "", replace_leftovers)
