@@ -39,7 +39,8 @@ from keras.src.models.functional import Functional
 
 import keras_bn
 from keras_bn.errors import KerasBNError, VerificationError, expected
-from keras_bn.fold import compare_outputs, in_background, synthetic_inputs, within_tolerance
+from keras_bn.fold import (compare_outputs, in_background, run_inference, synthetic_inputs,
+                           within_tolerance)
 from export.files import atomic_output, check_output_path
 from export.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
@@ -153,7 +154,7 @@ def _inference_fn(model):
     """A function of the model inputs (a list) computing the model in inference mode, with
     grouped convolutions lowered where there are any."""
     if not _has_grouped_conv(model):
-        return lambda inputs: model(inputs[0] if len(inputs) == 1 else inputs, training=False)
+        return lambda inputs: run_inference(model, inputs)
 
     def operation_fn(op):
         if isinstance(op, BaseConv) and op.groups > 1:
@@ -327,8 +328,7 @@ def _input_sets(model, samples):
 
 
 def _keras_outputs(model, arrays):
-    return [np.asarray(y) for y in
-            tree.flatten(model(arrays[0] if len(arrays) == 1 else arrays, training=False))]
+    return [np.asarray(y) for y in tree.flatten(run_inference(model, arrays))]
 
 
 def _references(model, input_sets):

@@ -424,6 +424,11 @@ def within_tolerance(max_abs, scale, atol, rtol):
     return bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)
 
 
+def run_inference(model, inputs):
+    """`model` in inference mode on `inputs`, a list of arrays (one per model input)."""
+    return model(inputs[0] if len(inputs) == 1 else inputs, training=False)
+
+
 @contextlib.contextmanager
 def in_background(fn):
     """Starts `fn` on a second thread, under the caller's TF device scope, and yields its future;
@@ -476,17 +481,15 @@ def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT
             checks.append(("samples", _as_input_list(model, samples)))
     # The original model's outputs are computed on a second thread while this one folds (TF runs
     # its kernels without the GIL).
-    with in_background(lambda: [model(x[0] if len(x) == 1 else x, training=False)
-                                for _, x in checks]) as pending:
+    with in_background(lambda: [run_inference(model, x) for _, x in checks]) as pending:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Keras' "layer not built" chatter
             folded = _fold_model(model, report, "", replace_leftovers)
-        pending.result()  # its errors surface here
     for warning in report.warnings:
         warnings.warn(f"fold_bn: {warning}", RuntimeWarning, stacklevel=2)
     if verify:
         for (label, inputs), reference in zip(checks, pending.result()):
-            candidate = folded(inputs[0] if len(inputs) == 1 else inputs, training=False)
+            candidate = run_inference(folded, inputs)
             max_abs, max_rel, scale = compare_outputs(reference, candidate)
             report.verification.append({"inputs": label, "max_abs_error": max_abs,
                                         "max_rel_error": max_rel, "rtol": rtol, "atol": atol})
