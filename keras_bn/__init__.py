@@ -2,6 +2,7 @@
 
 from keras_bn.conventions import keras_momentum_to_torch, torch_momentum_to_keras
 from keras_bn.affine import ChannelAffine
+from keras_bn.callbacks import SkippedUpdatesWarning
 from keras_bn.errors import KerasBNError, VerificationError
 from keras_bn.fold import FoldReport, fold_bn
 from keras_bn.layer import BatchNorm
@@ -14,6 +15,7 @@ __all__ = [
     "FoldReport",
     "fold_bn",
     "KerasBNError",
+    "SkippedUpdatesWarning",
     "VerificationError",
     "keras_momentum_to_torch",
     "torch_momentum_to_keras",

@@ -1,7 +1,6 @@
 """`keras_bn.BatchNorm`: a Keras 3 BatchNorm layer with explicit, convertible conventions."""
 
 import math
-import sys
 import warnings
 
 import keras
@@ -29,8 +28,18 @@ def _batch_of_one_message(shape):
     return (
         "Expected more than 1 value per channel when training, got input shape "
         f"{shape}. Train with a batch of at least 2 samples (or inputs with spatial dimensions), "
-        "or call the layer with training=False for inference."
+        "drop a last partial batch of one (`drop_remainder=True`), or call the layer with "
+        "training=False for inference."
     )
+
+
+class _Counter:
+    """Holds the skipped-update counter out of sight of Keras's variable tracking: it is
+    bookkeeping, not a weight, so `get_weights()`/`set_weights()` keep interchanging with
+    `keras.layers.BatchNormalization` and `.keras` files keep their four variables."""
+
+    def __init__(self, variable):
+        self.variable = variable
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -69,9 +78,17 @@ class BatchNorm(keras.layers.Layer):
     `BatchNorm.from_torch(momentum=0.1, eps=1e-5, affine=True)` builds a layer with PyTorch's
     semantics.
 
-    A batch whose statistics contain NaN or Inf does not update the moving statistics: the update
-    is skipped and a warning is emitted (a Python warning in eager mode, a line on stderr inside
-    `tf.function`/`model.fit`). Training with one value per channel raises an error, as PyTorch does.
+    A batch whose statistics contain NaN or Inf does not update the moving statistics. The skip is
+    counted in `skipped_updates`; in eager mode it also emits a `RuntimeWarning` at once. Inside a
+    compiled training step (`tf.function`, `model.fit`, XLA) nothing is printed, since XLA rejects
+    host ops: add the `keras_bn.SkippedUpdatesWarning()` callback to be warned after each epoch.
+
+    Training with one value per channel raises an error, as PyTorch does: a `KerasBNError` when
+    the shape is known, an `InvalidArgumentError` at run time inside `tf.function`. Under XLA
+    (`jit_compile=True`, Keras's default on GPU) TF cannot raise from inside the step, so that
+    batch's outputs are NaN (the loss turns NaN) and the moving statistics are not updated; it is
+    never a silently wrong finite answer. An empty batch returns an empty output and leaves the
+    moving statistics alone, as in Keras and PyTorch.
 
     Fast path: channels-last inputs (any rank; rank 2/3 are viewed as 4-D), in training and in
     inference, use `FusedBatchNormV3` when `epsilon >= 1.001e-5`, no mask is given and `synchronized=False`.
@@ -102,8 +119,19 @@ class BatchNorm(keras.layers.Layer):
         inputs: Tensor of any rank >= 2.
         training: Python boolean. With `trainable=False` the layer always runs in inference mode,
             the Keras fine-tuning convention.
-        mask: Optional boolean tensor of rank `rank(inputs) - 1` (no channel axis). Masked-out
-            entries are left out of the batch statistics; the output is computed for all entries.
+        mask: Optional boolean tensor of rank `rank(inputs) - 1`, Keras's mask, which lacks the
+            LAST axis (whatever `axis` is): it is broadcast over the last axis, as in
+            `keras.layers.BatchNormalization`. Masked-out entries are left out of the batch
+            statistics; the output is computed for all entries.
+
+    Dtypes: statistics are computed in float32 for float16, bfloat16 and float32 inputs, in
+    float64 for float64 layers; weights have the policy's variable dtype (float32 under
+    `mixed_float16`/`mixed_bfloat16`) and outputs its compute dtype.
+
+    Attributes:
+        skipped_updates: Number of training batches that did not update the moving statistics
+            (non-finite statistics, or one value per channel under XLA). Not a weight: it is
+            not saved.
 
     Reference:
         Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
@@ -173,6 +201,7 @@ class BatchNorm(keras.layers.Layer):
         self.moving_mean = None
         self.moving_variance = None
         self.num_batches_tracked = None
+        self._skipped = None
 
     @classmethod
     def from_torch(cls, momentum=TORCH_MOMENTUM, eps=TORCH_EPSILON, affine=True, **kwargs):
@@ -244,6 +273,9 @@ class BatchNorm(keras.layers.Layer):
                 shape=(), name="num_batches_tracked", initializer="zeros", dtype="int64",
                 trainable=False, autocast=False, aggregation="only_first_replica",
             )
+        self._skipped = _Counter(keras.Variable(
+            keras.initializers.Zeros(), shape=(), dtype="int64", trainable=False,
+            name="skipped_updates", aggregation="only_first_replica"))
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={self._axis: channels})
         self._reduction_axes = [i for i in range(rank) if i != self._axis]
 
@@ -258,6 +290,11 @@ class BatchNorm(keras.layers.Layer):
         shape[self._axis] = -1
         return shape
 
+    @property
+    def skipped_updates(self):
+        """Training batches that did not update the moving statistics (see the class docstring)."""
+        return 0 if self._skipped is None else int(self._skipped.variable.numpy())
+
     def _values_per_channel(self, inputs):
         """Static count if every reduced dimension is known, else a scalar tensor."""
         static = [inputs.shape[i] for i in self._reduction_axes]
@@ -266,29 +303,38 @@ class BatchNorm(keras.layers.Layer):
         shape = tf.shape(inputs)
         return tf.reduce_prod(tf.gather(shape, self._reduction_axes))
 
-    def _check_more_than_one_value(self, inputs):
-        count = self._values_per_channel(inputs)
+    def _check_one_value(self, inputs, count):
+        """Refuses one value per channel: at once when the shape is known, else with a run-time
+        check (which XLA drops; the NaN scale in `call` covers that case)."""
         message = _batch_of_one_message(tuple(inputs.shape))
         if isinstance(count, int):
-            if count <= 1:
+            if count == 1:
                 raise KerasBNError(message)
-            return []
-        return [tf.debugging.assert_greater(count, 1, message=message)]
+            return inputs
+        # != 1, not > 1: an empty batch (a replica's share of a partial last batch) is allowed.
+        check = tf.debugging.assert_none_equal(count, tf.constant(1, count.dtype), message=message)
+        with tf.control_dependencies([check]):
+            return tf.identity(inputs)
 
     def _pivot(self, x):
         """One sample of each channel, shape broadcastable to `x`, without gradient.
 
         Statistics are computed on `x - pivot`: shifting by a value near the data keeps the mean
         and variance exact in float32 when the mean is large and the spread small (mean 1e4,
-        std 0.01). Both E[x^2] - E[x]^2 and a plain two-pass mean lose digits there.
+        std 0.01). Both E[x^2] - E[x]^2 and a plain two-pass mean lose digits there. An empty
+        batch has no sample: the pivot is 0 then.
         """
-        rank = len(x.shape)
-        size = [1] * rank
-        size[self._axis] = -1
-        return tf.stop_gradient(tf.slice(x, [0] * rank, size))
+        first = tuple(slice(None) if i == self._axis else slice(0, 1) for i in range(len(x.shape)))
+        # A sum over at most one value: the sample itself, or 0 for an empty batch.
+        pivot = tf.reduce_sum(x[first], axis=self._reduction_axes, keepdims=True)
+        return tf.stop_gradient(pivot)
+
+    def _mask_weights(self, x, mask):
+        """Keras's mask lacks the last axis: broadcast it over that axis, as Keras does."""
+        return tf.broadcast_to(tf.expand_dims(tf.cast(mask, x.dtype), -1), tf.shape(x))
 
     def _batch_moments(self, x, mask):
-        """Statistics of a float32 batch.
+        """Statistics of a batch in the math dtype.
 
         Returns `(centered, mean, variance, count)`: `centered = x - mean` computed without
         cancellation, the batch mean and biased variance per channel, and the number of values
@@ -296,9 +342,7 @@ class BatchNorm(keras.layers.Layer):
         """
         axes = self._reduction_axes
         shape = self._broadcast_shape(len(x.shape))
-        weights = None
-        if mask is not None:
-            weights = tf.expand_dims(tf.cast(mask, x.dtype), self._axis) + tf.zeros_like(x)
+        weights = None if mask is None else self._mask_weights(x, mask)
         ctx = tf.distribute.get_replica_context()
         synchronized = self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
         # A masked-out first sample may hold padding far from the data: no shift then.
@@ -321,7 +365,7 @@ class BatchNorm(keras.layers.Layer):
                 ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq), count)
         elif weights is None:
             shifted_mean, variance = tf.nn.moments(shifted, axes)
-            count = tf.cast(self._values_per_channel(x), tf.float32)
+            count = tf.cast(self._values_per_channel(x), x.dtype)
             centered = shifted - tf.reshape(shifted_mean, shape)
         else:
             shifted_mean, variance = tf.nn.weighted_moments(shifted, axes, weights)
@@ -331,46 +375,45 @@ class BatchNorm(keras.layers.Layer):
         return centered, mean, variance, count
 
     def _update_moving(self, mean, variance, count):
-        """Moving-statistics update; skipped (with a warning) when the batch had NaN/Inf."""
+        """Moving-statistics update; skipped (and counted) when the batch had NaN/Inf statistics
+        or fewer than two values per channel. No host op: this runs inside XLA-compiled steps."""
+        dtype = mean.dtype
         mean = tf.stop_gradient(mean)
         variance = tf.stop_gradient(variance)
+        count = tf.cast(count, dtype)
         if self.unbiased_variance:
-            count = tf.cast(count, tf.float32)
             variance = variance * tf.math.divide_no_nan(count, count - 1.0)
         finite = tf.logical_and(
             tf.reduce_all(tf.math.is_finite(mean)), tf.reduce_all(tf.math.is_finite(variance))
         )
+        enough = tf.reduce_all(count > 1.0)
         if self.momentum is None:
-            k = tf.cast(self.num_batches_tracked + 1, tf.float32)
+            k = tf.cast(self.num_batches_tracked + 1, dtype)
             weight_new = 1.0 / k
         else:
-            weight_new = 1.0 - self.momentum
+            weight_new = tf.constant(1.0 - self.momentum, dtype)
         # momentum * old + (1 - momentum) * new, not old + (new - old) * w: with a tiny batch
         # variance and momentum 0, the latter would round the result to the old value's ulp.
-        new_mean = self.moving_mean * (1.0 - weight_new) + mean * weight_new
-        new_variance = self.moving_variance * (1.0 - weight_new) + variance * weight_new
+        old_mean = tf.cast(self.moving_mean, dtype)
+        old_variance = tf.cast(self.moving_variance, dtype)
+        new_mean = old_mean * (1.0 - weight_new) + mean * weight_new
+        new_variance = old_variance * (1.0 - weight_new) + variance * weight_new
         # tf.where, not a Python branch: the same graph serves eager, tf.function and model.fit.
-        self.moving_mean.assign(tf.where(finite, new_mean, self.moving_mean))
-        self.moving_variance.assign(tf.where(finite, new_variance, self.moving_variance))
+        update = tf.logical_and(finite, enough)
+        self.moving_mean.assign(tf.cast(tf.where(update, new_mean, old_mean),
+                                        self.moving_mean.dtype))
+        self.moving_variance.assign(tf.cast(tf.where(update, new_variance, old_variance),
+                                            self.moving_variance.dtype))
         if self.momentum is None:
-            self.num_batches_tracked.assign_add(tf.cast(finite, tf.int64))
-        self._warn_if_not_finite(finite)
-
-    def _warn_if_not_finite(self, finite):
-        message = (
-            f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
-            "the moving statistics were not updated for this batch."
-        )
-        if tf.executing_eagerly():
-            if not bool(finite):
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-            return
-
-        def _print():
-            tf.print("WARNING:", message, output_stream=sys.stderr)
-            return tf.constant(True)
-
-        tf.cond(finite, lambda: tf.constant(True), _print)
+            self.num_batches_tracked.assign_add(tf.cast(update, tf.int64))
+        # An empty batch is no skip: there was nothing to learn from.
+        skipped = tf.logical_and(tf.logical_not(update), tf.reduce_any(count > 0.0))
+        self._skipped.variable.assign_add(tf.cast(skipped, tf.int64))
+        if tf.executing_eagerly() and not bool(finite):
+            warnings.warn(
+                f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
+                "the moving statistics were not updated for this batch.",
+                RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------------------------------
     # Call
@@ -387,26 +430,33 @@ class BatchNorm(keras.layers.Layer):
             and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
         )
 
-    def _gamma_beta(self, channels):
-        gamma = self.gamma if self.scale else tf.ones((channels,), tf.float32)
-        beta = self.beta if self.center else tf.zeros((channels,), tf.float32)
-        return tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta)
+    def _gamma_beta(self, channels, dtype):
+        gamma = tf.cast(self.gamma, dtype) if self.scale else tf.ones((channels,), dtype)
+        beta = tf.cast(self.beta, dtype) if self.center else tf.zeros((channels,), dtype)
+        return gamma, beta
 
     def call(self, inputs, training=None, mask=None):
+        inputs = tf.convert_to_tensor(inputs)
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise KerasBNError(
                 expected("The mask must have one dimension less than the inputs",
                          f"mask rank {len(inputs.shape) - 1}",
                          f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}")
             )
-        inputs = tf.convert_to_tensor(inputs)
+        # BatchNorm overflows in float16: statistics and the affine map run in float32, or in
+        # float64 for float64 inputs.
+        math_dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
         channels = inputs.shape[self._axis]
-        gamma, beta = self._gamma_beta(channels)
+        gamma, beta = self._gamma_beta(channels, math_dtype)
         if training and self.trainable:
-            checks = self._check_more_than_one_value(inputs)
-            if checks:
-                with tf.control_dependencies(checks):
-                    inputs = tf.identity(inputs)
+            count = self._values_per_channel(inputs)
+            if isinstance(count, int) and count == 0:  # statically empty: nothing to normalize or learn from
+                return tf.cast(inputs, self.compute_dtype)
+            inputs = self._check_one_value(inputs, count)
+            if not isinstance(count, int):
+                # Under XLA the run-time check above is dropped: a NaN scale makes the outputs
+                # (and the loss) NaN instead of a silently wrong beta.
+                gamma = tf.where(tf.equal(count, 1), tf.constant(float("nan"), math_dtype), gamma)
             if not self._use_fused(inputs, mask):
                 outputs, mean, variance, count = self._generic_train(inputs, mask, gamma, beta)
             else:
@@ -422,25 +472,26 @@ class BatchNorm(keras.layers.Layer):
                 )
             self._update_moving(mean, variance, count)
             return outputs
-        else:
-            mean = tf.convert_to_tensor(self.moving_mean)
-            variance = tf.convert_to_tensor(self.moving_variance)
-            if self._use_fused(inputs, mask):
-                # One pass over the data instead of a multiply and an add.
-                x = self._as_4d(inputs)
-                outputs = self._fused(x, gamma, beta, mean, variance, training=False)[0]
-                return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
-            x = tf.cast(inputs, tf.float32)
-        # y = x * s + t: one multiply-add per element; s and t are per-channel vectors.
-        inv = gamma * tf.math.rsqrt(variance + self.epsilon)
+        mean = tf.cast(self.moving_mean, math_dtype)
+        variance = tf.cast(self.moving_variance, math_dtype)
+        if self._use_fused(inputs, mask):
+            # One pass over the data instead of a subtract, a multiply and an add.
+            x = self._as_4d(inputs)
+            outputs = self._fused(x, gamma, beta, mean, variance, training=False)[0]
+            return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
+        # (x - mean) * inv + beta, not x * inv + (beta - mean * inv): with a large mean and a
+        # small variance the latter cancels two large numbers (error 0.06 on outputs of 2.4 at
+        # mean 1e4, variance 1e-4, epsilon 1e-6).
+        inv = gamma * tf.math.rsqrt(variance + tf.cast(self.epsilon, math_dtype))
         shape = self._broadcast_shape(len(inputs.shape))
-        outputs = x * tf.reshape(inv, shape) + tf.reshape(beta - mean * inv, shape)
+        x = tf.cast(inputs, math_dtype)
+        outputs = (x - tf.reshape(mean, shape)) * tf.reshape(inv, shape) + tf.reshape(beta, shape)
         return tf.cast(outputs, self.compute_dtype)
 
     def _generic_train(self, inputs, mask, gamma, beta):
-        x = tf.cast(inputs, tf.float32)
+        x = tf.cast(inputs, gamma.dtype)
         centered, mean, variance, count = self._batch_moments(x, mask)
-        inv = gamma * tf.math.rsqrt(variance + self.epsilon)
+        inv = gamma * tf.math.rsqrt(variance + tf.cast(self.epsilon, x.dtype))
         shape = self._broadcast_shape(len(inputs.shape))
         outputs = centered * tf.reshape(inv, shape) + tf.reshape(beta, shape)
         return tf.cast(outputs, self.compute_dtype), mean, variance, count

@@ -40,8 +40,10 @@ def run_layer_contract(make_layer, input_shape, rng):
     assert y_infer.shape == x.shape and np.all(np.isfinite(y_infer))
 
     # 4. a training step through model.fit: trainable weights and moving statistics move.
+    #    With jit_compile=True, as Keras does by default on every GPU: XLA (on CPU here too)
+    #    rejects host ops such as PrintV2 in the step.
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)
     before = [np.array(w) for w in layer.weights]
     model.fit(x, rng.normal(size=input_shape).astype("float32"), batch_size=input_shape[0],
               epochs=1, verbose=0)
@@ -51,6 +53,7 @@ def run_layer_contract(make_layer, input_shape, rng):
             assert a == b + 1
         else:
             assert not np.allclose(a, b), f"{w.name} did not change in a training step"
+    assert layer.skipped_updates == 0
 
     # 5. mixed precision: float16 compute, float32 statistics.
     mp_layer = make_layer()
@@ -484,3 +487,155 @@ def test_synchronized_matches_single_global_batch():
     np.testing.assert_allclose(sync["out"], plain["out"], rtol=1e-4, atol=1e-5)
     # Negative case: without synchronization each replica normalizes with its own half.
     assert not np.allclose(local["out"], plain["out"], atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where users run it: XLA-compiled fit, every dtype, masks on any axis, empty batches.
+
+def _fit_twin(make_norm, x, y, jit_compile):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(x.shape[1:])
+    h = keras.layers.Conv2D(4, 3)(inputs)
+    h = make_norm()(h)
+    outputs = keras.layers.Dense(5)(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=jit_compile)
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    return model, history.history["loss"]
+
+
+def test_fit_with_xla_matches_keras(rng):
+    x = rng.normal(2.0, 3.0, size=(64, 6, 6, 3)).astype("float32")
+    y = rng.normal(size=(64, 5)).astype("float32")
+    ours, loss_ours = _fit_twin(lambda: BatchNorm(momentum=0.9), x, y, jit_compile=True)
+    theirs, loss_theirs = _fit_twin(lambda: keras.layers.BatchNormalization(momentum=0.9), x, y,
+                                    jit_compile=True)
+    np.testing.assert_allclose(loss_ours, loss_theirs, rtol=1e-5)
+    for a, b in zip(ours.layers[2].weights, theirs.layers[2].weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
+    # The moving statistics really moved: 8 updates at momentum 0.9 from (0, 1).
+    assert np.all(np.abs(ours.layers[2].moving_mean.numpy()) > 0.05)
+
+
+def test_nan_batch_under_xla_is_counted_and_reported_by_the_callback(rng):
+    inputs = keras.Input((3,))
+    bn = BatchNorm(momentum=0.5)
+    model = keras.Model(inputs, bn(inputs))
+    model.compile("sgd", "mse", jit_compile=True)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    model.fit(x[:4], x[:4], batch_size=4, epochs=1, verbose=0)
+    mean = bn.moving_mean.numpy().copy()
+    bad = x.copy()
+    bad[0, 0] = np.nan  # first batch of 4 has a NaN, the second is clean
+    with pytest.warns(RuntimeWarning, match=r"epoch 1: keras_bn\.BatchNorm skipped .*"
+                                            r"\('batch_norm(_\d+)?' 1\)"):
+        model.fit(bad, bad, batch_size=4, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[keras_bn.SkippedUpdatesWarning()])
+    assert bn.skipped_updates == 1
+    # Only the clean batch updated: momentum 0.5 from `mean` toward its batch mean.
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * mean + 0.5 * x[4:].mean(0),
+                               rtol=1e-5)
+    # Negative case: a clean epoch warns nothing.
+    import warnings as _warnings
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        model.fit(x, x, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[keras_bn.SkippedUpdatesWarning()])
+    assert bn.skipped_updates == 1
+
+
+def test_batch_of_one_under_xla_is_nan_not_a_silent_answer(rng):
+    # XLA drops the run-time check (it cannot raise from inside the step): the batch's outputs
+    # are NaN instead of a finite beta, and the moving statistics are left alone.
+    bn = BatchNorm(momentum=0.5)
+    bn.build((None, 3))
+    step = tf.function(lambda x: bn(x, training=True), jit_compile=True,
+                       input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    y = step(tf.constant([[1.0, 2.0, 3.0]]))
+    assert np.all(np.isnan(y.numpy()))
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(3))
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(3))
+    assert bn.skipped_updates == 1
+    # Two samples: a normal step, finite outputs (x - mean) / sqrt(var + eps) = -+1 / sqrt(1.001).
+    y = step(tf.constant([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]))
+    np.testing.assert_allclose(y.numpy()[:, 0], [-1 / np.sqrt(1.001), 1 / np.sqrt(1.001)],
+                               rtol=1e-6)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [1.0, 1.5, 2.0], rtol=1e-6)
+    # Through model.fit with XLA: a last partial batch of one makes the loss NaN.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(BatchNorm()(inputs)))
+    model.compile("sgd", "mse", jit_compile=True)
+    history = model.fit(np.ones((5, 3), np.float32), np.ones((5, 2), np.float32), batch_size=4,
+                        epochs=1, verbose=0)
+    assert np.isnan(history.history["loss"][-1])
+
+
+@pytest.mark.parametrize("axis,shape", [(1, (5, 2, 3)), (1, (4, 3, 5, 2)), (-2, (5, 4, 3))])
+def test_mask_on_any_axis_matches_keras(axis, shape, rng):
+    # Keras's mask lacks the LAST axis whatever the channel axis is.
+    x = rng.normal(2.0, 1.5, size=shape).astype("float32")
+    mask = rng.random(shape[:-1]) > 0.3
+    ours = BatchNorm(axis=axis, momentum=0.5)
+    theirs = keras.layers.BatchNormalization(axis=axis, momentum=0.5)
+    np.testing.assert_allclose(ours(x, training=True, mask=mask),
+                               theirs(x, training=True, mask=mask), rtol=1e-4, atol=1e-4)
+    # NumPy: the mask broadcast over the last axis selects the values of each channel.
+    weights = np.broadcast_to(mask[..., None], shape)
+    channel = axis % len(shape)
+    xs, ws = np.moveaxis(x, channel, -1), np.moveaxis(weights, channel, -1)
+    expected = [xs[..., c][ws[..., c]].mean() for c in range(shape[channel])]
+    np.testing.assert_allclose(ours.moving_mean.numpy(), 0.5 * np.array(expected), rtol=1e-5)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), theirs.moving_mean.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("shape", [(8, 3), (6, 4, 4, 3)])
+def test_pure_dtype_layers_match_keras_and_numpy(dtype, shape, rng):
+    x = rng.normal(2.0, 1.5, size=shape).astype(dtype)
+    ours = BatchNorm(dtype=dtype, momentum=0.5)
+    theirs = keras.layers.BatchNormalization(dtype=dtype, momentum=0.5)
+    y = ours(x, training=True)
+    assert y.dtype == dtype and ours.moving_mean.dtype == dtype
+    flat = x.astype(np.float64).reshape(-1, 3)
+    expected = ((flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-3)).reshape(shape)
+    tol = 1e-9 if dtype == "float64" else 2e-3
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(y, np.float64),
+                               np.asarray(theirs(x, training=True), np.float64),
+                               rtol=max(tol, 1e-9), atol=max(tol, 1e-9))
+    np.testing.assert_allclose(ours.moving_variance.numpy().astype(np.float64),
+                               0.5 + 0.5 * flat.var(0), rtol=tol)
+    y_inf = ours(x, training=False)
+    assert y_inf.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y_inf, np.float64),
+                               np.asarray(theirs(x, training=False), np.float64),
+                               rtol=max(tol, 1e-9), atol=max(tol, 1e-9))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 4, 4, 3)])
+def test_empty_batch_returns_empty_and_leaves_statistics(shape):
+    bn = BatchNorm(momentum=None)
+    bn.build((None, *shape[1:]))
+    y = bn(np.zeros(shape, np.float32), training=True)
+    assert tuple(y.shape) == shape
+    step = tf.function(lambda x: bn(x, training=True),
+                       input_signature=[tf.TensorSpec((None, *shape[1:]), tf.float32)])
+    assert tuple(step(tf.zeros(shape)).shape) == shape
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(3))
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(3))
+    assert int(bn.num_batches_tracked.numpy()) == 0 and bn.skipped_updates == 0
+
+
+@pytest.mark.parametrize("kwargs,shape", [({"epsilon": 1e-6}, (6, 3)),
+                                          ({"axis": 1, "epsilon": 1e-6}, (6, 3, 2, 2)),
+                                          ({}, (6, 2, 2, 3))])
+def test_inference_with_large_mean_small_variance_is_exact(kwargs, shape, rng):
+    # mean 1e4, variance 1e-4: x*inv + (beta - mean*inv) cancels two numbers of ~1e6 in float32
+    # (error 0.057 on outputs of ~2.4); (x - mean)*inv + beta keeps the digits.
+    bn = BatchNorm(moving_mean_initializer=keras.initializers.Constant(1e4),
+                   moving_variance_initializer=keras.initializers.Constant(1e-4), **kwargs)
+    x = (1e4 + 0.024 * rng.standard_normal(shape)).astype("float32")
+    y = np.asarray(bn(x, training=False), np.float64)
+    expected = (x.astype(np.float64) - 1e4) / np.sqrt(1e-4 + bn.epsilon)
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(y, expected, atol=1e-5)
