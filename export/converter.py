@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import threading
 import time
 import traceback
 import warnings
@@ -39,10 +40,10 @@ from keras.src.models.functional import Functional
 
 import keras_bn
 from keras_bn.errors import KerasBNError, VerificationError, expected
-from keras_bn.fold import (compare_outputs, in_background, run_inference, synthetic_inputs,
-                           within_tolerance)
+from keras_bn.verification import (check_samples, compare, compute_dtype, in_background,
+                                   output_names, run_inference, synthetic_inputs,
+                                   tolerance_for)
 from export.files import atomic_output, check_output_path
-from export.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
 NCHW_KEY = "keras_bn.nchw_inputs"
 
@@ -56,8 +57,8 @@ class VerifyReport:
     """Keras (inference mode) vs onnxruntime, per output, input set and optimization level."""
 
     rows: list = dataclasses.field(default_factory=list)
-    atol: float = DEFAULT_ATOL
-    rtol: float = DEFAULT_RTOL
+    atol: float = None
+    rtol: float = None
 
     @property
     def passed(self):
@@ -79,7 +80,7 @@ class VerifyReport:
                          f"{r['max_abs_error']:>12.3g} {r['max_rel_error']:>12.3g}  "
                          f"{'yes' if r['passed'] else 'NO'}")
         lines.append(f"verification {'passed' if self.passed else 'FAILED'} "
-                     f"(atol={self.atol:g}, rtol={self.rtol:g} x max|keras output|)")
+                     f"(atol={self.atol:g}, rtol={self.rtol:g} x max|that keras output|)")
         return "\n".join(lines)
 
 
@@ -176,19 +177,33 @@ def _inference_fn(model):
 
 
 _CATCH_ERRORS = tf2onnx.constants.ENV_TF2ONNX_CATCH_ERRORS  # "TF2ONNX_CATCH_ERRORS"
+# tf2onnx 1.17 (convert.py) reads its switch as
+#     if ENV_TF2ONNX_CATCH_ERRORS in os.environ:
+#         catch_errors = ENV_TF2ONNX_CATCH_ERRORS.upper() == "TRUE"
+# which upper-cases the variable's NAME: whatever the value, a set variable turns the per-optimizer
+# copies off, and only an unset one leaves tf2onnx's default (copies on).
+_COPIES_OFF = "FALSE"
+# os.environ is process-wide: two conversions on two threads must not see each other's setting.
+_environ_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _environ(name, value):
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
+def _catch_errors_variable(value):
+    """Sets (value is a string) or unsets (value is None) TF2ONNX_CATCH_ERRORS for the block,
+    under a lock, and restores what was there."""
+    with _environ_lock:
+        previous = os.environ.get(_CATCH_ERRORS)
+        if value is None:
+            os.environ.pop(_CATCH_ERRORS, None)
         else:
-            os.environ[name] = previous
+            os.environ[_CATCH_ERRORS] = value
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(_CATCH_ERRORS, None)
+            else:
+                os.environ[_CATCH_ERRORS] = previous
 
 
 def _raised_in_tf2onnx_optimizer(error):
@@ -198,13 +213,14 @@ def _raised_in_tf2onnx_optimizer(error):
 
 def _run_tf2onnx(convert):
     """Calls `convert()` (a tf2onnx conversion) with tf2onnx's per-optimizer graph copies off. If
-    one of tf2onnx's optimizers raises, warns and calls it again with them on (tf2onnx then skips
-    that optimizer); any other error is raised at once, since it would come back the same. A
-    TF2ONNX_CATCH_ERRORS the user set is left alone and used as set."""
+    one of tf2onnx's optimizers raises, warns and calls it again with the variable unset, which
+    is tf2onnx's default: copies on, and an optimizer that raises is skipped. Any other error is
+    raised at once, since it would come back the same. A TF2ONNX_CATCH_ERRORS the user set is left
+    alone (tf2onnx then turns the copies off, whatever its value)."""
     if _CATCH_ERRORS in os.environ:
         return convert()
     try:
-        with _environ(_CATCH_ERRORS, "FALSE"):
+        with _catch_errors_variable(_COPIES_OFF):
             return convert()
     except Exception as error:
         if not _raised_in_tf2onnx_optimizer(error):
@@ -212,7 +228,7 @@ def _run_tf2onnx(convert):
         warnings.warn(f"a tf2onnx optimizer raised {type(error).__name__}: {str(error)[:200]}; "
                       "converting again with tf2onnx's optimizer error handling on (slower)",
                       RuntimeWarning, stacklevel=3)
-    with _environ(_CATCH_ERRORS, "TRUE"):
+    with _catch_errors_variable(None):
         return convert()
 
 
@@ -235,26 +251,34 @@ def check_opset(opset):
     return int(opset)
 
 
-def _convert(model, opset, nchw_inputs):
+def _convert(model, opset, nchw_inputs, tf2onnx_default=False):
+    """The ONNX proto of `model` in inference mode. `tf2onnx_default=True` converts with
+    tf2onnx's own default (per-optimizer copies on) instead of `_run_tf2onnx`'s fast path."""
     inputs = tree.flatten(model.inputs)
     names = [x.name for x in inputs]
     signature = [tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name)
                  for x, name in zip(inputs, names)]
-    output_names = list(model.output_names)
+    names_out = output_names(model)
     forward = _inference_fn(model)
 
     @tf.function(input_signature=signature, autograph=False)
     def serve(*args):
         outputs = tree.flatten(forward(list(args)))
-        return {name: tf.identity(y) for name, y in zip(output_names, outputs)}
+        return {name: tf.identity(y) for name, y in zip(names_out, outputs)}
 
-    proto, _ = _run_tf2onnx(lambda: tf2onnx.convert.from_function(
-        serve, input_signature=signature, opset=opset,
-        inputs_as_nchw=names if nchw_inputs else None))
+    def convert():
+        return tf2onnx.convert.from_function(serve, input_signature=signature, opset=opset,
+                                             inputs_as_nchw=names if nchw_inputs else None)
+
+    if tf2onnx_default:
+        with _catch_errors_variable(None):
+            proto, _ = convert()
+    else:
+        proto, _ = _run_tf2onnx(convert)
     # Output order as in the Keras model (tf2onnx orders dict outputs by key).
     by_name = {o.name: o for o in proto.graph.output}
-    if set(by_name) == set(output_names):
-        ordered = [by_name[n] for n in output_names]
+    if set(by_name) == set(names_out):
+        ordered = [by_name[n] for n in names_out]
         del proto.graph.output[:]
         proto.graph.output.extend(ordered)
     entry = proto.metadata_props.add()
@@ -319,12 +343,10 @@ def _feed(names, arrays, nchw):
 
 
 def _input_sets(model, samples):
-    from keras_bn.fold import _as_input_list
-
     sets = [("synthetic", synthetic_inputs(model, batch_size=4, seed=1))]
     if samples is not None:
-        sets.append(("samples", _as_input_list(model, samples)))
-    return [(label, [np.asarray(a) for a in arrays]) for label, arrays in sets]
+        sets.append(("samples", check_samples(model, samples)))
+    return sets
 
 
 def _keras_outputs(model, arrays):
@@ -336,33 +358,33 @@ def _references(model, input_sets):
     return [(label, arrays, _keras_outputs(model, arrays)) for label, arrays in input_sets]
 
 
-def _verify_proto(model, model_bytes, nchw, references, atol, rtol):
+def _verify_proto(model, model_bytes, nchw, references, tolerance):
     """`references` from `_references`. onnxruntime runs each input set at its batch size and,
     for the synthetic one, on its first sample alone at batch 1 (the dynamic batch dimension),
-    at both optimization levels."""
-    report = VerifyReport(atol=atol, rtol=rtol)
+    at both optimization levels. Each output is judged against its own scale."""
+    report = VerifyReport(atol=tolerance.atol, rtol=tolerance.rtol)
     sessions = {"disabled": _session(model_bytes, False), "enabled": _session(model_bytes, True)}
     names = [i.name for i in sessions["disabled"].get_inputs()]
-    output_names = list(model.output_names)
+    names_out = output_names(model)
     for label, arrays, reference in references:
-        batches = [(f"{label}, batch {len(arrays[0])}", slice(None))]
+        batches = [(f"batch {len(arrays[0])}", slice(None))]
         if label == "synthetic":
-            batches.insert(0, (f"{label}, batch 1", slice(0, 1)))
-        for batch_label, rows in batches:
+            batches.insert(0, ("batch 1", slice(0, 1)))
+        for batch, rows in batches:
             feed = _feed(names, [a[rows] for a in arrays], nchw)
             for level, session in sessions.items():
                 outputs = session.run(None, feed)
-                for name, ref, out in zip(output_names, reference, outputs):
-                    ref = ref[rows]
-                    max_abs, max_rel, scale = compare_outputs(ref, out)
+                for name, ref, out in zip(names_out, reference, outputs):
+                    result = compare(ref[rows], out)
                     report.rows.append({
-                        "output": name, "inputs": batch_label, "optimization": level,
-                        "max_abs_error": max_abs, "max_rel_error": max_rel,
-                        "passed": within_tolerance(max_abs, scale, atol, rtol)})
+                        "output": name, "inputs": f"{label}, {batch}", "input_set": label,
+                        "rows": "first" if rows.stop == 1 else "all", "optimization": level,
+                        "max_abs_error": result.max_abs, "max_rel_error": result.max_rel,
+                        "passed": tolerance.accepts(result.max_abs, result.scale)})
     return report
 
 
-def _first_divergence(model, exported, arrays, optimized, opset, nchw, atol, rtol):
+def _first_divergence(model, exported, arrays, optimized, opset, nchw, tolerance):
     """After a failed verification: says where the outputs first leave the original model's, or
     None. The fold first (folded Keras vs original Keras), then the conversion layer by layer: the
     folded model with every layer's output made a model output is converted the same way and
@@ -370,12 +392,12 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, atol, rto
     from keras_bn.fold import _Graph
 
     if exported is not model:
-        for name, ref, out in zip(model.output_names, _keras_outputs(model, arrays),
+        for name, ref, out in zip(output_names(model), _keras_outputs(model, arrays),
                                   _keras_outputs(exported, arrays)):
-            max_abs, _, scale = compare_outputs(ref, out)
-            if not within_tolerance(max_abs, scale, atol, rtol):
-                return (f"Folding already changes output '{name}' (max abs error {max_abs:.3g}); "
-                        "see the fold report, or export with fold=False.")
+            result = compare(ref, out)
+            if not tolerance.accepts(result.max_abs, result.scale):
+                return (f"Folding already changes output '{name}' (max abs error "
+                        f"{result.max_abs:.3g}); see the fold report, or export with fold=False.")
     graph = exported._functional if isinstance(exported, keras.Sequential) else exported
     if not isinstance(graph, Functional):
         return None
@@ -393,27 +415,41 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, atol, rto
     got = dict(zip([o.name for o in session.get_outputs()],
                    session.run(None, _feed(names, arrays, nchw))))
     worst = None
-    for layer, name, ref in zip(layers, probe.output_names, _keras_outputs(probe, arrays)):
+    for layer, name, ref in zip(layers, output_names(probe), _keras_outputs(probe, arrays)):
         if name not in got:
             continue
-        max_abs, max_rel, scale = compare_outputs(ref, got[name])
-        if not within_tolerance(max_abs, scale, atol, rtol):
+        result = compare(ref, got[name])
+        if not tolerance.accepts(result.max_abs, result.scale):
             return (f"The first layer whose output differs is '{layer.name}' "
-                    f"({type(layer).__name__}): max abs error {max_abs:.3g}.")
-        if worst is None or max_rel > worst[1]:
-            worst = (layer, max_rel)
+                    f"({type(layer).__name__}): max abs error {result.max_abs:.3g}.")
+        if worst is None or result.max_rel > worst[1]:
+            worst = (layer, result.max_rel)
     if worst is not None:
         return (f"No single layer output is off by more than the tolerance: the error adds up; "
                 f"the largest relative error is at '{worst[0].name}' ({worst[1]:.3g}).")
     return None
 
 
-def verify(model, onnx_path, *, samples=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL):
+def _check_exportable(model):
+    """Refuses, before any work, what onnxruntime cannot run."""
+    if compute_dtype(model) == "bfloat16":
+        raise KerasBNError(expected(
+            "The model computes in bfloat16, and ONNX's Conv, Gemm and MatMul have no bfloat16 "
+            "kernels in onnxruntime's CPU provider", "a float32 or mixed_float16 model",
+            f"model '{model.name}' with bfloat16 layers",
+            "bfloat16 is a training dtype: build the same model under "
+            "keras.config.set_dtype_policy('float32'), copy the weights with "
+            "set_weights(model.get_weights()), and export that."))
+
+
+def verify(model, onnx_path, *, samples=None, atol=None, rtol=None):
     """Runs `model` (inference mode) and onnxruntime, with graph optimizations disabled and
     enabled, on deterministic synthetic inputs (batch 4, and its first sample as batch 1) and on
-    `samples`. Returns a
-    `VerifyReport`; `report.passed` says whether every output is within
-    `atol + rtol * max|keras output|`."""
+    `samples`. Returns a `VerifyReport`; `report.passed` says whether every output is within
+    `atol + rtol * max|that keras output|` (None: the defaults of the model's compute dtype,
+    `keras_bn.verification.TOLERANCES`)."""
+    tolerance = tolerance_for(model, rtol, atol)
+    input_sets = _input_sets(model, samples)
     onnx_path = os.fspath(onnx_path)
     if not os.path.isfile(onnx_path):
         raise KerasBNError(expected("The ONNX file does not exist", "a path to a .onnx file",
@@ -424,20 +460,22 @@ def verify(model, onnx_path, *, samples=None, atol=DEFAULT_ATOL, rtol=DEFAULT_RT
         raise KerasBNError(expected("The ONNX file could not be read", "a valid .onnx file",
                                     f"{type(error).__name__} for {onnx_path!r}")) from error
     nchw = any(p.key == NCHW_KEY and p.value == "1" for p in proto.metadata_props)
-    references = _references(model, _input_sets(model, samples))
-    return _verify_proto(model, proto.SerializeToString(), nchw, references, atol, rtol)
+    references = _references(model, input_sets)
+    return _verify_proto(model, proto.SerializeToString(), nchw, references, tolerance)
 
 
-def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_ATOL,
-            rtol=DEFAULT_RTOL, nchw_inputs=False, progress=None):
+def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=None, rtol=None,
+            nchw_inputs=False, progress=None):
     """Exports `model` to ONNX at `path` and returns an `ExportReport`.
 
     Folds BatchNorms first (unless `fold=False`), converts with tf2onnx (dynamic batch
     dimension, the Keras input and output names kept; `nchw_inputs=True` makes rank >= 3 inputs
     channels-first), checks the graph with `onnx.checker.check_model(full_check=True)`, verifies it
     against the Keras model in onnxruntime, and only then writes `path` atomically. Raises
-    `KerasBNError` and writes nothing when any step fails. `progress`, if given, is called with
-    the name of each step as it starts ("folding", "converting with tf2onnx", "checking the graph",
+    `KerasBNError` and writes nothing when any step fails. `samples` is checked against
+    `model.inputs` before any work. `atol`/`rtol` None take the defaults of the model's compute
+    dtype (`keras_bn.verification.TOLERANCES`). `progress`, if given, is called with the name of
+    each step as it starts ("folding", "converting with tf2onnx", "checking the graph",
     "verifying with onnxruntime", "writing").
     """
     step = progress or (lambda name: None)
@@ -446,6 +484,8 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
                                     type(model).__name__))
     path = check_output_path(path)
     opset = check_opset(opset)
+    tolerance = tolerance_for(model, rtol, atol)
+    _check_exportable(model)
     input_sets = _input_sets(model, samples)  # bad samples fail here, before any conversion
     timings = {}
     # Keras's reference outputs depend only on the original model: they are computed on a second
@@ -470,21 +510,20 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=DEFAULT_AT
         step("verifying with onnxruntime")
         references = pending.result()
     model_bytes = proto.SerializeToString()
-    verification = _verify_proto(model, model_bytes, nchw_inputs, references, atol, rtol)
+    verification = _verify_proto(model, model_bytes, nchw_inputs, references, tolerance)
     timings["verify"] = time.perf_counter() - start
     if not verification.passed:
         worst = max((r for r in verification.rows if not r["passed"]),
                     key=lambda r: r["max_abs_error"])
-        label, batch = worst["inputs"].split(", ")
-        arrays = dict(input_sets)[label]
-        if batch == "batch 1":
+        arrays = dict(input_sets)[worst["input_set"]]
+        if worst["rows"] == "first":
             arrays = [a[:1] for a in arrays]
         where = _first_divergence(model, exported, arrays, worst["optimization"] == "enabled",
-                                  opset, nchw_inputs, atol, rtol)
+                                  opset, nchw_inputs, tolerance)
         raise VerificationError(expected(
             f"onnxruntime output '{worst['output']}' differs from Keras on {worst['inputs']} "
             f"(optimizations {worst['optimization']}); nothing was written",
-            f"max abs error <= {atol:g} + {rtol:g} x max|output|",
+            f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} x max|that output|",
             f"{worst['max_abs_error']:.4g}", where))
     step("writing")
     with atomic_output(path, ".onnx") as tmp:

@@ -16,8 +16,6 @@ The math lives in `keras_bn.fold_math`; this module only walks graphs and moves 
 """
 
 import collections
-import concurrent.futures
-import contextlib
 import dataclasses
 import warnings
 
@@ -30,20 +28,18 @@ from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
 from keras.src.models.functional import Functional
 from keras.src import tree
-from tensorflow.python.eager import context as tf_context
 
 from keras_bn import fold_math
 from keras_bn.affine import ChannelAffine
 from keras_bn.errors import KerasBNError, VerificationError, expected
 from keras_bn.layer import BatchNorm
+from keras_bn.verification import (check_samples, compare, in_background, output_names,
+                                   run_inference, synthetic_inputs, tolerance_for)
 
 BATCHNORM_TYPES = (keras.layers.BatchNormalization, BatchNorm)
 
 BACKWARD, FORWARD, AFFINE, KEPT = (
     "folded backward", "folded forward", "replaced by affine", "left unfolded")
-
-DEFAULT_RTOL = 1e-5  # relative to the largest output magnitude
-DEFAULT_ATOL = 1e-6
 
 
 @dataclasses.dataclass
@@ -96,7 +92,7 @@ class FoldReport:
                      f"{c[FORWARD]} folded forward, {c[AFFINE]} replaced by affine, "
                      f"{c[KEPT]} left unfolded")
         for v in self.verification:
-            lines.append(f"verified on {v['inputs']}: max abs error {v['max_abs_error']:.3g}, "
+            lines.append(f"verified '{v['output']}' on {v['inputs']}: max abs error {v['max_abs_error']:.3g}, "
                          f"max rel error {v['max_rel_error']:.3g} (tolerance rtol={v['rtol']:g}, "
                          f"atol={v['atol']:g})")
         lines.extend(f"warning: {w}" for w in self.warnings)
@@ -120,6 +116,13 @@ def _channel_axis(layer, rank):
     if isinstance(layer, keras.layers.Dense):
         return rank - 1
     return rank - 1 if layer.data_format == "channels_last" else 1
+
+
+def _activation_name(layer):
+    """A readable name for `layer.activation`: a function's name, or the class of a callable
+    object (which has no `__name__`)."""
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", None) or type(activation).__name__
 
 
 def _is_linear(layer):
@@ -182,7 +185,7 @@ def _match_backward(graph, node, rank, bn_axis):
     if kind is None:
         return None, f"it follows {type(layer).__name__} '{layer.name}', which has no kernel to fold into"
     if not _is_linear(layer):
-        return None, f"'{layer.name}' has a non-linear activation ({layer.activation.__name__})"
+        return None, f"'{layer.name}' has a non-linear activation ({_activation_name(layer)})"
     if graph.calls[id(layer)] > 1:
         return None, f"'{layer.name}' is shared (called {graph.calls[id(layer)]} times)"
     if len(producer_node.output_tensors) != 1:
@@ -232,12 +235,81 @@ def _bn_gamma_beta(bn):
             weights["moving_variance"])
 
 
+@dataclasses.dataclass
+class _Fold:
+    """One planned fold: BatchNorm `bn` (its report row `row`) into `layer`, of kind `kind`."""
+
+    bn: object
+    row: FoldRow
+    layer: object
+    kind: str
+    s: np.ndarray
+    t: np.ndarray
+
+
+def _apply(forward_plan, backward_plan):
+    """Runs the fold math: {id(layer): {weight name: float64 value}} for every edited layer.
+    Input side first, then output side: f(x) = s_out * (W (s_in x + t_in) + b) + t_out."""
+    edits = {}
+
+    def edit(layer):
+        if id(layer) not in edits:
+            edits[id(layer)] = {w.name: np.asarray(w, np.float64) for w in layer.weights}
+        return edits[id(layer)]
+
+    for f in forward_plan:
+        w = edit(f.layer)
+        if f.kind == "separable":
+            w["depthwise_kernel"], w["bias"] = fold_math.fold_forward_separable(
+                w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), f.s, f.t)
+        elif f.kind == "depthwise":
+            w["kernel"], w["bias"] = fold_math.fold_forward_depthwise(w["kernel"], w.get("bias"),
+                                                                      f.s, f.t)
+        else:
+            w["kernel"], w["bias"] = fold_math.fold_forward(
+                w["kernel"], w.get("bias"), f.s, f.t, groups=getattr(f.layer, "groups", 1))
+    for f in backward_plan:
+        w = edit(f.layer)
+        if f.kind == "separable":
+            w["pointwise_kernel"], w["bias"] = fold_math.fold_backward(
+                w["pointwise_kernel"], w.get("bias"), f.s, f.t)
+        elif f.kind == "depthwise":
+            w["kernel"], w["bias"] = fold_math.fold_backward_depthwise(w["kernel"], w.get("bias"),
+                                                                       f.s, f.t)
+        else:
+            w["kernel"], w["bias"] = fold_math.fold_backward(
+                w["kernel"], w.get("bias"), f.s, f.t, out_axis=-2 if f.kind == "transpose" else -1)
+    return edits
+
+
+def _unrepresentable(layer, weights):
+    """Why the folded `weights` of `layer` cannot be stored in its variables' dtype, or None."""
+    dtype = layer.variable_dtype
+    for name, value in weights.items():
+        reason = fold_math.overflow_reason(value, dtype)
+        if reason:
+            return f"its folded {name} {reason}"
+    return None
+
+
 def _fold_functional(model, report, prefix, replace_leftovers):
     graph = _Graph(model)
     passthrough, affines = set(), {}
-    edits = {}  # id(layer) -> {"layer", "weights": {name: float64}, "add_bias"}
     rename = {}
     forward_plan, backward_plan = [], []
+
+    def leave(bn, row, s, t, reason):
+        """A BatchNorm that is not folded: a ChannelAffine when its s and t fit, else kept."""
+        passthrough.discard(id(bn))
+        unfit = fold_math.overflow_reason(s, bn.variable_dtype) or \
+            fold_math.overflow_reason(t, bn.variable_dtype)
+        if replace_leftovers and not unfit:
+            affines[id(bn)] = (s, t)
+            row.action, row.reason = AFFINE, reason
+        else:
+            row.action = KEPT
+            row.reason = reason + (f"; its scale or shift {unfit}" if unfit else "")
+
     for node in graph.nodes:
         bn = node.operation
         if not isinstance(bn, BATCHNORM_TYPES):
@@ -259,54 +331,46 @@ def _fold_functional(model, report, prefix, replace_leftovers):
         bn_axis = bn.axis % rank
         match, reason_back = _match_backward(graph, node, rank, bn_axis)
         if match:
-            backward_plan.append((match, s, t))
+            row = FoldRow(name, BACKWARD, into=prefix + match[0].name)
+            backward_plan.append(_Fold(bn, row, *match, s, t))
             passthrough.add(id(bn))
-            note = None
             if id(node.output_tensors[0]) in graph.outputs:
                 rename[id(match[0])] = bn.name  # the model output keeps its name
-                note = f"'{match[0].name}' takes the name '{bn.name}' to keep the output name"
-            report.rows.append(FoldRow(name, BACKWARD, into=prefix + match[0].name, reason=note))
+                row.reason = f"'{match[0].name}' takes the name '{bn.name}' to keep the output name"
+            report.rows.append(row)
             continue
         match, reason_fwd = _match_forward(graph, node, rank, bn_axis)
         if match:
-            forward_plan.append((match, s, t))
+            row = FoldRow(name, FORWARD, into=prefix + match[0].name)
+            forward_plan.append(_Fold(bn, row, *match, s, t))
             passthrough.add(id(bn))
-            report.rows.append(FoldRow(name, FORWARD, into=prefix + match[0].name))
+            report.rows.append(row)
             continue
-        reason = f"backward: {reason_back}; forward: {reason_fwd}"
-        if replace_leftovers:
-            affines[id(bn)] = (s, t)
-            report.rows.append(FoldRow(name, AFFINE, reason=reason))
-        else:
-            report.rows.append(FoldRow(name, KEPT, reason=reason))
+        row = FoldRow(name, KEPT)
+        report.rows.append(row)
+        leave(bn, row, s, t, f"backward: {reason_back}; forward: {reason_fwd}")
 
-    def edit(layer):
-        if id(layer) not in edits:
-            edits[id(layer)] = {"layer": layer, "add_bias": not layer.use_bias, "weights": {
-                w.name: np.asarray(w, np.float64) for w in layer.weights}}
-        return edits[id(layer)]["weights"]
-
-    # Input side first, then output side: f(x) = s_out * (W (s_in x + t_in) + b) + t_out.
-    for (layer, kind), s, t in forward_plan:
-        w = edit(layer)
-        if kind == "separable":
-            w["depthwise_kernel"], w["bias"] = fold_math.fold_forward_separable(
-                w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), s, t)
-        elif kind == "depthwise":
-            w["kernel"], w["bias"] = fold_math.fold_forward_depthwise(w["kernel"], w.get("bias"), s, t)
-        else:
-            w["kernel"], w["bias"] = fold_math.fold_forward(
-                w["kernel"], w.get("bias"), s, t, groups=getattr(layer, "groups", 1))
-    for (layer, kind), s, t in backward_plan:
-        w = edit(layer)
-        if kind == "separable":
-            w["pointwise_kernel"], w["bias"] = fold_math.fold_backward(
-                w["pointwise_kernel"], w.get("bias"), s, t)
-        elif kind == "depthwise":
-            w["kernel"], w["bias"] = fold_math.fold_backward_depthwise(w["kernel"], w.get("bias"), s, t)
-        else:
-            w["kernel"], w["bias"] = fold_math.fold_backward(
-                w["kernel"], w.get("bias"), s, t, out_axis=-2 if kind == "transpose" else -1)
+    # Apply may still decline: folded weights that overflow the layer's dtype (float32 max
+    # 3.4e38) would be written as inf. Every fold into such a layer is declined, then the math
+    # runs again without them.
+    while True:
+        edits = _apply(forward_plan, backward_plan)
+        declined = {}
+        for plan in (forward_plan, backward_plan):
+            for f in plan:
+                reason = _unrepresentable(f.layer, edits[id(f.layer)])
+                if reason:
+                    declined[id(f.bn)] = (f, reason)
+        if not declined:
+            break
+        forward_plan = [f for f in forward_plan if id(f.bn) not in declined]
+        backward_plan = [f for f in backward_plan if id(f.bn) not in declined]
+        for f, reason in declined.values():
+            rename.pop(id(f.layer), None)
+            f.row.into = None
+            leave(f.bn, f.row, f.s, f.t, f"folding into '{f.layer.name}' is declined: {reason}")
+    edited_layers = {id(f.layer) for f in forward_plan + backward_plan}
+    edits = {k: v for k, v in edits.items() if k in edited_layers}
 
     clones = {}
 
@@ -322,7 +386,7 @@ def _fold_functional(model, report, prefix, replace_leftovers):
         elif isinstance(op, keras.layers.Layer):
             config = op.get_config()
             if id(op) in edits:
-                config["use_bias"] = True
+                config["use_bias"] = True  # a fold gives every edited layer a bias
             if id(op) in rename:
                 config["name"] = rename[id(op)]
             new = type(op).from_config(config)
@@ -347,16 +411,17 @@ def _fold_functional(model, report, prefix, replace_leftovers):
             s, t = affines[id(op)]
             values = {"scale": s, "offset": t}
         elif id(op) in edits:
-            values = edits[id(op)]["weights"]
+            values = edits[id(op)]
         else:
             new.set_weights(op.get_weights())
             continue
         for variable in new.weights:
-            value, warning = fold_math.cast_checked(
-                np.asarray(values[variable.name]), variable.dtype, f"{prefix}{new.name}/{variable.name}")
-            if warning:
-                report.warnings.append(warning)
-            variable.assign(value)
+            # Checked representable in the plan above: a failure here is a bug of ours.
+            value = np.asarray(values[variable.name])
+            if fold_math.overflow_reason(value, variable.dtype):
+                raise RuntimeError(f"internal error: {prefix}{new.name}/{variable.name} does not "
+                                   f"fit {variable.dtype} after the overflow check")
+            variable.assign(fold_math.as_dtype(value, variable.dtype))
     return folded
 
 
@@ -365,93 +430,32 @@ def _passthrough(x, *args, **kwargs):
 
 
 def _fold_model(model, report, prefix, replace_leftovers):
+    _check_foldable(model)
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    folded = _fold_functional(graph, report, prefix, replace_leftovers)
+    folded.name = model.name
+    return folded
+
+
+def _check_foldable(model):
+    """Raises KerasBNError unless `model` is a graph this pass can read (a built Sequential or a
+    Functional model): checked before anything else runs on it."""
+    if not isinstance(model, keras.Model):
+        raise KerasBNError(expected("fold_bn folds Keras models", "a keras.Model",
+                                    type(model).__name__))
     if isinstance(model, keras.Sequential):
-        functional = getattr(model, "_functional", None)
-        if functional is None:
+        if getattr(model, "_functional", None) is None:
             raise KerasBNError(expected("The Sequential model must be built", "a model with a "
                                         "known input shape", f"unbuilt model '{model.name}'",
                                         "Call it on data or give it a keras.Input first."))
-        folded = _fold_functional(functional, report, prefix, replace_leftovers)
-        folded.name = model.name
-        return folded
-    if isinstance(model, Functional):
-        return _fold_functional(model, report, prefix, replace_leftovers)
-    raise KerasBNError(expected("fold_bn needs a graph it can read", "a Sequential or Functional "
-                                "keras.Model", f"{type(model).__name__} (a subclassed model)",
-                                "Rebuild the model with the Functional API."))
+    elif not isinstance(model, Functional):
+        raise KerasBNError(expected("fold_bn needs a graph it can read", "a Sequential or "
+                                    "Functional keras.Model", f"{type(model).__name__} (a "
+                                    "subclassed model)", "Rebuild the model with the Functional "
+                                    "API."))
 
 
-def synthetic_inputs(model, batch_size=4, seed=0):
-    """Deterministic inputs for a model: N(0, 1) floats, None dimensions set to 16."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for x in tree.flatten(model.inputs):
-        shape = [batch_size] + [16 if d is None else d for d in x.shape[1:]]
-        if "int" in str(x.dtype):
-            arrays.append(np.zeros(shape, x.dtype))
-        else:
-            arrays.append(rng.standard_normal(shape).astype(x.dtype))
-    return arrays
-
-
-def _as_input_list(model, samples):
-    if isinstance(samples, dict):
-        return [np.asarray(samples[x.name]) for x in tree.flatten(model.inputs)]
-    if isinstance(samples, (list, tuple)):
-        return [np.asarray(s) for s in samples]
-    return [np.asarray(samples)]
-
-
-def compare_outputs(reference, candidate):
-    """(max abs error, max abs error / scale, scale) over all outputs, where scale is the
-    largest finite |reference| value."""
-    reference = [np.asarray(r, np.float64) for r in tree.flatten(reference)]
-    candidate = [np.asarray(c, np.float64) for c in tree.flatten(candidate)]
-    def error(r, c):
-        # NaN where the reference is NaN too (corrupt statistics) and equal infinities agree.
-        with np.errstate(invalid="ignore"):
-            diff = np.where((r == c) | (np.isnan(r) & np.isnan(c)), 0.0, np.abs(r - c))
-        return float(np.max(diff)) if diff.size else 0.0
-
-    max_abs = max(error(r, c) for r, c in zip(reference, candidate))
-    finite = [np.abs(r[np.isfinite(r)]) for r in reference]
-    scale = max(float(np.max(f)) if f.size else 0.0 for f in finite)
-    return max_abs, max_abs / scale if scale > 0 else max_abs, scale
-
-
-def within_tolerance(max_abs, scale, atol, rtol):
-    """The one acceptance rule of fold and export verification: max_abs <= atol + rtol * scale."""
-    return bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)
-
-
-def run_inference(model, inputs):
-    """`model` in inference mode on `inputs`, a list of arrays (one per model input)."""
-    return model(inputs[0] if len(inputs) == 1 else inputs, training=False)
-
-
-@contextlib.contextmanager
-def in_background(fn):
-    """Starts `fn` on a second thread, under the caller's TF device scope, and yields its future;
-    leaving the block waits for it. For Keras reference outputs computed while the calling
-    thread folds or converts (TF runs its kernels without the GIL)."""
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
-        yield pool.submit(on_callers_device(fn))
-
-
-def on_callers_device(fn):
-    """`fn` wrapped to run under the calling thread's TF device scope (`with tf.device(...)`),
-    which TF keeps per thread, when it runs on another thread."""
-    device = tf_context.context().device_name or None
-
-    def run():
-        with tf.device(device):
-            return fn()
-
-    return run
-
-
-def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL,
-            replace_leftovers=True):
+def fold_bn(model, *, verify=True, samples=None, rtol=None, atol=None, replace_leftovers=True):
     """Returns `(folded_model, report)`: a new inference model with every exactly-foldable
     BatchNorm merged into its neighbour. The caller's model is not changed.
 
@@ -459,26 +463,27 @@ def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT
         model: A Sequential or Functional Keras model (nested models are folded too). Both
             `keras_bn.BatchNorm` and `keras.layers.BatchNormalization` are folded.
         verify: Run both models in inference mode on deterministic synthetic inputs (and on
-            `samples`) and raise `KerasBNError` if an output differs by more than
-            `atol + rtol * max|original output|`.
+            `samples`) and raise `VerificationError` if an output differs from the original's
+            by more than `atol + rtol * max|that output|`.
         samples: Optional real inputs for verification: an array, a list of arrays (one per
-            model input) or a dict keyed by input name.
-        rtol, atol: Verification tolerances.
+            model input) or a dict keyed by input name; checked against `model.inputs` first.
+        rtol, atol: Verification tolerances; None takes `keras_bn.verification.TOLERANCES` for
+            the model's lowest-precision compute dtype (float32: 1e-5 / 1e-6; float16: 1e-2 /
+            1e-3; bfloat16: 5e-2 / 5e-3).
         replace_leftovers: BatchNorms with nothing to fold into become a `keras_bn.ChannelAffine`
             (one multiply-add); False keeps them as they are.
 
     Returns:
         `(folded, report)`; `print(report)` shows a table, `report.to_dict()` JSON-able data.
     """
-    if not isinstance(model, keras.Model):
-        raise KerasBNError(expected("fold_bn folds Keras models", "a keras.Model",
-                                    type(model).__name__))
+    _check_foldable(model)
+    tolerance = tolerance_for(model, rtol, atol)
     report = FoldReport()
     checks = []
     if verify:  # inputs first: bad samples fail before any work
         checks.append(("synthetic inputs (batch 4, seed 0)", synthetic_inputs(model)))
         if samples is not None:
-            checks.append(("samples", _as_input_list(model, samples)))
+            checks.append(("samples", check_samples(model, samples)))
     # The original model's outputs are computed on a second thread while this one folds (TF runs
     # its kernels without the GIL).
     with in_background(lambda: [run_inference(model, x) for _, x in checks]) as pending:
@@ -488,15 +493,20 @@ def fold_bn(model, *, verify=True, samples=None, rtol=DEFAULT_RTOL, atol=DEFAULT
     for warning in report.warnings:
         warnings.warn(f"fold_bn: {warning}", RuntimeWarning, stacklevel=2)
     if verify:
+        names = output_names(model)
         for (label, inputs), reference in zip(checks, pending.result()):
-            candidate = run_inference(folded, inputs)
-            max_abs, max_rel, scale = compare_outputs(reference, candidate)
-            report.verification.append({"inputs": label, "max_abs_error": max_abs,
-                                        "max_rel_error": max_rel, "rtol": rtol, "atol": atol})
-            if not within_tolerance(max_abs, scale, atol, rtol):
-                raise VerificationError(expected(
-                    f"The folded model differs from the original on {label}",
-                    f"max abs error <= {atol:g} + {rtol:g} * {scale:.4g}",
-                    f"{max_abs:.4g} (relative {max_rel:.3g})",
-                    "Report this with the model; fold_bn(..., verify=False) skips the check."))
+            candidate = tree.flatten(run_inference(folded, inputs))
+            for name, ref, out in zip(names, tree.flatten(reference), candidate):
+                result = compare(ref, out)
+                report.verification.append({
+                    "inputs": label, "output": name, "max_abs_error": result.max_abs,
+                    "max_rel_error": result.max_rel, "rtol": tolerance.rtol,
+                    "atol": tolerance.atol})
+                if not tolerance.accepts(result.max_abs, result.scale):
+                    raise VerificationError(expected(
+                        f"The folded model's output '{name}' differs from the original on {label}",
+                        f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} * "
+                        f"{result.scale:.4g}", f"{result.max_abs:.4g} (relative "
+                        f"{result.max_rel:.3g})", "Report this with the model; fold_bn(..., "
+                        "verify=False) skips the check."))
     return folded, report

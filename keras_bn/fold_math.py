@@ -126,16 +126,28 @@ def fold_forward_separable(depthwise_kernel, pointwise_kernel, bias, s, t):
     return new_depthwise, b + constant @ pointwise
 
 
-def cast_checked(value, dtype, what):
-    """Casts a float64 array to `dtype`; returns (array, warning or None) when it overflows."""
-    dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
-    if dtype.kind == "f" or dtype == ml_dtypes.bfloat16:
-        limit = ml_dtypes.finfo(dtype).max
-        if np.any(np.abs(value) > limit):
-            with np.errstate(over="ignore"):
-                cast = value.astype(dtype)
-            return cast, (
-                f"{what}: folded value {np.abs(value).max():.4g} overflows {dtype.name} "
-                f"(max {float(limit):.4g})"
-            )
-    return value.astype(dtype), None
+def _numpy_dtype(dtype):
+    return np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else str(dtype))
+
+
+def overflow_reason(value, dtype):
+    """Why float64 `value` cannot be stored in `dtype` without becoming inf/NaN, or None.
+
+    A folded weight past the dtype's largest finite value (float32: 3.4e38, float16: 65504) would
+    be written as inf; such a fold is declined instead."""
+    value = np.asarray(value, np.float64)
+    if not np.all(np.isfinite(value)):
+        return "is not finite"
+    dtype = _numpy_dtype(dtype)
+    if dtype.kind != "f" and dtype != ml_dtypes.bfloat16:
+        return None
+    limit = float(ml_dtypes.finfo(dtype).max)
+    largest = float(np.abs(value).max()) if value.size else 0.0
+    if largest > limit:
+        return f"reaches {largest:.4g}, beyond {dtype.name}'s largest value {limit:.4g}"
+    return None
+
+
+def as_dtype(value, dtype):
+    """`value` (float64) cast to the variable dtype `dtype` (bfloat16 included)."""
+    return np.asarray(value).astype(_numpy_dtype(dtype))

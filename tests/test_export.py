@@ -151,11 +151,11 @@ def test_reference_thread_runs_under_the_callers_device_scope():
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         with tf.device("/CPU:0"):
-            wrapped = keras_bn.fold.on_callers_device(device_seen)
+            wrapped = keras_bn.verification.on_callers_device(device_seen)
             plain = pool.submit(device_seen).result()  # a thread does not inherit the scope...
             passed = pool.submit(wrapped).result()     # ...unless it is passed on
         assert plain == "" and passed.endswith("device:CPU:0")
-        assert pool.submit(keras_bn.fold.on_callers_device(device_seen)).result() == ""
+        assert pool.submit(keras_bn.verification.on_callers_device(device_seen)).result() == ""
 
 
 def _graph_structure(proto):
@@ -170,19 +170,38 @@ def _graph_structure(proto):
     return nodes, inits
 
 
+@pytest.fixture
+def optimizer_calls(monkeypatch):
+    """Records the `catch_errors` that tf2onnx really passes to its optimizer loop (a spy: the
+    real `optimize_graph` runs)."""
+    import tf2onnx.optimizer
+
+    calls = []
+    real = tf2onnx.optimizer.optimize_graph
+
+    def spy(graph, catch_errors=True, optimizers=None):
+        calls.append(catch_errors)
+        return real(graph, catch_errors=catch_errors, optimizers=optimizers)
+
+    monkeypatch.setattr(tf2onnx.optimizer, "optimize_graph", spy)
+    monkeypatch.delenv(converter._CATCH_ERRORS, raising=False)
+    return calls
+
+
 @pytest.mark.parametrize("name", ["residual", "dense"])
-def test_fast_conversion_gives_tf2onnx_default_graph(name, monkeypatch, rng):
+def test_fast_conversion_gives_tf2onnx_default_graph(name, optimizer_calls, rng):
     # to_onnx turns off tf2onnx's per-optimizer graph copies; the graph must be the one tf2onnx
-    # makes with them on (its default). fold=False for "dense" leaves a BatchNorm for tf2onnx's
-    # optimizers to work on.
+    # makes with them on (its default, the variable unset). fold=False for "dense" leaves a
+    # BatchNorm for tf2onnx's optimizers to work on.
     model = PATTERNS[name]()
     if name == "residual":
         model, _ = keras_bn.fold_bn(model)
-    monkeypatch.delenv(converter._CATCH_ERRORS, raising=False)
     fast = converter._convert(model, None, False)
+    assert optimizer_calls and not any(optimizer_calls)  # really without the copies
     assert converter._CATCH_ERRORS not in os.environ  # restored
-    monkeypatch.setenv(converter._CATCH_ERRORS, "TRUE")
-    default = converter._convert(model, None, False)
+    optimizer_calls.clear()
+    default = converter._convert(model, None, False, tf2onnx_default=True)
+    assert optimizer_calls and all(optimizer_calls)  # really tf2onnx's default
     assert _graph_structure(fast) == _graph_structure(default)
     assert len(fast.graph.node) > 3
     x = rng.normal(size=(2, *model.inputs[0].shape[1:])).astype("float32")
@@ -191,37 +210,82 @@ def test_fast_conversion_gives_tf2onnx_default_graph(name, monkeypatch, rng):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
-def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(monkeypatch):
+def test_a_value_of_the_switch_never_means_copies_on(optimizer_calls):
+    # tf2onnx 1.17 upper-cases the variable's NAME: "TRUE" set by a user still turns copies off.
+    # That is why the retry unsets it instead of setting "TRUE".
+    model = PATTERNS["dense"]()
+    os.environ[converter._CATCH_ERRORS] = "TRUE"
+    try:
+        converter._convert(model, None, False)
+    finally:
+        del os.environ[converter._CATCH_ERRORS]
+    assert optimizer_calls and not any(optimizer_calls)
+
+
+def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(optimizer_calls,
+                                                                      monkeypatch, tmp_path):
+    # A real tf2onnx optimizer made to raise, inside a real conversion.
     import tf2onnx.optimizer
 
-    monkeypatch.delenv(converter._CATCH_ERRORS, raising=False)
+    class Broken(tf2onnx.optimizer.IdentityOptimizer):
+        def _optimize(self, graph):
+            raise ArithmeticError("broken on purpose")
+
+    monkeypatch.setitem(tf2onnx.optimizer._optimizers, "remove_identity", Broken)
+    model = PATTERNS["residual"]()
+    with pytest.warns(RuntimeWarning, match=r"a tf2onnx optimizer raised ArithmeticError: broken "
+                                            r"on purpose; converting again"):
+        report = export.to_onnx(model, tmp_path / "m.onnx")
+    # First the fast path (no copies, the error escapes), then tf2onnx's default, which skips
+    # the broken optimizer; the graph is verified like any other.
+    assert optimizer_calls == [False, True]
+    assert report.verification.passed and converter._CATCH_ERRORS not in os.environ
+    # An error from anywhere else would come back the same: no retry.
     seen = []
 
-    def convert():  # without error handling, a tf2onnx optimizer raises (here: on no graph)
-        seen.append(os.environ.get(converter._CATCH_ERRORS))
-        if os.environ[converter._CATCH_ERRORS] == "FALSE":
-            tf2onnx.optimizer.optimize_graph(None, catch_errors=False)
-        return "graph"
-
-    with pytest.warns(RuntimeWarning, match=r"a tf2onnx optimizer raised AttributeError: .*; converting again"):
-        assert converter._run_tf2onnx(convert) == "graph"
-    assert seen == ["FALSE", "TRUE"] and converter._CATCH_ERRORS not in os.environ
-
-    # An error from anywhere else (tracing, conversion of an op) would come back the same: no retry.
     def broken():
         seen.append(os.environ.get(converter._CATCH_ERRORS))
         raise IndexError("not an optimizer")
 
-    seen.clear()
     with pytest.raises(IndexError):
         converter._run_tf2onnx(broken)
     assert seen == ["FALSE"] and converter._CATCH_ERRORS not in os.environ
     # A setting the user made is used as it is, and a failure under it is not retried.
     monkeypatch.setenv(converter._CATCH_ERRORS, "FALSE")
-    seen.clear()
-    with pytest.raises(AttributeError):
-        converter._run_tf2onnx(convert)
-    assert seen == ["FALSE"] and os.environ[converter._CATCH_ERRORS] == "FALSE"
+    optimizer_calls.clear()
+    with pytest.raises(ArithmeticError):
+        converter._convert(model, None, False)
+    assert optimizer_calls == [False] and os.environ[converter._CATCH_ERRORS] == "FALSE"
+
+
+def test_the_switch_is_changed_under_a_lock():
+    # Two conversions on two threads: the second waits until the first has restored the variable.
+    import threading
+
+    inside = threading.Event()
+    release = threading.Event()
+    order = []
+
+    def first():
+        with converter._catch_errors_variable("FALSE"):
+            inside.set()
+            release.wait(30)
+            order.append(("first", os.environ.get(converter._CATCH_ERRORS)))
+
+    def second():
+        inside.wait(30)
+        with converter._catch_errors_variable(None):
+            order.append(("second", os.environ.get(converter._CATCH_ERRORS)))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    inside.wait(30)
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert order == [("first", "FALSE"), ("second", None)]
+    assert converter._CATCH_ERRORS not in os.environ
 
 
 @pytest.mark.parametrize("opset", [13, 18])
@@ -286,3 +350,77 @@ def test_failed_verification_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
     with pytest.raises(keras_bn.KerasBNError, match=r"The output directory does not exist"):
         export.to_onnx(model, tmp_path / "missing" / "out.onnx")
+
+
+# ------------------------------------------------------------------------------------------------
+# Where users run it: Sequential models, mixed precision, per-output scales.
+
+def test_sequential_model_exports_and_verifies(tmp_path, rng):
+    model = randomize_bn(keras.Sequential([keras.Input((6,), name="features"),
+                                           L.Dense(5, name="dense"),
+                                           L.BatchNormalization(name="bn"),
+                                           L.Dense(3, name="out")]))
+    path = tmp_path / "seq.onnx"
+    report = export.to_onnx(model, path)
+    assert report.verification.passed and report.fold.counts["folded backward"] == 1
+    assert [o.name for o in onnx.load(path).graph.output] == ["out"]
+    x = rng.normal(size=(7, 6)).astype("float32")
+    np.testing.assert_allclose(ort_run(str(path), x), model.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-5)
+    assert export.verify(model, path, samples=x).passed
+
+
+def _mixed_model():
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, use_bias=False)(inputs)))
+    x = L.BatchNormalization()(L.Conv2D(8, 3)(x))
+    return randomize_bn(keras.Model(inputs, L.Dense(4, name="logits")(L.Flatten()(x))))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_fold_uses_the_compute_dtype_tolerance(policy, mixed_policy):
+    mixed_policy(policy)
+    model = _mixed_model()
+    folded, report = keras_bn.fold_bn(model)
+    assert report.counts["folded backward"] == 2
+    expected = keras_bn.verification.TOLERANCES[policy.split("_")[1]]
+    assert report.verification[0]["rtol"] == expected.rtol
+    # A float16 step, not a float32 one: the float32 tolerance would refuse this fold.
+    assert report.verification[0]["max_rel_error"] > 1e-5
+    with pytest.raises(keras_bn.VerificationError, match=r"output 'logits' differs"):
+        keras_bn.fold_bn(model, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_mixed_float16_exports(fold, mixed_policy, tmp_path):
+    mixed_policy("mixed_float16")
+    model = _mixed_model()
+    report = export.to_onnx(model, tmp_path / "m.onnx", fold=fold)
+    assert report.verification.passed and report.verification.rtol == 1e-2
+    ops = report.op_counts
+    assert ("BatchNormalization" not in ops) and (("Mul" in ops) != fold)
+
+
+def test_mixed_bfloat16_export_is_refused_before_any_work(mixed_policy, tmp_path):
+    mixed_policy("mixed_bfloat16")
+    with pytest.raises(keras_bn.KerasBNError, match=r"computes in bfloat16.*Expected: a float32 or "
+                                                    r"mixed_float16 model.*set_dtype_policy"):
+        export.to_onnx(_mixed_model(), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_each_output_is_judged_against_its_own_scale(tmp_path, rng):
+    def build(shift):
+        inputs = keras.Input((4,), name="features")
+        big = L.Dense(3, name="big", kernel_initializer=keras.initializers.Constant(1e3))(inputs)
+        small = L.Dense(2, name="small", kernel_initializer="ones",
+                        bias_initializer=keras.initializers.Constant(shift))(inputs)
+        return keras.Model(inputs, [big, small])
+
+    path = tmp_path / "two.onnx"
+    export.to_onnx(build(0.0), path)
+    # 1e-3 off on an output of magnitude ~4 while the other output is ~4e3: a shared scale
+    # (atol + rtol * 4e3 = 0.04) would accept it.
+    report = export.verify(build(1e-3), path)
+    failed = {r["output"] for r in report.rows if not r["passed"]}
+    assert failed == {"small"}

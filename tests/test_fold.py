@@ -2,6 +2,7 @@
 bad statistics, keras.applications models and random architectures (hypothesis)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -334,22 +335,153 @@ def test_verification_error_names_the_problem(rng):
     _, report = keras_bn.fold_bn(model)
     assert report.verification[0]["max_abs_error"] > 0  # float rounding makes it non-zero
     with pytest.raises(keras_bn.KerasBNError,
-                       match=r"The folded model differs from the original on synthetic inputs.*"
+                       match=r"The folded model's output 'conv2d(_\d+)?' differs from the original on synthetic inputs.*"
                              r"Expected: max abs error <= 0 \+ 0 \* .*Received: "):
         keras_bn.fold_bn(model, rtol=0.0, atol=0.0)
     with pytest.raises(keras_bn.KerasBNError, match=r"Expected: a keras.Model\. Received: str"):
         keras_bn.fold_bn("model.keras")
 
 
-def test_float16_overflow_warns():
+def test_float16_overflow_declines_the_fold():
     inputs = keras.Input((4,), dtype="float16")
     bn = L.BatchNormalization(dtype="float16", epsilon=1e-7)
     dense = L.Dense(3, dtype="float16")
     model = keras.Model(inputs, bn(dense(inputs)))
     dense.kernel.assign(np.full((4, 3), 1000.0, np.float16))
     bn.moving_variance.assign(np.zeros(3, np.float16))
-    with pytest.warns(RuntimeWarning, match=r"overflows float16"):
-        keras_bn.fold_bn(model, verify=False)
+    folded, report = keras_bn.fold_bn(model, verify=False)
+    # s = 1 / sqrt(1e-7) = 3162: kernel 1000 * 3162 = 3.2e6 > 65504. s and t themselves fit
+    # float16, so the BatchNorm becomes a ChannelAffine.
+    assert report.rows[0].action == AFFINE and report.rows[0].into is None
+    assert re.search(r"folding into 'dense(_\d+)?' is declined: its folded kernel reaches 3\.162e\+06, "
+                     r"beyond float16's largest value 6\.55e\+04", report.rows[0].reason)
+    assert all(np.all(np.isfinite(np.asarray(w, np.float32))) for w in folded.weights)
+    assert len(batchnorms(folded)) == 0
+    assert [type(l).__name__ for l in folded.layers][-1] == "ChannelAffine"
+
+
+def test_folded_value_beyond_float32_is_declined_not_written_as_inf(rng):
+    # gamma 1e38, mean 10, var 1 (all finite): bias' = beta - mean * s = -1e39, past float32.
+    inputs = keras.Input((3,))
+    dense = L.Dense(2, name="dense")
+    x = L.BatchNormalization(name="bn", epsilon=1e-3)(dense(inputs))
+    model = keras.Model(inputs, L.ReLU(name="relu")(x))
+    bn = model.get_layer("bn")
+    bn.set_weights([np.full(2, 1e38, np.float32), np.zeros(2, np.float32),
+                    np.full(2, 10.0, np.float32), np.ones(2, np.float32)])
+    folded, report = keras_bn.fold_bn(model, verify=False)
+    row = report.rows[0]
+    assert row.action == KEPT  # s = 1e38 / sqrt(1.001) fits, t = -1e39 does not: no affine either
+    assert "folding into 'dense' is declined: its folded bias reaches 9.995e+38, beyond float32's " \
+           "largest value 3.403e+38" in row.reason and "its scale or shift" in row.reason
+    assert all(np.all(np.isfinite(np.asarray(w))) for w in folded.weights)
+    # epsilon 1e-300 with variance 0: var + eps > 0 in float64, but s = 1e150 is no float32.
+    model2 = keras.Model(inputs, L.BatchNormalization(epsilon=1e-300, name="bn2")(
+        L.Dense(2, name="dense2")(inputs)))
+    model2.get_layer("bn2").moving_variance.assign(np.zeros(2, np.float32))
+    folded2, report2 = keras_bn.fold_bn(model2, verify=False)
+    assert report2.rows[0].action == KEPT and "folded kernel" in report2.rows[0].reason
+    assert all(np.all(np.isfinite(np.asarray(w))) for w in folded2.weights)
+    # Negative case: the same model with ordinary statistics folds.
+    bn.set_weights([np.ones(2, np.float32), np.zeros(2, np.float32), np.full(2, 10.0, np.float32),
+                    np.ones(2, np.float32)])
+    assert keras_bn.fold_bn(model)[1].rows[0].action == BACKWARD
+
+
+def test_affine_is_declined_when_its_scale_overflows():
+    inputs = keras.Input((3,))
+    x = L.BatchNormalization(epsilon=1e-300, name="bn")(L.ReLU()(inputs))
+    model = keras.Model(inputs, x)
+    model.get_layer("bn").moving_variance.assign(np.zeros(3, np.float32))
+    _, report = keras_bn.fold_bn(model, verify=False)
+    assert report.rows[0].action == KEPT
+    assert re.search(r"its scale or shift reaches 1e\+150, beyond float32's", report.rows[0].reason)
+
+
+def test_verification_never_counts_new_infinities_as_agreement():
+    from keras_bn.verification import compare
+
+    inf = np.float32(np.inf)
+    assert compare([1.0, inf], [1.0, inf]).max_abs == 0.0  # the original made that inf too
+    assert compare([1.0, 2.0], [1.0, inf]).max_abs == np.inf
+    assert compare([1.0, 2.0], [1.0, np.nan]).max_abs == np.inf
+    assert compare([np.nan, 2.0], [np.nan, 2.0]).max_abs == 0.0
+    assert compare([np.nan, 2.0], [1.0, 2.0]).max_abs == np.inf
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Swish:
+    """A callable activation object (no __name__), serializable as Keras asks."""
+
+    def __call__(self, x):
+        return x * keras.ops.sigmoid(x)
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls()
+
+
+def test_callable_activation_object_is_declined_with_its_class_name():
+    inputs = keras.Input((4,))
+    x = L.BatchNormalization(name="bn")(L.Dense(3, activation=Swish(), name="dense")(inputs))
+    _, report = keras_bn.fold_bn(keras.Model(inputs, x))
+    assert report.rows[0].action == AFFINE
+    assert "'dense' has a non-linear activation (Swish)" in report.rows[0].reason
+
+
+class Sub(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(3)
+        self.bn = L.BatchNormalization()
+
+    def call(self, x):
+        return self.bn(self.dense(x))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_subclassed_and_unbuilt_models_get_their_message(verify):
+    sub = Sub()
+    sub(np.zeros((2, 4), np.float32))
+    with pytest.raises(keras_bn.KerasBNError, match=r"fold_bn needs a graph it can read\. "
+                                                     r"Expected: a Sequential or Functional keras\.Model\. "
+                                                     r"Received: Sub \(a subclassed model\)"):
+        keras_bn.fold_bn(sub, verify=verify)
+    unbuilt = keras.Sequential([L.Dense(3), L.BatchNormalization()])
+    with pytest.raises(keras_bn.KerasBNError, match=r"The Sequential model must be built.*Received: "
+                                                     r"unbuilt model"):
+        keras_bn.fold_bn(unbuilt, verify=verify)
+
+
+@pytest.mark.parametrize("samples,match", [
+    (lambda x: x.astype(np.float64) * 1e300, r"Samples for input 'image' overflow float32"),
+    (lambda x: x[:, :4], r"Samples for input 'image' have the wrong shape\. Expected: shape "
+                         r"\(batch, 8, 8, 3\)\. Received: shape \(5, 4, 8, 3\), dtype float32"),
+    (lambda x: {"other": x}, r"The samples' keys do not match the model inputs\. Expected: keys "
+                             r"\['image'\]\. Received: keys \['other'\]"),
+    (lambda x: np.full(x.shape, "a"), r"Samples for input 'image' have an unusable dtype\. "
+                                      r"Expected: numbers castable to float32\. Received: .*<U1"),
+    (lambda x: [x, x], r"Expected: 1 array\(s\), one per input \['image'\]\. Received: 2"),
+    (lambda x: x[:0], r"Expected: one batch size >= 1"),
+])
+def test_bad_samples_are_refused_before_any_work(samples, match, rng):
+    inputs = keras.Input((8, 8, 3), name="image")
+    model = keras.Model(inputs, L.BatchNormalization()(L.Conv2D(4, 3)(inputs)))
+    x = rng.normal(size=(5, 8, 8, 3)).astype("float32")
+    with pytest.raises(keras_bn.KerasBNError, match=match) as info:
+        keras_bn.fold_bn(model, samples=samples(x))
+    assert "\x1b[" not in str(info.value)
+
+
+def test_float64_samples_are_cast(rng):
+    inputs = keras.Input((8, 8, 3), name="image")
+    model = randomize_bn(keras.Model(inputs, L.BatchNormalization()(L.Conv2D(4, 3)(inputs))))
+    x = rng.normal(size=(5, 8, 8, 3))  # what np.save(np.random.rand(...)) writes: float64
+    _, report = keras_bn.fold_bn(model, samples=x)
+    assert [v["inputs"] for v in report.verification][-1] == "samples"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""Verification shared by `fold_bn` and `keras_bn.export`: inputs, the acceptance rule, and the one
+table of tolerances.
+
+Acceptance rule, per output: `max|candidate - reference| <= atol + rtol * scale`, where `scale`
+is the largest finite |value| of THAT output of the original model (an output of magnitude 1e3
+does not loosen the check of an output of magnitude 1). NaN or Inf in the candidate agree only
+where the original model produced the same value at the same place.
+
+Tolerances follow the lowest-precision compute dtype of the model's layers: a `mixed_float16`
+model cannot agree to float32 digits, because a fold or a conversion changes the float16 rounding
+of every layer after it by about one unit in the last place (2**-10 relative, 2**-7 for bfloat16).
+"""
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import re
+
+import numpy as np
+import tensorflow as tf
+from keras.src import tree
+
+from keras_bn.errors import KerasBNError, expected
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float  # relative to the largest |value| of the output being compared
+    atol: float
+
+    def accepts(self, max_abs, scale):
+        return bool(np.isfinite(max_abs) and max_abs <= self.atol + self.rtol * scale)
+
+
+# The one place for tolerances. float32: a fold or a conversion reorders float32 sums (~1e-7
+# relative per layer). float16 and bfloat16: about ten units in the last place of the dtype.
+TOLERANCES = {
+    "float32": Tolerance(rtol=1e-5, atol=1e-6),
+    "float64": Tolerance(rtol=1e-5, atol=1e-6),  # verification still runs float32 graphs (ONNX)
+    "float16": Tolerance(rtol=1e-2, atol=1e-3),
+    "bfloat16": Tolerance(rtol=5e-2, atol=5e-3),
+}
+_PRECISION_ORDER = ["bfloat16", "float16", "float32", "float64"]
+
+
+def compute_dtype(model):
+    """The lowest-precision compute dtype of the model's layers ('float32' when none is set)."""
+    found = {getattr(layer, "compute_dtype", None) for layer in model._flatten_layers()}
+    for dtype in _PRECISION_ORDER:
+        if dtype in found:
+            return dtype
+    return "float32"
+
+
+def tolerance_for(model, rtol=None, atol=None):
+    """The model's default `Tolerance` (by `compute_dtype`), with `rtol`/`atol` overriding it."""
+    default = TOLERANCES[compute_dtype(model)]
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not np.isfinite(value) or value < 0):
+            raise KerasBNError(expected(f"Invalid `{name}`", "a finite number >= 0, or None for "
+                                        "the default of the model's compute dtype",
+                                        f"{name}={value!r}"))
+    return Tolerance(rtol=default.rtol if rtol is None else float(rtol),
+                     atol=default.atol if atol is None else float(atol))
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One output on one input set."""
+
+    max_abs: float
+    max_rel: float  # max_abs / scale
+    scale: float  # largest finite |reference value|
+
+
+def compare(reference, candidate):
+    """Compares ONE output. Positions where the reference is NaN/Inf agree only with the same
+    value in the candidate; anywhere else a NaN/Inf in the candidate is an infinite error."""
+    r = np.asarray(reference, np.float64)
+    c = np.asarray(candidate, np.float64)
+    if r.shape != c.shape:
+        return Comparison(float("inf"), float("inf"), 0.0)
+    with np.errstate(invalid="ignore"):
+        same_special = (~np.isfinite(r)) & ((r == c) | (np.isnan(r) & np.isnan(c)))
+        diff = np.where(same_special, 0.0, np.abs(r - c))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    max_abs = float(np.max(diff)) if diff.size else 0.0
+    finite = np.abs(r[np.isfinite(r)])
+    scale = float(np.max(finite)) if finite.size else 0.0
+    return Comparison(max_abs, max_abs / scale if scale > 0 else max_abs, scale)
+
+
+def output_names(model):
+    """The model's output names. Keras 3.15's Sequential has no `output_names`: there the name is
+    that of the layer making each output."""
+    names = getattr(model, "output_names", None)
+    if names:
+        return list(names)
+    return [t._keras_history.operation.name for t in tree.flatten(model.outputs)]
+
+
+def synthetic_inputs(model, batch_size=4, seed=0):
+    """Deterministic inputs for a model: N(0, 1) floats, None dimensions set to 16."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for x in tree.flatten(model.inputs):
+        shape = [batch_size] + [16 if d is None else d for d in x.shape[1:]]
+        if "int" in str(x.dtype):
+            arrays.append(np.zeros(shape, x.dtype))
+        else:
+            arrays.append(rng.standard_normal(shape).astype(x.dtype))
+    return arrays
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain_text(text):
+    """`text` without terminal escape codes (Keras colours some of its messages)."""
+    return _ANSI.sub("", str(text))
+
+
+def _describe(array):
+    return f"shape {tuple(array.shape)}, dtype {array.dtype}"
+
+
+def check_samples(model, samples):
+    """Returns `samples` as a list of arrays, one per model input in `model.inputs` order, or
+    raises `KerasBNError` naming what was expected. Checked before any work: the number of
+    arrays, the keys of a dict, each array's rank and known dimensions, one batch size, and the
+    dtype. Floats of another precision are cast to the input's dtype (`np.save` writes float64)
+    when every value stays finite; integers are cast to a float input; anything else is refused.
+    """
+    inputs = tree.flatten(model.inputs)
+    names = [x.name for x in inputs]
+    if isinstance(samples, dict):
+        missing = [n for n in names if n not in samples]
+        extra = sorted(set(samples) - set(names))
+        if missing or extra:
+            raise KerasBNError(expected("The samples' keys do not match the model inputs",
+                                        f"keys {names}", f"keys {sorted(samples)}"))
+        arrays = [samples[n] for n in names]
+    elif isinstance(samples, (list, tuple)):
+        arrays = list(samples)
+    else:
+        arrays = [samples]
+    if len(arrays) != len(inputs):
+        raise KerasBNError(expected("The samples do not match the model's inputs",
+                                    f"{len(inputs)} array(s), one per input {names}",
+                                    f"{len(arrays)} array(s)"))
+    checked = []
+    for name, x, array in zip(names, inputs, arrays):
+        try:
+            array = np.asarray(array)
+        except Exception as error:
+            raise KerasBNError(expected(f"Samples for input '{name}' are not an array",
+                                        "a numeric array", type(array).__name__)) from error
+        want = tuple(x.shape)
+        if array.ndim != len(want) or any(d is not None and d != a
+                                          for d, a in zip(want[1:], array.shape[1:])):
+            raise KerasBNError(expected(f"Samples for input '{name}' have the wrong shape",
+                                        f"shape (batch, {', '.join(str(d) for d in want[1:])})",
+                                        _describe(array)))
+        target = np.dtype(str(x.dtype)) if str(x.dtype) != "bfloat16" else np.dtype(np.float32)
+        if array.dtype != target:
+            if array.dtype.kind not in "fiub" or (target.kind != "f" and array.dtype.kind == "f"):
+                raise KerasBNError(expected(f"Samples for input '{name}' have an unusable dtype",
+                                            f"numbers castable to {target}", _describe(array)))
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = array.astype(target)
+            if target.kind == "f" and not np.array_equal(np.isfinite(cast),
+                                                         np.isfinite(array.astype(np.float64))):
+                raise KerasBNError(expected(f"Samples for input '{name}' overflow {target}",
+                                            f"values within {target}'s range", _describe(array)))
+            array = cast
+        checked.append(array)
+    batches = {len(a) for a in checked}
+    if len(batches) > 1 or 0 in batches:
+        raise KerasBNError(expected("The samples need one batch size for every input, at least 1",
+                                    "one batch size >= 1", f"batch sizes {[len(a) for a in checked]}"))
+    return checked
+
+
+def run_inference(model, inputs):
+    """`model` in inference mode on `inputs`, a list of arrays (one per model input)."""
+    return model(inputs[0] if len(inputs) == 1 else inputs, training=False)
+
+
+@contextlib.contextmanager
+def in_background(fn):
+    """Starts `fn` on a second thread, under the caller's TF device scope, and yields its future;
+    leaving the block waits for it. For Keras reference outputs computed while the calling
+    thread folds or converts (TF runs its kernels without the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
+        yield pool.submit(on_callers_device(fn))
+
+
+def on_callers_device(fn):
+    """`fn` wrapped to run under the calling thread's TF device scope (`with tf.device(...)`),
+    which TF keeps per thread, when it runs on another thread."""
+    # TF keeps the device scope per thread and has no public getter for it.
+    from tensorflow.python.eager import context as tf_context
+
+    device = tf_context.context().device_name or None
+
+    def run():
+        with tf.device(device):
+            return fn()
+
+    return run
