@@ -1,5 +1,6 @@
 """`keras-bn`: inspect / fold / export / verify / demo. Parses arguments, calls the library,
-formats results. Exit codes: 0 success, 1 verification failed, 2 bad input or usage."""
+formats results. Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 70 internal
+error (a bug of keras-bn: please report it with the --debug output)."""
 
 import argparse
 import json
@@ -10,7 +11,7 @@ import threading
 import time
 import traceback
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 70  # 70: EX_SOFTWARE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,14 +86,17 @@ def _load_samples(path):
 
 
 def _load(args):
-    from export.files import load_model_file
+    from export.files import ArchiveLimits, GiB, load_model_file
 
+    limits = ArchiveLimits(max_total_bytes=int(args.max_archive_gib * GiB))
     with _Step(f"loading {args.model}"):
-        return load_model_file(args.model, unsafe=args.unsafe)
+        return load_model_file(args.model, unsafe=args.unsafe, limits=limits)
 
 
 def _refuse_corrupt_statistics(model):
-    """fold_bn leaves such a BatchNorm in place; writing a model that outputs NaN is refused."""
+    """fold_bn leaves such a BatchNorm in place; writing a model that outputs NaN or inf is
+    refused: non-finite statistics, var + eps <= 0, or an inference scale or shift past the
+    dtype's range."""
     from keras_bn import fold_math
     from keras_bn.errors import KerasBNError
     from keras_bn.fold import BATCHNORM_TYPES, _bn_gamma_beta
@@ -101,7 +105,13 @@ def _refuse_corrupt_statistics(model):
         if isinstance(layer, BATCHNORM_TYPES):
             gamma, beta, mean, var = _bn_gamma_beta(layer)
             try:
-                fold_math.bn_scale_shift(mean, var, layer.epsilon, gamma, beta)
+                s, t = fold_math.bn_scale_shift(mean, var, layer.epsilon, gamma, beta)
+                for name, value in (("scale", s), ("shift", t)):
+                    reason = fold_math.overflow_reason(value, layer.variable_dtype)
+                    if reason:
+                        raise KerasBNError(f"its inference {name} gamma / sqrt(var + eps) "
+                                           f"{reason}." if name == "scale" else
+                                           f"its inference {name} beta - mean * scale {reason}.")
             except KerasBNError as error:
                 raise KerasBNError(f"BatchNorm '{layer.name}' has corrupt statistics: {error} "
                                    "Recompute them (train or run precise BN statistics) before "
@@ -111,13 +121,16 @@ def _refuse_corrupt_statistics(model):
 def _bn_rows(model):
     from keras_bn.fold import BATCHNORM_TYPES
 
+    from keras_bn.conventions import keras_momentum_to_torch
+
     rows = []
     for layer in model._flatten_layers():
         if isinstance(layer, BATCHNORM_TYPES):
+            torch_momentum = keras_momentum_to_torch(layer.momentum)
             rows.append({
                 "name": layer.name, "type": type(layer).__name__, "axis": layer.axis,
                 "momentum_keras": layer.momentum,
-                "momentum_torch": None if layer.momentum is None else round(1 - layer.momentum, 12),
+                "momentum_torch": None if torch_momentum is None else round(torch_momentum, 12),
                 "epsilon": layer.epsilon,
                 "moving_variance": "unbiased" if getattr(layer, "unbiased_variance", False) else "biased",
             })
@@ -147,20 +160,17 @@ def cmd_inspect(args):
 
 def cmd_fold(args):
     import keras_bn
-    from export.files import atomic_output, check_output_path
+    from export.files import atomic_output, check_output_path, save_keras
 
-    output = check_output_path(args.output, inputs=[args.model])
-    if not output.endswith(".keras"):
-        from keras_bn.errors import KerasBNError, expected
-        raise KerasBNError(expected("The output must be a .keras file", "a path ending in .keras", repr(args.output)))
+    output = check_output_path(args.output, inputs=[args.model, args.samples], suffix=".keras")
     model = _load(args)
     _refuse_corrupt_statistics(model)
     samples = _load_samples(args.samples)
     with _Step("folding and verifying"):
         folded, report = keras_bn.fold_bn(model, samples=samples, rtol=args.rtol, atol=args.atol)
     with _Step(f"writing {output}"):
-        with atomic_output(output, ".keras") as tmp:
-            folded.save(tmp)
+        with atomic_output(output, ".keras") as handle:
+            save_keras(folded, handle)
     if args.json:
         print(json.dumps({"output": output, **report.to_dict()}, indent=2))
     else:
@@ -174,7 +184,7 @@ def cmd_export(args):
     from export.converter import check_opset
     from export.files import check_output_path
 
-    check_output_path(args.output, inputs=[args.model])
+    check_output_path(args.output, inputs=[args.model, args.samples], suffix=".onnx")
     check_opset(args.opset)
     model = _load(args)
     _refuse_corrupt_statistics(model)
@@ -208,8 +218,6 @@ def cmd_demo(args):
 
 
 def build_parser():
-    from export.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
-
     parser = _Parser(prog="keras-bn", description="BatchNorm tooling for Keras 3: inspect, fold, "
                      "export to ONNX (verified against onnxruntime).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -220,10 +228,14 @@ def build_parser():
             p.add_argument("model", help="a .keras file (loaded with safe_mode=True)")
             p.add_argument("--unsafe", action="store_true",
                            help="allow legacy .h5 files, whose loader can run code from the file")
+            p.add_argument("--max-archive-gib", type=float, default=8.0,
+                           help="refuse .keras archives declaring more uncompressed data (default 8)")
         if tolerances:
             p.add_argument("--samples", help="inputs for verification: .npy, or .npz keyed by input name")
-            p.add_argument("--atol", type=float, default=DEFAULT_ATOL)
-            p.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
+            p.add_argument("--atol", type=float, default=None,
+                           help="default: by the model's compute dtype (float32 1e-6, float16 1e-3)")
+            p.add_argument("--rtol", type=float, default=None,
+                           help="x max|output|, per output; default: float32 1e-5, float16 1e-2")
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -268,31 +280,42 @@ def _terminate(signum, frame):
 
 
 def main(argv=None):
+    """The command line, callable in-process (a notebook, a test): installs no signal handler."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if threading.current_thread() is threading.main_thread():  # signals are for the main thread
-        signal.signal(signal.SIGTERM, _terminate)
-        signal.signal(signal.SIGINT, _terminate)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
     from keras_bn.errors import KerasBNError, VerificationError
+    from keras_bn.verification import plain_text
 
     try:
         return args.func(args)
     except KerasBNError as error:
         if debug:
             traceback.print_exc()
-        message = " ".join(str(error).split())
+        message = " ".join(plain_text(error).split())
         print(f"keras-bn: error: {message}", file=sys.stderr)
         return EXIT_VERIFY_FAILED if isinstance(error, VerificationError) else EXIT_BAD_INPUT
-    except Exception as error:  # anything else: still one line, traceback with --debug
+    except Exception as error:  # not the user's input: a bug of ours (or of a library under us)
         if debug:
             traceback.print_exc()
-        print(f"keras-bn: error: {type(error).__name__}: {' '.join(str(error).split())[:500]}",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+        text = " ".join(plain_text(error).split())[:500]
+        print(f"keras-bn: internal error: {type(error).__name__}: {text}. This is a bug in "
+              "keras-bn, not a problem with your input: please report it with the output of the "
+              "same command run with --debug.", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def console_main():
+    """The `keras-bn` console script: `main` with SIGTERM and Ctrl-C ending the process cleanly
+    (the temporary file being written removed, exit 143/130). Only here: in-process callers keep
+    their own handlers, and a notebook kernel is never ended by `os._exit`."""
+    if threading.current_thread() is threading.main_thread():  # signals are for the main thread
+        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, _terminate)
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -482,7 +482,7 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=None, rtol
     if not isinstance(model, keras.Model):
         raise KerasBNError(expected("to_onnx exports Keras models", "a keras.Model",
                                     type(model).__name__))
-    path = check_output_path(path)
+    path = check_output_path(path, suffix=".onnx")
     opset = check_opset(opset)
     tolerance = tolerance_for(model, rtol, atol)
     _check_exportable(model)
@@ -526,9 +526,8 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=None, rtol
             f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} x max|that output|",
             f"{worst['max_abs_error']:.4g}", where))
     step("writing")
-    with atomic_output(path, ".onnx") as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(model_bytes)
+    with atomic_output(path, ".onnx") as handle:
+        handle.write(model_bytes)
     opset_used = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                      default=0)
     return ExportReport(path=path, op_counts=op_counts(proto), fold=fold_report,

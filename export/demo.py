@@ -64,7 +64,7 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
 
     import export
     import keras_bn
-    from export.files import atomic_output
+    from export.files import atomic_output, save_keras
 
     say = print if verbose else (lambda *a, **k: None)
     os.makedirs(out_dir, exist_ok=True)
@@ -78,14 +78,14 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     model.fit(x_train, y_train, batch_size=64, epochs=epochs, validation_split=0.1,
               verbose=1 if verbose else 0)
     trained_path = os.path.join(out_dir, "trained.keras")
-    with atomic_output(trained_path, ".keras") as tmp:
-        model.save(tmp)
+    with atomic_output(trained_path, ".keras") as handle:
+        save_keras(model, handle)
 
     folded, fold_report = keras_bn.fold_bn(model, samples=x_test)
     say(fold_report)
     folded_path = os.path.join(out_dir, "folded.keras")
-    with atomic_output(folded_path, ".keras") as tmp:
-        folded.save(tmp)
+    with atomic_output(folded_path, ".keras") as handle:
+        save_keras(folded, handle)
     onnx_path = os.path.join(out_dir, "folded.onnx")
     export_report = export.to_onnx(model, onnx_path, samples=x_test)
 

@@ -1,22 +1,147 @@
-"""Model files as untrusted input, and atomic writes. No half-written output is ever left."""
+"""Model files as untrusted input, and atomic writes. No half-written output is ever left.
+
+Reading: a `.keras` archive is bounded before anything in it is read or decompressed (member
+count, declared sizes, overlapping entries, the weights' declared dataset sizes), then loaded by
+Keras with `safe_mode=True`. Limits are in `ArchiveLimits`; the command line can raise them.
+
+Writing: the new file is written as an unnamed file in the destination directory (Linux
+`O_TMPFILE`), so a process killed while writing, even by SIGKILL, leaves no trace; it gets a name
+only once complete (`linkat`, or a copy where the kernel refuses that), then replaces the output
+by `rename`. A kill in the instant between naming and renaming leaves a `.keras-bn-<pid>-*` file,
+which the next write into that directory removes.
+"""
 
 import contextlib
+import dataclasses
+import errno
+import io
+import json
 import os
+import secrets
+import shutil
+import stat
 import tempfile
+import threading
 import warnings
 import zipfile
 
-import keras
-
 from keras_bn.errors import KerasBNError, expected
 
+GiB = 1 << 30
+MiB = 1 << 20
 
-def load_model_file(path, *, unsafe=False):
-    """Loads a model file; `.keras` always with `safe_mode=True`.
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds checked on a `.keras` archive before any of it is decompressed.
+
+    Defaults fit models of up to about 2 billion float32 parameters; raise them for bigger ones
+    (`keras-bn --max-archive-gib N`)."""
+
+    max_members: int = 1000  # Keras writes 3 (config.json, metadata.json, model.weights.h5)
+    max_total_bytes: int = 8 * GiB  # sum of the members' declared uncompressed sizes
+    max_config_bytes: int = 64 * MiB  # config.json and metadata.json
+
+
+DEFAULT_LIMITS = ArchiveLimits()
+
+
+def _refuse(what, expected_value, received, fix=None):
+    raise KerasBNError(expected(what, expected_value, received, fix))
+
+
+def _short(text, limit=300):
+    """`text` on one line, cut at a word boundary."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def check_archive(path, limits=DEFAULT_LIMITS):
+    """Refuses a `.keras` archive whose directory promises more than `limits` allow, or whose
+    entries overlap (a zip bomb), reading only the zip directory and the HDF5 metadata of the
+    weights. Returns the parsed config.json."""
+    raise_limit = "If the file is trusted and really this large, raise the limit (--max-archive-gib)."
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if len(infos) > limits.max_members:
+                _refuse("The .keras archive has too many members", f"at most {limits.max_members}",
+                        f"{len(infos)} members")
+            total = sum(i.file_size for i in infos)
+            if total > limits.max_total_bytes:
+                _refuse("The .keras archive declares more data than allowed",
+                        f"at most {limits.max_total_bytes / GiB:g} GiB uncompressed",
+                        f"{total / GiB:.3g} GiB in {len(infos)} members", raise_limit)
+            by_offset = sorted(infos, key=lambda i: i.header_offset)
+            for a, b in zip(by_offset, by_offset[1:]):
+                if a.header_offset + a.compress_size > b.header_offset:
+                    _refuse("The .keras archive has overlapping entries (a zip bomb)",
+                            "a zip archive whose members do not share data",
+                            f"'{a.filename}' and '{b.filename}' overlap")
+            names = {i.filename: i for i in infos}
+            if "config.json" not in names:
+                _refuse("The .keras archive is damaged", "config.json and weights",
+                        f"members {sorted(names)[:10]}")
+            for name in ("config.json", "metadata.json"):
+                if name in names and names[name].file_size > limits.max_config_bytes:
+                    _refuse(f"The archive's {name} is too large",
+                            f"at most {limits.max_config_bytes / MiB:g} MiB",
+                            f"{names[name].file_size / MiB:.4g} MiB")
+            config_text = archive.read("config.json")
+            weights = names.get("model.weights.h5")
+            if weights is not None:
+                _check_weights(archive.read(weights), weights.file_size)
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
+        raise KerasBNError(expected("The .keras archive is damaged", "a complete zip archive",
+                                    f"{type(error).__name__}: {_short(error)}")) from error
+    try:
+        return json.loads(config_text)
+    except ValueError as error:
+        raise KerasBNError(expected("The archive's config.json is not JSON", "a file written "
+                                    "by model.save('x.keras')", _short(error))) from error
+
+
+def _check_weights(data, size):
+    """Every HDF5 dataset must fit in the bytes the file holds: a dataset declared larger than
+    its file has no data behind it (HDF5 would fill it), and reading it would allocate the
+    declared size. h5py reads shapes without reading data."""
+    import h5py
+
+    try:
+        handle = h5py.File(io.BytesIO(data), "r")
+    except Exception as error:  # h5py raises OSError subclasses with long texts
+        raise KerasBNError(expected("The archive's model.weights.h5 is not an HDF5 file",
+                                    "weights written by model.save('x.keras')",
+                                    _short(error))) from error
+    declared = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            count = 1
+            for d in obj.shape or ():
+                count *= d
+            declared.append((name, count * obj.dtype.itemsize))
+
+    with handle:
+        handle.visititems(visit)
+    total = sum(n for _, n in declared)
+    if total > size:
+        name, largest = max(declared, key=lambda x: x[1])
+        _refuse("The archive's weights declare more data than the file holds",
+                f"at most {size} bytes of weights", f"{total} bytes declared, the largest "
+                f"'{name}' with {largest} bytes")
+
+
+def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
+    """Loads a model file; `.keras` always with `safe_mode=True`, after `check_archive`.
 
     Legacy `.h5` files (whose loader ignored safe_mode in several Keras releases) and SavedModel
     directories can run code from the file; they are refused unless `unsafe=True`.
     """
+    import keras
+
     path = os.fspath(path)
     if not os.path.exists(path):
         raise KerasBNError(expected("The model file does not exist", "a path to a .keras file",
@@ -45,31 +170,29 @@ def load_model_file(path, *, unsafe=False):
                                     "a file written by model.save('x.keras')",
                                     f"{os.path.getsize(path)} bytes that are not a zip archive "
                                     "(corrupt or truncated?)"))
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-            names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise KerasBNError(expected("The .keras archive is damaged", "a complete zip archive",
-                                    f"{type(error).__name__}: {error}")) from error
-    if bad is not None or "config.json" not in names:
-        raise KerasBNError(expected("The .keras archive is damaged", "config.json and weights",
-                                    f"damaged member {bad!r}" if bad else f"members {sorted(names)}"))
+    config = check_archive(path, limits)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as error:  # Keras raises ValueError/TypeError with long texts
-        text = str(error)
-        if "safe_mode" in text or "Lambda" in text:
+        from keras_bn.verification import plain_text
+
+        text = plain_text(error)
+        if "safe_mode" in text or "safe mode" in text:
+            has_lambda = '"Lambda"' in json.dumps(config)
             raise KerasBNError(expected(
-                "The model contains a Lambda layer (Python code); it is not loaded and its code "
-                "does not run", "a model without Lambda layers", repr(path),
-                "Replace the Lambda by a registered custom layer.")) from error
+                "Keras's safe mode refused part of the model; nothing in it was run"
+                + (" (the model contains a Lambda layer, which holds Python code)" if has_lambda
+                   else ""), "a model Keras loads with safe_mode=True", _short(text),
+                "Replace the Lambda by a registered custom layer." if has_lambda else
+                "Load it yourself with keras.saving.load_model(..., safe_mode=False) only if "
+                "you trust the file.")) from error
         raise KerasBNError(expected("The model could not be loaded", "a loadable .keras file",
-                                    f"{type(error).__name__}: {text.splitlines()[0][:300]}")) from error
+                                    f"{type(error).__name__}: {_short(text)}")) from error
 
 
-def check_output_path(output, *, inputs=()):
-    """Refuses an output that would overwrite an input or lands in a missing directory."""
+def check_output_path(output, *, inputs=(), suffix=None):
+    """Refuses, before any work, an output that would overwrite an input, lacks `suffix`, or lands
+    in a missing, read-only or unwritable directory, or on a read-only file."""
     output = os.path.abspath(os.fspath(output))
     for source in inputs:
         if source is None:
@@ -79,22 +202,35 @@ def check_output_path(output, *, inputs=()):
                                     and os.path.samefile(source, output))
         if same:
             raise KerasBNError(expected("The output would overwrite an input",
-                                        "an output path different from every input", repr(output)))
+                                        "an output path different from every input",
+                                        f"{output!r}, which is also an input"))
+    if suffix and not output.endswith(suffix):
+        raise KerasBNError(expected(f"The output must be a {suffix} file",
+                                    f"a path ending in {suffix}", repr(output)))
     directory = os.path.dirname(output)
     if not os.path.isdir(directory):
         raise KerasBNError(expected("The output directory does not exist", "an existing directory",
                                     repr(directory), "Create it first."))
     if os.path.isdir(output):
         raise KerasBNError(expected("The output path is a directory", "a file path", repr(output)))
+    # Mode bits too: root may write anywhere, but a directory or file made read-only says no.
+    if not os.access(directory, os.W_OK | os.X_OK) or not os.stat(directory).st_mode & 0o222:
+        raise KerasBNError(expected("The output directory is not writable",
+                                    "a directory this user can write", repr(directory)))
+    if os.path.exists(output) and not os.stat(output).st_mode & 0o222:
+        raise KerasBNError(expected("The output file is read-only", "a writable file or a new "
+                                    "path", repr(output), "Remove it or make it writable first."))
     return output
 
 
-_pending = set()  # temporary files being written now
+_TEMP_PREFIX = ".keras-bn-"
+_pending = set()  # named temporary files of writes in progress (fallback path, rename window)
+_umask_lock = threading.Lock()
 
 
 def remove_pending():
-    """Removes the temporary files of writes in progress (for a signal handler that is about to
-    end the process)."""
+    """Removes the named temporary files of writes in progress (for a signal handler that is
+    about to end the process)."""
     for tmp in list(_pending):
         try:
             os.remove(tmp)
@@ -102,26 +238,105 @@ def remove_pending():
             pass
 
 
-@contextlib.contextmanager
-def atomic_output(path, suffix):
-    """Yields a temporary path in the destination directory; on success it is flushed, fsynced
-    and renamed onto `path` with os.replace; on any failure it is removed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".keras-bn-", suffix=suffix, dir=directory)
-    os.close(fd)
-    _pending.add(tmp)
+def remove_stale_temporaries(directory):
+    """Removes `.keras-bn-<pid>-*` files left in `directory` by a keras-bn process that no longer
+    runs (killed in the instant between naming and renaming its output)."""
+    for name in os.listdir(directory):
+        if not name.startswith(_TEMP_PREFIX):
+            continue
+        pid = name[len(_TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: its file
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(directory, name))
+
+
+def _new_file_mode(path):
+    """The mode of the file being replaced, or 0o666 less the umask for a new one."""
+    if os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    with _umask_lock:  # os.umask can only be read by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temp_name(directory, suffix):
+    return os.path.join(directory, f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{suffix}")
+
+
+def _name_unnamed_file(handle, directory, suffix, mode):
+    """Gives the complete O_TMPFILE file `handle` a temporary name in `directory` and returns
+    it: `linkat` through /proc, or, where the kernel refuses that (some sandboxes answer EXDEV),
+    a copy into a named file. Either takes an instant; a kill inside that instant leaves a
+    `.keras-bn-<pid>-*` file that the next write into the directory removes."""
+    named = _temp_name(directory, suffix)
+    _pending.add(named)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
+        os.link(f"/proc/self/fd/{handle.fileno()}", named, follow_symlinks=True)
+        return named
+    except OSError:
+        pass
+    fd = os.open(named, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as copy:
+        handle.seek(0)
+        shutil.copyfileobj(handle, copy, 16 * MiB)
+        copy.flush()
+        os.fchmod(copy.fileno(), mode)
+        os.fsync(copy.fileno())
+    return named
+
+
+@contextlib.contextmanager
+def atomic_output(path, suffix=""):
+    """Yields a binary file object; on success its content becomes `path` atomically (fsynced, with
+    the mode of the file it replaces or 0o666 less the umask). On failure, or if the process is
+    killed at any moment, `path` and its directory stay as they were."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    remove_stale_temporaries(directory)
+    mode = _new_file_mode(path)
+    named = None
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, mode)
+    except (AttributeError, OSError) as error:  # not Linux, or a filesystem without O_TMPFILE
+        if isinstance(error, OSError) and error.errno not in (errno.EOPNOTSUPP, errno.EISDIR,
+                                                              errno.EINVAL, errno.ENOENT):
+            raise
+        fd, named = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=suffix,
+                                     dir=directory)
+        _pending.add(named)
+    try:
+        with os.fdopen(fd, "w+b") as handle:
+            yield handle
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            if named is None:
+                named = _name_unnamed_file(handle, directory, suffix, mode)
+        os.replace(named, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     finally:
-        _pending.discard(tmp)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if named is not None:
+            _pending.discard(named)
+            if os.path.exists(named):
+                os.remove(named)
+
+
+def save_keras(model, handle):
+    """`model` as a `.keras` archive into the open binary file `handle`. Keras's public
+    `model.save` takes only paths ending in .keras; its saving library takes file objects."""
+    from keras.src.saving import saving_lib  # the file-object form of model.save
+
+    saving_lib.save_model(model, handle)

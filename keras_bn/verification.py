@@ -184,7 +184,18 @@ def check_samples(model, samples):
 
 def run_inference(model, inputs):
     """`model` in inference mode on `inputs`, a list of arrays (one per model input)."""
-    return model(inputs[0] if len(inputs) == 1 else inputs, training=False)
+    try:
+        return model(inputs[0] if len(inputs) == 1 else inputs, training=False)
+    except tf.errors.UnimplementedError as error:
+        text = plain_text(error)
+        if "NHWC" in text or "NDHWC" in text or "channels_first" in text.lower():
+            raise KerasBNError(expected(
+                "The model cannot be verified on this machine: TensorFlow on CPU runs "
+                "convolutions and pooling only channels-last", "a machine that can run the model "
+                "(a GPU for channels_first)", f"model '{model.name}' with channels_first layers",
+                "Verify on a GPU, or pass verify=False (keras-bn: run it on a GPU machine); "
+                "the fold math itself does not depend on the data format.")) from None
+        raise
 
 
 @contextlib.contextmanager

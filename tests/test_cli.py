@@ -60,6 +60,14 @@ def files(tmp_path_factory):
     bad.get_layer("bn2").moving_variance.assign(np.array([1.0, np.nan, -3.0], np.float32))
     bad.save(root / "corrupt.keras")
     np.save(root / "samples.npy", np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32"))
+    (root / "samples.onnx").write_bytes((root / "samples.npy").read_bytes())
+    np.save(root / "wrong_shape.npy", np.zeros((5, 8, 3), np.float32))
+    np.save(root / "strings.npy", np.full((5, 8, 8, 3), "a"))
+    big_in = keras.Input((3,))
+    big = keras.Model(big_in, L.ReLU()(L.BatchNormalization(name="bn")(L.Dense(2)(big_in))))
+    big.get_layer("bn").set_weights([np.full(2, 1e38, np.float32), np.zeros(2, np.float32),
+                                     np.full(2, 10.0, np.float32), np.ones(2, np.float32)])
+    big.save(root / "gamma_1e38.keras")
     return root
 
 
@@ -108,64 +116,145 @@ def test_fold_export_verify_round_trip(files, tmp_path):
     (["fold", "{d}/corrupt.keras", "-o", "{t}/out.keras"], r"BatchNorm 'bn2' has corrupt statistics: moving_variance has 1 non-finite"),
     (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--samples", "{d}/missing.npy"], r"The samples file does not exist"),
     (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--opset", "19"], r"Unsupported ONNX opset\. Expected: an integer from 7 .* to 18 .*Received: 19"),
+    (["export", "{d}/model.keras", "-o", "{d}/samples.npy", "--samples", "{d}/samples.npy"], r"The output would overwrite an input.*samples\.npy', which is also an input"),
+    (["export", "{d}/model.keras", "-o", "{t}/o.npy"], r"The output must be a \.onnx file"),
+    (["export", "{d}/model.keras", "-o", "{d}/samples.onnx", "--samples", "{d}/samples.onnx"], r"The output would overwrite an input"),
+    (["fold", "{d}/model.keras", "-o", "{t}/out.onnx"], r"The output must be a \.keras file"),
+    (["fold", "{d}/gamma_1e38.keras", "-o", "{t}/out.keras"], r"BatchNorm 'bn' has corrupt statistics: its inference shift beta - mean \* scale reaches -?9\.995e\+38, beyond float32's largest value"),
+    (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--samples", "{d}/wrong_shape.npy"], r"Samples for input 'image' have the wrong shape\. Expected: shape \(batch, 8, 8, 3\)\. Received: shape \(5, 8, 3\)"),
+    (["fold", "{d}/model.keras", "-o", "{t}/out.keras", "--samples", "{d}/strings.npy"], r"Samples for input 'image' have an unusable dtype"),
 ])
 def test_bad_input_exits_2(files, tmp_path, args, pattern):
+    before = {name: (files / name).read_bytes() for name in os.listdir(files)}
     run = cli(*[a.format(d=files, t=tmp_path) for a in args])
     assert run.returncode == 2, (run.stdout, run.stderr[-2000:])
     one_line_error(run, pattern)
-    assert not os.path.exists(tmp_path / "out.keras") and not os.path.exists(tmp_path / "o.onnx")
+    assert "\x1b[" not in run.stderr
+    assert os.listdir(tmp_path) == []
+    assert {name: (files / name).read_bytes() for name in os.listdir(files)} == before
 
 
+@pytest.mark.parametrize("command", ["fold", "export"])
+def test_unwritable_destination_is_refused_before_loading(files, tmp_path, command):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    suffix = ".keras" if command == "fold" else ".onnx"
+    os.chmod(locked, 0o555)
+    try:
+        run = cli(command, files / "model.keras", "-o", locked / f"out{suffix}")
+        assert run.returncode == 2
+        one_line_error(run, r"The output directory is not writable")
+        assert "loading" not in run.stderr  # refused up front
+    finally:
+        os.chmod(locked, 0o755)
+    readonly = tmp_path / f"ro{suffix}"
+    readonly.write_bytes(b"keep")
+    os.chmod(readonly, 0o444)
+    run = cli(command, files / "model.keras", "-o", readonly)
+    assert run.returncode == 2 and "loading" not in run.stderr
+    one_line_error(run, r"The output file is read-only")
+    assert readonly.read_bytes() == b"keep"
+
+
+# The CLI in a subprocess that announces a phase and waits there, so a signal lands in that phase
+# whatever the machine's load: "converting" (inside the real tf2onnx call) or "writing" (half of
+# the ONNX bytes written to the output's temporary file).
+PAUSED_CLI = textwrap.dedent("""
+    import sys, time
+    import tf2onnx.convert
+    from export import cli, converter
+
+    phase = sys.argv[1]
+    real_convert, real_output = tf2onnx.convert.from_function, converter.atomic_output
+
+    def paused_convert(*args, **kwargs):
+        result = real_convert(*args, **kwargs)
+        if phase == "converting":
+            print("PAUSED", flush=True)
+            time.sleep(600)
+        return result
+
+    class PausedHandle:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            print("PAUSED", flush=True)
+            time.sleep(600)
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def paused_output(path, suffix=""):
+        with real_output(path, suffix) as handle:
+            yield PausedHandle(handle) if phase == "writing" else handle
+
+    tf2onnx.convert.from_function = paused_convert
+    converter.atomic_output = paused_output
+    sys.argv = ["keras-bn"] + sys.argv[2:]
+    sys.exit(cli.console_main())
+""")
+
+
+@pytest.mark.parametrize("phase", ["converting", "writing"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_killed_export_leaves_the_previous_output_intact(files, tmp_path, sig):
+def test_killed_export_leaves_the_directory_as_it_was(files, tmp_path, sig, phase):
     out = tmp_path / "o.onnx"
     out.write_bytes(b"previous export")
-    proc = subprocess.Popen([sys.executable, "-m", "export.cli", "export", str(files / "model.keras"),
-                             "-o", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=ENV)
-    for line in proc.stderr:
-        if "converting with tf2onnx" in line:
-            break
-    assert proc.poll() is None, "the export finished before it could be stopped"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, phase, "export",
+                             str(files / "model.keras"), "-o", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "PAUSED", proc.stderr.read()[-3000:]
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), err
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), err[-3000:]
     if sig != signal.SIGKILL:
         word = "interrupted" if sig == signal.SIGINT else "terminated"
         assert f"keras-bn: error: {word}" in err and "Traceback" not in err
     assert out.read_bytes() == b"previous export"
-    assert os.listdir(tmp_path) == ["o.onnx"]  # no temporary file left either
+    assert os.listdir(tmp_path) == ["o.onnx"]  # no temporary file, even after SIGKILL
 
 
-def test_terminated_mid_write_removes_the_temporary_file(tmp_path):
-    # SIGTERM while the output is being written: the half-written temporary file goes, the
-    # previous output stays.
-    out = tmp_path / "o.onnx"
-    out.write_bytes(b"previous export")
-    code = textwrap.dedent("""
-        import os, signal, sys, time
-        from export import cli
-        from export.files import atomic_output
-        signal.signal(signal.SIGTERM, cli._terminate)
-        with atomic_output(sys.argv[1], ".onnx") as tmp:
-            with open(tmp, "wb") as handle:
-                handle.write(b"half")
-            print(os.path.basename(tmp), flush=True)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(60)
-    """)
-    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
-                         env=ENV, timeout=120)
-    assert run.returncode == 143 and "keras-bn: error: terminated" in run.stderr, run.stderr
-    assert run.stdout.startswith(".keras-bn-")  # the temporary file did exist
-    assert out.read_bytes() == b"previous export"
-    assert os.listdir(tmp_path) == ["o.onnx"]
+def test_stale_temporary_of_a_dead_process_is_removed_on_the_next_write(tmp_path):
+    from export.files import atomic_output
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".keras-bn-{dead.pid}-abc.onnx"
+    stale.write_bytes(b"left by a killed run")
+    mine = tmp_path / f".keras-bn-{os.getpid()}-abc.onnx"  # a live process's (ours): kept
+    mine.write_bytes(b"in progress")
+    with atomic_output(tmp_path / "o.onnx", ".onnx") as handle:
+        handle.write(b"new")
+    assert sorted(os.listdir(tmp_path)) == sorted(["o.onnx", mine.name])
+    assert (tmp_path / "o.onnx").read_bytes() == b"new"
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    from export.files import atomic_output
+
+    old = os.umask(0o027)
+    try:
+        with atomic_output(tmp_path / "new.onnx", ".onnx") as handle:
+            handle.write(b"x")
+        assert (os.stat(tmp_path / "new.onnx").st_mode & 0o777) == 0o640  # 0o666 & ~0o027
+        replaced = tmp_path / "old.onnx"
+        replaced.write_bytes(b"old")
+        os.chmod(replaced, 0o604)
+        with atomic_output(replaced, ".onnx") as handle:
+            handle.write(b"y")
+        assert (os.stat(replaced).st_mode & 0o777) == 0o604 and replaced.read_bytes() == b"y"
+    finally:
+        os.umask(old)
 
 
 def test_lambda_model_is_refused_and_its_code_never_runs(files):
     run = cli("inspect", files / "lambda.keras")
     assert run.returncode == 2
-    one_line_error(run, r"contains a Lambda layer.*its code does not run")
+    one_line_error(run, r"safe mode refused part of the model; nothing in it was run \(the model "
+                        r"contains a Lambda layer")
     assert not (files / "lambda_ran").exists()
 
 
@@ -218,3 +307,149 @@ def test_demo_through_the_console_script(tmp_path):
                          capture_output=True, text=True, env=ENV, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["folded.keras", "folded.onnx", "trained.keras"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile archives: refused from the zip directory and the HDF5 metadata, in bounded time and memory.
+
+MEASURED_CLI = textwrap.dedent("""
+    import resource, sys
+    from export import cli
+    code = cli.main(sys.argv[1:])
+    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    sys.exit(code)
+""")
+
+
+def measured_cli(*args):
+    run = subprocess.run(["timeout", "240", sys.executable, "-c", MEASURED_CLI, *map(str, args)],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    peak = [int(l.split()[1]) for l in run.stderr.splitlines() if l.startswith("PEAK_RSS_KB")]
+    return run, (peak[0] * 1024 if peak else None)
+
+
+def overlapping_zip(path, copies):
+    """A zip whose central directory lists `copies` entries that all point at one deflated
+    member of 1 MiB (zip-bomb style: the declared sizes add up, the file stays small)."""
+    import struct
+    import zlib
+
+    data = b"\0" * (1 << 20)
+    packed = zlib.compress(data)[2:-4]  # raw deflate
+    crc = zlib.crc32(data)
+    name = b"config.json"
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(packed), len(data),
+                        len(name), 0) + name + packed
+    central = b""
+    for i in range(copies):
+        entry = name if i == 0 else f"m{i}.bin".encode()
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, crc,
+                               len(packed), len(data), len(entry), 0, 0, 0, 0, 0, 0) + entry
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, copies, copies, len(central), len(local), 0)
+    path.write_bytes(local + central + end)
+
+
+def test_overlapping_entries_zip_bomb_is_refused_quickly(tmp_path):
+    bomb = tmp_path / "bomb.keras"
+    overlapping_zip(bomb, 900)
+    run, peak = measured_cli("inspect", bomb)
+    assert run.returncode == 2, run.stderr[-2000:]
+    one_line_error(run, r"overlapping entries \(a zip bomb\)")
+    assert peak < 2 * 2**30
+
+
+def test_oversized_config_is_refused_before_it_is_read(files, tmp_path):
+    import zipfile
+
+    path = tmp_path / "big_config.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", b" " * (65 << 20))  # 65 MiB of spaces, ~64 KiB deflated
+    assert path.stat().st_size < 1 << 20
+    run, peak = measured_cli("inspect", path)
+    assert run.returncode == 2
+    one_line_error(run, r"The archive's config\.json is too large\. Expected: at most 64 MiB\. "
+                        r"Received: 65 MiB")
+
+
+def test_weights_declaring_more_than_the_file_holds_are_refused(files, tmp_path):
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(files / "model.keras") as archive:
+        config, metadata = archive.read("config.json"), archive.read("metadata.json")
+    weights = tmp_path / "w.h5"
+    with h5py.File(weights, "w") as handle:
+        handle.create_dataset("layers/dense/vars/0", shape=(900_000_000,), dtype="float32")
+    path = tmp_path / "hollow.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", config)
+        archive.writestr("metadata.json", metadata)
+        archive.write(weights, "model.weights.h5")
+    assert path.stat().st_size < 64 << 10
+    run, peak = measured_cli("inspect", path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    one_line_error(run, r"weights declare more data than the file holds\. .*Received: 3600000000 "
+                        r"bytes declared, the largest 'layers/dense/vars/0'")
+    assert peak < 2 * 2**30
+    # The limit is the user's to raise for a trusted huge model; a real model passes it.
+    ok, _ = measured_cli("inspect", files / "model.keras", "--max-archive-gib", "0.5")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    low, _ = measured_cli("inspect", files / "model.keras", "--max-archive-gib", "0.000001")
+    assert low.returncode == 2 and "declares more data than allowed" in low.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Our bugs are ours; in-process use; where verification cannot run.
+
+def test_internal_error_exits_70_and_asks_for_a_report(files):
+    code = textwrap.dedent("""
+        import sys
+        import keras_bn
+        from export import cli
+        def broken(*args, **kwargs):
+            raise ZeroDivisionError("a bug")
+        keras_bn.fold_bn = broken
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    run = subprocess.run([sys.executable, "-c", code, "inspect", str(files / "model.keras")],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 70, run.stderr[-2000:]
+    assert "keras-bn: internal error: ZeroDivisionError: a bug. This is a bug in keras-bn" in run.stderr
+    assert "--debug" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_main_in_process_installs_no_signal_handler(files, capsys):
+    from export import cli
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert cli.main(["inspect", str(files / "missing.keras")]) == 2
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert "The model file does not exist" in capsys.readouterr().err
+
+
+def test_channels_first_that_cpu_cannot_run_gets_one_line(tmp_path):
+    inputs = keras.Input((3, 8, 8))
+    x = L.BatchNormalization(axis=1)(L.Conv2D(4, 3, data_format="channels_first")(inputs))
+    keras.Model(inputs, x).save(tmp_path / "cf.keras")
+    run = cli("fold", tmp_path / "cf.keras", "-o", tmp_path / "out.keras")
+    assert run.returncode == 2
+    one_line_error(run, r"cannot be verified on this machine: TensorFlow on CPU runs convolutions "
+                        r"and pooling only channels-last")
+    assert not (tmp_path / "out.keras").exists()
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_sequential_and_mixed_precision_through_the_cli(policy, tmp_path, mixed_policy):
+    mixed_policy(policy)
+    model = randomize_bn(keras.Sequential([keras.Input((8, 8, 3), name="image"),
+                                           L.Conv2D(4, 3, use_bias=False), L.BatchNormalization(),
+                                           L.ReLU(), L.Flatten(), L.Dense(3, name="out")]))
+    model.save(tmp_path / "seq.keras")
+    run = cli("export", tmp_path / "seq.keras", "-o", tmp_path / "seq.onnx", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["verification"]["passed"] and report["batchnorms_folded"] == 1
+    assert report["verification"]["rtol"] == (1e-2 if policy == "mixed_float16" else 1e-5)
+    run = cli("fold", tmp_path / "seq.keras", "-o", tmp_path / "folded.keras")
+    assert run.returncode == 0, run.stderr[-3000:]
