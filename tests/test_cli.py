@@ -23,6 +23,24 @@ def cli(*args):
                           capture_output=True, text=True, env=ENV, timeout=300)
 
 
+def cli_in_process(*args):
+    """`export.cli.main` in this process (what a notebook does), for the error paths: the same
+    code as the console script but the signal handlers, without a TensorFlow import per case."""
+    import contextlib
+    import io
+    import types
+
+    from export import cli as cli_module
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli_module.main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse usage errors
+            code = exit_.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def one_line_error(run, pattern):
     lines = [l for l in run.stderr.splitlines() if l.startswith("keras-bn: error:")]
     assert len(lines) == 1, run.stderr[-3000:]
@@ -126,7 +144,7 @@ def test_fold_export_verify_round_trip(files, tmp_path):
 ])
 def test_bad_input_exits_2(files, tmp_path, args, pattern):
     before = {name: (files / name).read_bytes() for name in os.listdir(files)}
-    run = cli(*[a.format(d=files, t=tmp_path) for a in args])
+    run = cli_in_process(*[a.format(d=files, t=tmp_path) for a in args])
     assert run.returncode == 2, (run.stdout, run.stderr[-2000:])
     one_line_error(run, pattern)
     assert "\x1b[" not in run.stderr
@@ -141,7 +159,7 @@ def test_unwritable_destination_is_refused_before_loading(files, tmp_path, comma
     suffix = ".keras" if command == "fold" else ".onnx"
     os.chmod(locked, 0o555)
     try:
-        run = cli(command, files / "model.keras", "-o", locked / f"out{suffix}")
+        run = cli_in_process(command, files / "model.keras", "-o", locked / f"out{suffix}")
         assert run.returncode == 2
         one_line_error(run, r"The output directory is not writable")
         assert "loading" not in run.stderr  # refused up front
@@ -150,7 +168,7 @@ def test_unwritable_destination_is_refused_before_loading(files, tmp_path, comma
     readonly = tmp_path / f"ro{suffix}"
     readonly.write_bytes(b"keep")
     os.chmod(readonly, 0o444)
-    run = cli(command, files / "model.keras", "-o", readonly)
+    run = cli_in_process(command, files / "model.keras", "-o", readonly)
     assert run.returncode == 2 and "loading" not in run.stderr
     one_line_error(run, r"The output file is read-only")
     assert readonly.read_bytes() == b"keep"
@@ -440,17 +458,49 @@ def test_channels_first_that_cpu_cannot_run_gets_one_line(tmp_path):
     assert not (tmp_path / "out.keras").exists()
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
 def test_sequential_and_mixed_precision_through_the_cli(policy, tmp_path, mixed_policy):
     mixed_policy(policy)
     model = randomize_bn(keras.Sequential([keras.Input((8, 8, 3), name="image"),
                                            L.Conv2D(4, 3, use_bias=False), L.BatchNormalization(),
                                            L.ReLU(), L.Flatten(), L.Dense(3, name="out")]))
     model.save(tmp_path / "seq.keras")
-    run = cli("export", tmp_path / "seq.keras", "-o", tmp_path / "seq.onnx", "--json")
+    run = cli_in_process("export", tmp_path / "seq.keras", "-o", tmp_path / "seq.onnx", "--json")
+    if policy == "mixed_bfloat16":  # refused before any work, with the way out
+        assert run.returncode == 2 and not (tmp_path / "seq.onnx").exists()
+        one_line_error(run, r"computes in bfloat16.*export that")
+        run = cli_in_process("fold", tmp_path / "seq.keras", "-o", tmp_path / "folded.keras", "--json")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert json.loads(run.stdout)["verification"][0]["rtol"] == 5e-2
+        return
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["verification"]["passed"] and report["batchnorms_folded"] == 1
     assert report["verification"]["rtol"] == (1e-2 if policy == "mixed_float16" else 1e-5)
-    run = cli("fold", tmp_path / "seq.keras", "-o", tmp_path / "folded.keras")
+    run = cli_in_process("fold", tmp_path / "seq.keras", "-o", tmp_path / "folded.keras")
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_safe_mode_refusal_says_what_keras_refused(tmp_path):
+    # Not a Lambda: a StringLookup whose vocabulary is a file on the machine. Keras's safe mode
+    # refuses it; the message must not blame a Lambda layer.
+    import zipfile
+
+    inputs = keras.Input((1,), dtype="string")
+    model = keras.Model(inputs, L.StringLookup(vocabulary=["a", "b"], name="lookup")(inputs))
+    model.save(tmp_path / "plain.keras")
+    with zipfile.ZipFile(tmp_path / "plain.keras") as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    config = json.loads(members["config.json"])
+    for layer in config["config"]["layers"]:
+        if layer["config"].get("name") == "lookup":
+            layer["config"]["vocabulary"] = "/etc/passwd"
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "lookup.keras", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    run = cli("inspect", tmp_path / "lookup.keras")
+    assert run.returncode == 2, run.stderr[-2000:]
+    one_line_error(run, r"safe mode refused part of the model; nothing in it was run\. Expected: "
+                        r"a model Keras loads with safe_mode=True\. Received: .*")
+    assert "Lambda" not in run.stderr
