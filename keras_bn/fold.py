@@ -57,11 +57,10 @@ class FoldRow:
 
 @dataclasses.dataclass
 class FoldReport:
-    """One row per BatchNorm, the counts, the verification errors and any warnings."""
+    """One row per BatchNorm, the counts and the verification errors."""
 
     rows: list = dataclasses.field(default_factory=list)
     verification: list = dataclasses.field(default_factory=list)
-    warnings: list = dataclasses.field(default_factory=list)
 
     @property
     def counts(self):
@@ -79,7 +78,7 @@ class FoldReport:
 
     def to_dict(self):
         return {"counts": self.counts, "rows": [r.to_dict() for r in self.rows],
-                "verification": self.verification, "warnings": list(self.warnings)}
+                "verification": self.verification}
 
     def __str__(self):
         width = max([len(r.name) for r in self.rows] + [9])
@@ -95,7 +94,6 @@ class FoldReport:
             lines.append(f"verified '{v['output']}' on {v['inputs']}: max abs error {v['max_abs_error']:.3g}, "
                          f"max rel error {v['max_rel_error']:.3g} (tolerance rtol={v['rtol']:g}, "
                          f"atol={v['atol']:g})")
-        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -490,8 +488,6 @@ def fold_bn(model, *, verify=True, samples=None, rtol=None, atol=None, replace_l
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Keras' "layer not built" chatter
             folded = _fold_model(model, report, "", replace_leftovers)
-    for warning in report.warnings:
-        warnings.warn(f"fold_bn: {warning}", RuntimeWarning, stacklevel=2)
     if verify:
         names = output_names(model)
         for (label, inputs), reference in zip(checks, pending.result()):
