@@ -333,6 +333,11 @@ class BatchNorm(keras.layers.Layer):
         """Keras's mask lacks the last axis: broadcast it over that axis, as Keras does."""
         return tf.broadcast_to(tf.expand_dims(tf.cast(mask, x.dtype), -1), tf.shape(x))
 
+    def _synchronized_now(self):
+        """True when the batch statistics are taken over several replicas' batches."""
+        ctx = tf.distribute.get_replica_context()
+        return self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
+
     def _batch_moments(self, x, mask):
         """Statistics of a batch in the math dtype.
 
@@ -344,7 +349,7 @@ class BatchNorm(keras.layers.Layer):
         shape = self._broadcast_shape(len(x.shape))
         weights = None if mask is None else self._mask_weights(x, mask)
         ctx = tf.distribute.get_replica_context()
-        synchronized = self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
+        synchronized = self._synchronized_now()
         # A masked-out first sample may hold padding far from the data: no shift then.
         pivot = self._pivot(x)
         if weights is not None:
@@ -450,10 +455,11 @@ class BatchNorm(keras.layers.Layer):
         gamma, beta = self._gamma_beta(channels, math_dtype)
         if training and self.trainable:
             count = self._values_per_channel(inputs)
-            if isinstance(count, int) and count == 0:  # statically empty: nothing to normalize or learn from
+            if isinstance(count, int) and count == 0:  # statically empty: nothing to learn from
                 return tf.cast(inputs, self.compute_dtype)
-            inputs = self._check_one_value(inputs, count)
-            if not isinstance(count, int):
+            if not self._synchronized_now():  # across replicas the global count is what matters
+                inputs = self._check_one_value(inputs, count)
+            if not isinstance(count, int) and not self._synchronized_now():
                 # Under XLA the run-time check above is dropped: a NaN scale makes the outputs
                 # (and the loss) NaN instead of a silently wrong beta.
                 gamma = tf.where(tf.equal(count, 1), tf.constant(float("nan"), math_dtype), gamma)

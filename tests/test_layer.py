@@ -467,6 +467,16 @@ SYNC_SCRIPT = textwrap.dedent("""
             "var": bn.moving_variance.numpy().tolist(),
             "out": np.concatenate([o.numpy() for o in strategy.experimental_local_results(out)]).tolist(),
         }
+    # One sample per replica: the global batch has two, so it trains (no batch-of-one error).
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        one = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
+        one.build((None, 5))
+    pair = strategy.experimental_distribute_values_from_function(
+        lambda ctx: data[ctx.replica_id_in_sync_group: ctx.replica_id_in_sync_group + 1])
+    strategy.run(tf.function(lambda x: one(x, training=True)), args=(pair,))
+    result["one_each"] = {"mean": one.moving_mean.numpy().tolist(),
+                          "var": one.moving_variance.numpy().tolist()}
     plain = keras_bn.BatchNorm(momentum=0.0)
     result["plain"] = {"out": plain(data, training=True).numpy().tolist(),
                        "mean": plain.moving_mean.numpy().tolist(),
@@ -485,6 +495,9 @@ def test_synchronized_matches_single_global_batch():
     np.testing.assert_allclose(sync["mean"], plain["mean"], rtol=1e-5)
     np.testing.assert_allclose(sync["var"], plain["var"], rtol=1e-5)
     np.testing.assert_allclose(sync["out"], plain["out"], rtol=1e-4, atol=1e-5)
+    first_two = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")[:2]
+    np.testing.assert_allclose(result["one_each"]["mean"], first_two.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(result["one_each"]["var"], first_two.var(0), rtol=1e-4)
     # Negative case: without synchronization each replica normalizes with its own half.
     assert not np.allclose(local["out"], plain["out"], atol=1e-2)
 
