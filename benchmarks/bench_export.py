@@ -24,7 +24,7 @@ import onnxruntime as ort  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf2onnx  # noqa: E402
 
-import export  # noqa: E402
+from keras_bn import export  # noqa: E402
 
 
 def raw_convert(model, catch_errors=None):

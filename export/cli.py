@@ -86,7 +86,7 @@ def _load_samples(path):
 
 
 def _load(args):
-    from export.files import ArchiveLimits, GiB, load_model_file
+    from .files import ArchiveLimits, GiB, load_model_file
 
     limits = ArchiveLimits(max_total_bytes=int(args.max_archive_gib * GiB))
     with _Step(f"loading {args.model}"):
@@ -160,7 +160,7 @@ def cmd_inspect(args):
 
 def cmd_fold(args):
     import keras_bn
-    from export.files import atomic_output, check_output_path, save_keras
+    from .files import atomic_output, check_output_path, save_keras
 
     output = check_output_path(args.output, inputs=[args.model, args.samples], suffix=".keras")
     model = _load(args)
@@ -180,9 +180,9 @@ def cmd_fold(args):
 
 
 def cmd_export(args):
-    import export
-    from export.converter import check_opset
-    from export.files import check_output_path
+    from keras_bn import export
+    from .converter import check_opset
+    from .files import check_output_path
 
     check_output_path(args.output, inputs=[args.model, args.samples], suffix=".onnx")
     check_opset(args.opset)
@@ -198,7 +198,7 @@ def cmd_export(args):
 
 
 def cmd_verify(args):
-    import export
+    from keras_bn import export
 
     model = _load(args)
     samples = _load_samples(args.samples)
@@ -209,7 +209,7 @@ def cmd_verify(args):
 
 
 def cmd_demo(args):
-    from export.demo import run_demo
+    from .demo import run_demo
 
     summary = run_demo(args.out, epochs=args.epochs, verbose=not args.json)
     if args.json:
@@ -271,7 +271,7 @@ def _terminate(signum, frame):
     # No exception is raised into whatever TensorFlow is doing: the temporary file being written,
     # if any, is removed and the process ends. Outputs only ever appear by os.replace, so nothing
     # half-written is left at the destination.
-    from export.files import remove_pending
+    from .files import remove_pending
 
     remove_pending()
     word = "interrupted" if signum == signal.SIGINT else "terminated"

@@ -43,7 +43,7 @@ from keras_bn.errors import KerasBNError, VerificationError, expected
 from keras_bn.verification import (check_samples, compare, compute_dtype, in_background,
                                    output_names, run_inference, synthetic_inputs,
                                    tolerance_for)
-from export.files import atomic_output, check_output_path
+from .files import atomic_output, check_output_path
 
 NCHW_KEY = "keras_bn.nchw_inputs"
 

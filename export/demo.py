@@ -62,9 +62,9 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     import onnxruntime as ort
     import tensorflow as tf
 
-    import export
+    from keras_bn import export
     import keras_bn
-    from export.files import atomic_output, save_keras
+    from .files import atomic_output, save_keras
 
     say = print if verbose else (lambda *a, **k: None)
     os.makedirs(out_dir, exist_ok=True)

@@ -140,7 +140,7 @@ momentum. We measure, on this problem, whether BatchNorm trains faster and toler
 learning rates, and print what we find rather than what we expect."""),
     ("code", SETUP),
     ("code", """\
-from export.demo import build_model, load_digits_split
+from keras_bn.export.demo import build_model, load_digits_split
 x_train, x_test, y_train, y_test = load_digits_split()
 EPOCHS = 6
 results = {}
@@ -187,8 +187,8 @@ onnxruntime, and measure latency before and after."""),
     ("code", """\
 import tempfile, time, statistics
 import onnxruntime as ort
-import export
-from export.demo import build_model, load_digits_split
+from keras_bn import export
+from keras_bn.export.demo import build_model, load_digits_split
 x_train, x_test, y_train, y_test = load_digits_split()
 model = build_model()
 model.compile(optimizer=keras.optimizers.Adam(3e-3),

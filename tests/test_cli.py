@@ -19,7 +19,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "export.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "keras_bn.export.cli", *map(str, args)],
                           capture_output=True, text=True, env=ENV, timeout=300)
 
 
@@ -30,7 +30,7 @@ def cli_in_process(*args):
     import io
     import types
 
-    from export import cli as cli_module
+    from keras_bn.export import cli as cli_module
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -180,7 +180,7 @@ def test_unwritable_destination_is_refused_before_loading(files, tmp_path, comma
 PAUSED_CLI = textwrap.dedent("""
     import sys, time
     import tf2onnx.convert
-    from export import cli, converter
+    from keras_bn.export import cli, converter
 
     phase = sys.argv[1]
     real_convert, real_output = tf2onnx.convert.from_function, converter.atomic_output
@@ -238,7 +238,7 @@ def test_killed_export_leaves_the_directory_as_it_was(files, tmp_path, sig, phas
 
 
 def test_stale_temporary_of_a_dead_process_is_removed_on_the_next_write(tmp_path):
-    from export.files import atomic_output
+    from keras_bn.export.files import atomic_output
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -253,7 +253,7 @@ def test_stale_temporary_of_a_dead_process_is_removed_on_the_next_write(tmp_path
 
 
 def test_written_files_get_the_usual_mode(tmp_path):
-    from export.files import atomic_output
+    from keras_bn.export.files import atomic_output
 
     old = os.umask(0o027)
     try:
@@ -333,7 +333,7 @@ def test_demo_through_the_console_script(tmp_path):
 
 MEASURED_CLI = textwrap.dedent("""
     import resource, sys
-    from export import cli
+    from keras_bn.export import cli
     code = cli.main(sys.argv[1:])
     print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
     sys.exit(code)
@@ -425,7 +425,7 @@ def test_internal_error_exits_70_and_asks_for_a_report(files):
     code = textwrap.dedent("""
         import sys
         import keras_bn
-        from export import cli
+        from keras_bn.export import cli
         def broken(*args, **kwargs):
             raise ZeroDivisionError("a bug")
         keras_bn.fold_bn = broken
@@ -439,7 +439,7 @@ def test_internal_error_exits_70_and_asks_for_a_report(files):
 
 
 def test_main_in_process_installs_no_signal_handler(files, capsys):
-    from export import cli
+    from keras_bn.export import cli
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     assert cli.main(["inspect", str(files / "missing.keras")]) == 2

@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import export
+from keras_bn import export
 import keras_bn
-from export import converter
+from keras_bn.export import converter
 from tests.test_fold import randomize_bn
 from tests.tolerances import ORT_ATOL
 
