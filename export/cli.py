@@ -93,38 +93,14 @@ def _load(args):
         return load_model_file(args.model, unsafe=args.unsafe, limits=limits)
 
 
-def _refuse_corrupt_statistics(model):
-    """fold_bn leaves such a BatchNorm in place; writing a model that outputs NaN or inf is
-    refused: non-finite statistics, var + eps <= 0, or an inference scale or shift past the
-    dtype's range."""
-    from keras_bn import fold_math
-    from keras_bn.errors import KerasBNError
-    from keras_bn.fold import BATCHNORM_TYPES, _bn_gamma_beta
-
-    for layer in model._flatten_layers():
-        if isinstance(layer, BATCHNORM_TYPES):
-            gamma, beta, mean, var = _bn_gamma_beta(layer)
-            try:
-                s, t = fold_math.bn_scale_shift(mean, var, layer.epsilon, gamma, beta)
-                for name, value in (("scale", s), ("shift", t)):
-                    reason = fold_math.overflow_reason(value, layer.variable_dtype)
-                    if reason:
-                        raise KerasBNError(f"its inference {name} gamma / sqrt(var + eps) "
-                                           f"{reason}." if name == "scale" else
-                                           f"its inference {name} beta - mean * scale {reason}.")
-            except KerasBNError as error:
-                raise KerasBNError(f"BatchNorm '{layer.name}' has corrupt statistics: {error} "
-                                   "Recompute them (train or run precise BN statistics) before "
-                                   "folding or exporting.") from error
-
-
 def _bn_rows(model):
     from keras_bn.fold import BATCHNORM_TYPES
 
+    from keras_bn import _keras_internals as internals
     from keras_bn.conventions import keras_momentum_to_torch
 
     rows = []
-    for layer in model._flatten_layers():
+    for layer in internals.all_layers(model):
         if isinstance(layer, BATCHNORM_TYPES):
             torch_momentum = keras_momentum_to_torch(layer.momentum)
             rows.append({
@@ -164,10 +140,10 @@ def cmd_fold(args):
 
     output = check_output_path(args.output, inputs=[args.model, args.samples], suffix=".keras")
     model = _load(args)
-    _refuse_corrupt_statistics(model)
     samples = _load_samples(args.samples)
     with _Step("folding and verifying"):
-        folded, report = keras_bn.fold_bn(model, samples=samples, rtol=args.rtol, atol=args.atol)
+        folded, report = keras_bn.fold_bn(model, samples=samples, rtol=args.rtol, atol=args.atol,
+                                          on_bad_statistics="raise")
     with _Step(f"writing {output}"):
         with atomic_output(output, ".keras") as handle:
             save_keras(folded, handle)
@@ -187,12 +163,11 @@ def cmd_export(args):
     check_output_path(args.output, inputs=[args.model, args.samples], suffix=".onnx")
     check_opset(args.opset)
     model = _load(args)
-    _refuse_corrupt_statistics(model)
     samples = _load_samples(args.samples)
     with _Steps() as steps:
         report = export.to_onnx(model, args.output, fold=not args.no_fold, opset=args.opset,
                                 samples=samples, atol=args.atol, rtol=args.rtol,
-                                nchw_inputs=args.nchw, progress=steps)
+                                nchw_inputs=args.nchw, progress=steps, on_bad_statistics="raise")
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
 

@@ -18,6 +18,8 @@ lowers them to the plain `Conv` op (TF's Conv2D/Conv3D infer groups from the ker
 tf2onnx turns into an ONNX `Conv` with `group`.
 """
 
+from __future__ import annotations
+
 import collections
 import contextlib
 import dataclasses
@@ -34,11 +36,8 @@ import onnx
 import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
-from keras.src import tree
-from keras.src.layers.convolutional.base_conv import BaseConv
-from keras.src.models.functional import Functional
-
 import keras_bn
+from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, VerificationError, expected
 from keras_bn.verification import (check_samples, compare, compute_dtype, in_background,
                                    output_names, run_inference, synthetic_inputs,
@@ -147,8 +146,15 @@ def _lower_grouped_conv(layer):
     return call
 
 
+_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def _is_grouped_conv(layer):
+    return isinstance(layer, _CONVS) and layer.groups > 1
+
+
 def _has_grouped_conv(model):
-    return any(isinstance(l, BaseConv) and l.groups > 1 for l in model._flatten_layers())
+    return any(_is_grouped_conv(layer) for layer in internals.all_layers(model))
 
 
 def _inference_fn(model):
@@ -158,22 +164,22 @@ def _inference_fn(model):
         return lambda inputs: run_inference(model, inputs)
 
     def operation_fn(op):
-        if isinstance(op, BaseConv) and op.groups > 1:
+        if _is_grouped_conv(op):
             return _lower_grouped_conv(op)
-        if isinstance(op, keras.Sequential):
-            op = op._functional
-        if isinstance(op, Functional):
-            return lambda *args, **kwargs: op._run_through_graph(args[0], operation_fn=operation_fn)
-        if isinstance(op, keras.layers.Layer) and op._call_has_training_arg:
+        if isinstance(op, keras.Model) and internals.graph_model(op) is not None:
+            inner = internals.graph_model(op)
+            return lambda *args, **kwargs: internals.run_through_graph(inner, args[0],
+                                                                       operation_fn)
+        if isinstance(op, keras.layers.Layer) and internals.call_has_training_arg(op):
             return lambda *args, **kwargs: op(*args, **{**kwargs, "training": False})
         return op
 
-    graph = model._functional if isinstance(model, keras.Sequential) else model
-    if not isinstance(graph, Functional):
+    graph = internals.graph_model(model)
+    if graph is None or not internals.is_functional(graph):
         raise KerasBNError(expected("Grouped convolutions are exported from graph models",
                                     "a Functional or Sequential model", type(model).__name__))
-    return lambda inputs: graph._run_through_graph(
-        tree.pack_sequence_as(graph._inputs_struct, inputs), operation_fn=operation_fn)
+    return lambda inputs: internals.run_through_graph(
+        graph, keras.tree.pack_sequence_as(internals.inputs_struct(graph), inputs), operation_fn)
 
 
 _CATCH_ERRORS = tf2onnx.constants.ENV_TF2ONNX_CATCH_ERRORS  # "TF2ONNX_CATCH_ERRORS"
@@ -254,7 +260,7 @@ def check_opset(opset):
 def _convert(model, opset, nchw_inputs, tf2onnx_default=False):
     """The ONNX proto of `model` in inference mode. `tf2onnx_default=True` converts with
     tf2onnx's own default (per-optimizer copies on) instead of `_run_tf2onnx`'s fast path."""
-    inputs = tree.flatten(model.inputs)
+    inputs = keras.tree.flatten(model.inputs)
     names = [x.name for x in inputs]
     signature = [tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name)
                  for x, name in zip(inputs, names)]
@@ -263,7 +269,7 @@ def _convert(model, opset, nchw_inputs, tf2onnx_default=False):
 
     @tf.function(input_signature=signature, autograph=False)
     def serve(*args):
-        outputs = tree.flatten(forward(list(args)))
+        outputs = keras.tree.flatten(forward(list(args)))
         return {name: tf.identity(y) for name, y in zip(names_out, outputs)}
 
     def convert():
@@ -350,7 +356,7 @@ def _input_sets(model, samples):
 
 
 def _keras_outputs(model, arrays):
-    return [np.asarray(y) for y in tree.flatten(run_inference(model, arrays))]
+    return [np.asarray(y) for y in keras.tree.flatten(run_inference(model, arrays))]
 
 
 def _references(model, input_sets):
@@ -398,8 +404,8 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, tolerance
             if not tolerance.accepts(result.max_abs, result.scale):
                 return (f"Folding already changes output '{name}' (max abs error "
                         f"{result.max_abs:.3g}); see the fold report, or export with fold=False.")
-    graph = exported._functional if isinstance(exported, keras.Sequential) else exported
-    if not isinstance(graph, Functional):
+    graph = internals.graph_model(exported)
+    if graph is None or not internals.is_functional(graph):
         return None
     nodes = _Graph(graph)
     layers, outputs = [], []
@@ -408,7 +414,7 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, tolerance
         if nodes.calls[id(op)] == 1 and len(node.output_tensors) == 1:
             layers.append(op)
             outputs.append(node.output_tensors[0])
-    probe = keras.Model(graph._inputs_struct, outputs)
+    probe = keras.Model(internals.inputs_struct(graph), outputs)
     proto = _convert(probe, opset, nchw)
     session = _session(proto.SerializeToString(), optimized)
     names = [i.name for i in session.get_inputs()]
@@ -442,7 +448,14 @@ def _check_exportable(model):
             "set_weights(model.get_weights()), and export that."))
 
 
-def verify(model, onnx_path, *, samples=None, atol=None, rtol=None):
+def verify(
+    model: keras.Model,
+    onnx_path,
+    *,
+    samples=None,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> VerifyReport:
     """Runs `model` (inference mode) and onnxruntime, with graph optimizations disabled and
     enabled, on deterministic synthetic inputs (batch 4, and its first sample as batch 1) and on
     `samples`. Returns a `VerifyReport`; `report.passed` says whether every output is within
@@ -464,8 +477,19 @@ def verify(model, onnx_path, *, samples=None, atol=None, rtol=None):
     return _verify_proto(model, proto.SerializeToString(), nchw, references, tolerance)
 
 
-def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=None, rtol=None,
-            nchw_inputs=False, progress=None):
+def to_onnx(
+    model: keras.Model,
+    path,
+    *,
+    fold: bool = True,
+    opset: int | None = None,
+    samples=None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    nchw_inputs: bool = False,
+    progress=None,
+    on_bad_statistics: str = "keep",
+) -> ExportReport:
     """Exports `model` to ONNX at `path` and returns an `ExportReport`.
 
     Folds BatchNorms first (unless `fold=False`), converts with tf2onnx (dynamic batch
@@ -476,7 +500,8 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=None, rtol
     `model.inputs` before any work. `atol`/`rtol` None take the defaults of the model's compute
     dtype (`keras_bn.verification.TOLERANCES`). `progress`, if given, is called with the name of
     each step as it starts ("folding", "converting with tf2onnx", "checking the graph",
-    "verifying with onnxruntime", "writing").
+    "verifying with onnxruntime", "writing"). `on_bad_statistics="raise"` refuses a model with
+    unusable BatchNorm statistics, folded or not (see `keras_bn.fold_bn`).
     """
     step = progress or (lambda name: None)
     if not isinstance(model, keras.Model):
@@ -484,6 +509,11 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=None, rtol
                                     type(model).__name__))
     path = check_output_path(path, suffix=".onnx")
     opset = check_opset(opset)
+    if on_bad_statistics not in ("keep", "raise"):
+        raise KerasBNError(expected("Invalid `on_bad_statistics`", "'keep' or 'raise'",
+                                    repr(on_bad_statistics)))
+    if on_bad_statistics == "raise":
+        keras_bn.fold.refuse_bad_statistics(model)
     tolerance = tolerance_for(model, rtol, atol)
     _check_exportable(model)
     input_sets = _input_sets(model, samples)  # bad samples fail here, before any conversion
@@ -505,7 +535,7 @@ def to_onnx(model, path, *, fold=True, opset=None, samples=None, atol=None, rtol
         proto = _convert(exported, opset, nchw_inputs)
         timings["convert"] = time.perf_counter() - start
         step("checking the graph")
-        _check_graph(proto, {l.name for l in exported._flatten_layers()})
+        _check_graph(proto, {layer.name for layer in internals.all_layers(exported)})
         start = time.perf_counter()
         step("verifying with onnxruntime")
         references = pending.result()

@@ -110,8 +110,10 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         "folded Keras": _median_latency(lambda: folded_fn(xb).numpy()),
         "ONNX (onnxruntime)": _median_latency(lambda: session.run(None, {input_name: batch})),
     }
-    bn_before = sum(isinstance(l, keras_bn.fold.BATCHNORM_TYPES) for l in model._flatten_layers())
-    bn_after = sum(isinstance(l, keras_bn.fold.BATCHNORM_TYPES) for l in folded._flatten_layers())
+    from keras_bn import _keras_internals as internals
+
+    bn_before = sum(isinstance(l, keras_bn.fold.BATCHNORM_TYPES) for l in internals.all_layers(model))
+    bn_after = sum(isinstance(l, keras_bn.fold.BATCHNORM_TYPES) for l in internals.all_layers(folded))
 
     say("")
     say(f"{'model':<20} {'test accuracy':>13} {'same predictions':>17} {'max |logit err|':>16} "

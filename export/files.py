@@ -335,8 +335,7 @@ def atomic_output(path, suffix=""):
 
 
 def save_keras(model, handle):
-    """`model` as a `.keras` archive into the open binary file `handle`. Keras's public
-    `model.save` takes only paths ending in .keras; its saving library takes file objects."""
-    from keras.src.saving import saving_lib  # the file-object form of model.save
+    """`model` as a `.keras` archive into the open binary file `handle`."""
+    from keras_bn import _keras_internals as internals
 
-    saving_lib.save_model(model, handle)
+    internals.save_keras_to_file_object(model, handle)

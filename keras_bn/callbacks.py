@@ -12,9 +12,10 @@ import keras
 
 
 def _batchnorms(model):
+    from keras_bn import _keras_internals as internals
     from keras_bn.layer import BatchNorm
 
-    return [layer for layer in model._flatten_layers() if isinstance(layer, BatchNorm)]
+    return [layer for layer in internals.all_layers(model) if isinstance(layer, BatchNorm)]
 
 
 class SkippedUpdatesWarning(keras.callbacks.Callback):

@@ -1,34 +1,32 @@
 """`fold_bn`: a graph pass that merges inference-mode BatchNorms into neighbouring layers.
 
-For every BatchNorm of a Functional or Sequential model (nested models included) the pass reads
-match -> check -> rewrite -> report:
+The pass reads plan -> apply -> rebuild, one Functional graph at a time (nested models recurse):
 
-1. backward: the producer (Dense, Conv*, DepthwiseConv*, SeparableConv*, Conv*Transpose) has a
-   linear activation, is called once, feeds only this BatchNorm, is not a model output, and its
-   channel axis is the BatchNorm's axis -> the BatchNorm goes into its kernel and bias.
-2. forward: otherwise, the single consumer is a Dense or a Conv that sees every input value
-   without padding ('valid', or 1x1 kernels) on the BatchNorm's axis -> into its kernel and bias.
-3. otherwise the BatchNorm becomes a `ChannelAffine` (one multiply-add), or stays as it is with
-   `replace_leftovers=False`. A BatchNorm with non-finite or non-positive statistics is never
-   folded, and the report says why.
+1. plan (`_plan`): one `Decision` per BatchNorm, each made by guard clauses that name their
+   reason. Backward: the producer is an exact Dense/Conv*/DepthwiseConv*/SeparableConv*/
+   Conv*Transpose with a linear activation, called once, feeding only this BatchNorm, not a model
+   output, on the BatchNorm's axis. Forward: otherwise, the single consumer is a Dense or a conv
+   that sees every input value without padding ('valid', or 1x1 kernels). Otherwise the
+   BatchNorm becomes a `ChannelAffine` (or stays with `replace_leftovers=False`).
+2. apply (`_apply`): the `keras_bn.fold_math` calls, in float64. A fold whose weights would not
+   fit the target's dtype is declined here, with the reason, and the math runs again without it.
+3. rebuild (`_rebuild`): a new model, every layer cloned from its config; the caller's model is
+   never changed.
 
-The math lives in `keras_bn.fold_math`; this module only walks graphs and moves weights.
+The math lives in `keras_bn.fold_math`, the checks of the result in `keras_bn.verification`,
+and every private Keras API in `keras_bn._keras_internals`.
 """
+
+from __future__ import annotations
 
 import collections
 import dataclasses
-import warnings
+import enum
 
 import keras
 import numpy as np
-import tensorflow as tf
-from keras.src.layers.convolutional.base_conv import BaseConv
-from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-from keras.src.models.functional import Functional
-from keras.src import tree
 
+from keras_bn import _keras_internals as internals
 from keras_bn import fold_math
 from keras_bn.affine import ChannelAffine
 from keras_bn.errors import KerasBNError, VerificationError, expected
@@ -38,45 +36,61 @@ from keras_bn.verification import (check_samples, compare, in_background, output
 
 BATCHNORM_TYPES = (keras.layers.BatchNormalization, BatchNorm)
 
-BACKWARD, FORWARD, AFFINE, KEPT = (
-    "folded backward", "folded forward", "replaced by affine", "left unfolded")
+
+class Action(str, enum.Enum):
+    """What happened to a BatchNorm; the value is what the report shows."""
+
+    BACKWARD = "folded backward"
+    FORWARD = "folded forward"
+    AFFINE = "replaced by affine"
+    KEPT = "left unfolded"
+
+    def __str__(self):
+        return self.value
+
+    # Equal to its display string, so hashed like it: report.counts["folded backward"] and
+    # report.counts[Action.BACKWARD] find the same entry (Enum hashes by member name).
+    __hash__ = str.__hash__
+
+
+BACKWARD, FORWARD, AFFINE, KEPT = Action.BACKWARD, Action.FORWARD, Action.AFFINE, Action.KEPT
 
 
 @dataclasses.dataclass
 class FoldRow:
-    """What happened to one BatchNorm."""
+    """What happened to one BatchNorm (`name` includes nested models' names, `model/bn`)."""
 
     name: str
-    action: str
-    into: str = None
-    reason: str = None
+    action: Action
+    into: str | None = None
+    reason: str | None = None
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "action": self.action.value}
 
 
 @dataclasses.dataclass
 class FoldReport:
-    """One row per BatchNorm, the counts and the verification errors."""
+    """One row per BatchNorm, the counts and the verification results (one per output and
+    input set)."""
 
-    rows: list = dataclasses.field(default_factory=list)
-    verification: list = dataclasses.field(default_factory=list)
+    rows: list[FoldRow] = dataclasses.field(default_factory=list)
+    verification: list[dict] = dataclasses.field(default_factory=list)
 
     @property
-    def counts(self):
+    def counts(self) -> dict:
         counter = collections.Counter(row.action for row in self.rows)
-        return {"batchnorms": len(self.rows), **{a: counter.get(a, 0)
-                                                  for a in (BACKWARD, FORWARD, AFFINE, KEPT)}}
+        return {"batchnorms": len(self.rows), **{a.value: counter.get(a, 0) for a in Action}}
 
     @property
-    def folded(self):
+    def folded(self) -> list[FoldRow]:
         return [r for r in self.rows if r.action in (BACKWARD, FORWARD)]
 
     @property
-    def not_folded(self):
+    def not_folded(self) -> list[FoldRow]:
         return [r for r in self.rows if r.action in (AFFINE, KEPT)]
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {"counts": self.counts, "rows": [r.to_dict() for r in self.rows],
                 "verification": self.verification}
 
@@ -85,29 +99,44 @@ class FoldReport:
         lines = [f"{'BatchNorm':<{width}}  {'action':<18}  {'into':<24}  reason",
                  "-" * (width + 70)]
         for r in self.rows:
-            lines.append(f"{r.name:<{width}}  {r.action:<18}  {r.into or '-':<24}  {r.reason or ''}")
+            lines.append(f"{r.name:<{width}}  {r.action.value:<18}  {r.into or '-':<24}  "
+                         f"{r.reason or ''}")
         c = self.counts
-        lines.append(f"{c['batchnorms']} BatchNorm(s): {c[BACKWARD]} folded backward, "
-                     f"{c[FORWARD]} folded forward, {c[AFFINE]} replaced by affine, "
-                     f"{c[KEPT]} left unfolded")
+        lines.append(f"{c['batchnorms']} BatchNorm(s): {c[BACKWARD.value]} folded backward, "
+                     f"{c[FORWARD.value]} folded forward, {c[AFFINE.value]} replaced by affine, "
+                     f"{c[KEPT.value]} left unfolded")
         for v in self.verification:
-            lines.append(f"verified '{v['output']}' on {v['inputs']}: max abs error {v['max_abs_error']:.3g}, "
-                         f"max rel error {v['max_rel_error']:.3g} (tolerance rtol={v['rtol']:g}, "
-                         f"atol={v['atol']:g})")
+            lines.append(f"verified '{v['output']}' on {v['inputs']}: max abs error "
+                         f"{v['max_abs_error']:.3g}, max rel error {v['max_rel_error']:.3g} "
+                         f"(tolerance rtol={v['rtol']:g}, atol={v['atol']:g})")
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
-# Matching helpers
+# Matching: exact layer types, guard clauses
 
 
-def _producer_kind(layer):
-    for cls, kind in ((BaseSeparableConv, "separable"), (BaseDepthwiseConv, "depthwise"),
-                      (BaseConvTranspose, "transpose"), (BaseConv, "conv"),
-                      (keras.layers.Dense, "dense")):
-        if isinstance(layer, cls):
-            return kind
-    return None
+# Public classes only, most specific first. A subclass that overrides call() computes something
+# else (a weight-standardized conv, say): folding into its kernel would be wrong.
+_KINDS = (
+    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), "separable"),
+    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), "depthwise"),
+    ((keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose),
+     "transpose"),
+    ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), "conv"),
+    ((keras.layers.Dense,), "dense"),
+)
+
+
+def layer_kind(layer) -> tuple[str | None, str | None]:
+    """`(kind, None)` for a layer the fold math knows, else `(None, reason)`."""
+    for classes, kind in _KINDS:
+        for cls in classes:
+            if isinstance(layer, cls):
+                if type(layer).call is not cls.call:
+                    return None, f"custom layer type {type(layer).__name__} overrides call()"
+                return kind, None
+    return None, f"{type(layer).__name__} has no kernel to fold into"
 
 
 def _channel_axis(layer, rank):
@@ -136,9 +165,7 @@ def _not_plain(layer):
     return None
 
 
-def _kernel_layout_check(layer, kind, rank, bn_axis):
-    if kind is None:
-        return f"{type(layer).__name__} is not a foldable layer"
+def _layout_reason(layer, rank, bn_axis):
     channel = _channel_axis(layer, rank)
     if channel != bn_axis:
         return (f"the BatchNorm normalizes axis {bn_axis} but {layer.name}'s channel axis is "
@@ -150,7 +177,7 @@ class _Graph:
     """Nodes, consumers and call counts of one Functional model's graph."""
 
     def __init__(self, model):
-        by_depth = model._nodes_by_depth
+        by_depth = internals.nodes_by_depth(model)
         self.nodes = [n for depth in sorted(by_depth, reverse=True) for n in by_depth[depth]
                       if n.operation is not None and not n.is_input]
         self.consumers = collections.defaultdict(list)
@@ -158,30 +185,23 @@ class _Graph:
             for tensor in node.input_tensors:
                 self.consumers[id(tensor)].append(node)
         self.calls = collections.Counter(id(n.operation) for n in self.nodes)
-        self.outputs = {id(t) for t in tree.flatten(model.outputs)}
+        self.outputs = {id(t) for t in keras.tree.flatten(model.outputs)}
 
     def producer(self, tensor):
-        history = tensor._keras_history
-        op = history.operation
-        if isinstance(op, keras.layers.InputLayer):
-            return None
-        node = op._inbound_nodes[history.node_index]
+        node = internals.producer_node(tensor)
         return node if node in self.nodes else None
 
 
-# ------------------------------------------------------------------------------------------------
-# The pass
-
-
 def _match_backward(graph, node, rank, bn_axis):
+    """`((layer, kind), None)` when the BatchNorm folds into its producer, else `(None, reason)`."""
     source = node.input_tensors[0]
     producer_node = graph.producer(source)
     if producer_node is None:
         return None, "it follows the model input"
     layer = producer_node.operation
-    kind = _producer_kind(layer)
+    kind, reason = layer_kind(layer)
     if kind is None:
-        return None, f"it follows {type(layer).__name__} '{layer.name}', which has no kernel to fold into"
+        return None, f"it follows '{layer.name}': {reason}"
     if not _is_linear(layer):
         return None, f"'{layer.name}' has a non-linear activation ({_activation_name(layer)})"
     if graph.calls[id(layer)] > 1:
@@ -193,13 +213,14 @@ def _match_backward(graph, node, rank, bn_axis):
         return None, f"the output of '{layer.name}' has {n_consumers} consumers"
     if id(source) in graph.outputs:
         return None, f"the output of '{layer.name}' is also a model output"
-    reason = _kernel_layout_check(layer, kind, rank, bn_axis)
+    reason = _layout_reason(layer, rank, bn_axis)
     if reason:
         return None, reason
     return (layer, kind), None
 
 
 def _match_forward(graph, node, rank, bn_axis):
+    """`((layer, kind), None)` when the BatchNorm folds into its consumer, else `(None, reason)`."""
     out = node.output_tensors[0]
     consumers = graph.consumers[id(out)]
     if id(out) in graph.outputs:
@@ -208,12 +229,12 @@ def _match_forward(graph, node, rank, bn_axis):
         return None, f"its output has {len(consumers)} consumers"
     consumer_node = consumers[0]
     layer = consumer_node.operation
-    kind = _producer_kind(layer)
-    if kind not in ("dense", "conv", "depthwise", "separable"):
-        return None, (f"the next layer '{layer.name}' is {type(layer).__name__}, not a Dense, Conv, "
-                      "DepthwiseConv or SeparableConv"
-                      + (" (a transposed conv spreads a constant unevenly over its output)"
-                         if kind == "transpose" else ""))
+    kind, reason = layer_kind(layer)
+    if kind == "transpose":
+        return None, (f"the next layer '{layer.name}' is {type(layer).__name__}: a transposed "
+                      "conv spreads a constant unevenly over its output")
+    if kind is None:
+        return None, f"the next layer '{layer.name}': {reason}"
     if graph.calls[id(layer)] > 1:
         return None, f"the next layer '{layer.name}' is shared"
     if len(consumer_node.input_tensors) != 1:
@@ -221,7 +242,7 @@ def _match_forward(graph, node, rank, bn_axis):
     if kind != "dense" and layer.padding != "valid" and any(k != 1 for k in layer.kernel_size):
         return None, (f"the next layer '{layer.name}' pads with zeros ('{layer.padding}'): "
                       "forward folding is not exact at the borders")
-    reason = _kernel_layout_check(layer, kind, rank, bn_axis)
+    reason = _layout_reason(layer, rank, bn_axis)
     if reason:
         return None, reason
     return (layer, kind), None
@@ -233,21 +254,101 @@ def _bn_gamma_beta(bn):
             weights["moving_variance"])
 
 
+def statistics_problem(bn) -> str | None:
+    """Why a BatchNorm's statistics cannot give a finite inference map, or None: non-finite
+    values, `var + eps <= 0`, or a scale `gamma / sqrt(var + eps)` or shift `beta - mean * scale`
+    beyond the range of the layer's dtype."""
+    gamma, beta, mean, var = _bn_gamma_beta(bn)
+    try:
+        s, t = fold_math.bn_scale_shift(mean, var, bn.epsilon, gamma, beta)
+    except KerasBNError as error:
+        return str(error)
+    for name, formula, value in (("scale", "gamma / sqrt(var + eps)", s),
+                                 ("shift", "beta - mean * scale", t)):
+        reason = fold_math.overflow_reason(value, bn.variable_dtype)
+        if reason:
+            return f"its inference {name} {formula} {reason}."
+    return None
+
+
+def refuse_bad_statistics(model) -> None:
+    """Raises KerasBNError naming the first BatchNorm of `model` (nested models included) whose
+    statistics `statistics_problem` refuses."""
+    for layer in internals.all_layers(model):
+        if isinstance(layer, BATCHNORM_TYPES):
+            problem = statistics_problem(layer)
+            if problem:
+                raise KerasBNError(f"BatchNorm '{layer.name}' has corrupt statistics: {problem} "
+                                   "Recompute them (train, or keras_bn.recalibrate when it "
+                                   "exists) before folding or exporting.")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. plan
+
+
 @dataclasses.dataclass
-class _Fold:
-    """One planned fold: BatchNorm `bn` (its report row `row`) into `layer`, of kind `kind`."""
+class Decision:
+    """The plan for one BatchNorm: its report `row`, the `target` layer and `kind` of a fold,
+    and its inference map `s`, `t` (None when its statistics are unusable)."""
 
     bn: object
     row: FoldRow
-    layer: object
-    kind: str
-    s: np.ndarray
-    t: np.ndarray
+    target: object = None
+    kind: str | None = None
+    s: np.ndarray | None = None
+    t: np.ndarray | None = None
+    keeps_output_name: bool = False
 
 
-def _apply(forward_plan, backward_plan):
-    """Runs the fold math: {id(layer): {weight name: float64 value}} for every edited layer.
-    Input side first, then output side: f(x) = s_out * (W (s_in x + t_in) + b) + t_out."""
+def _plan(graph, prefix):
+    decisions = []
+    for node in graph.nodes:
+        bn = node.operation
+        if not isinstance(bn, BATCHNORM_TYPES):
+            continue
+        row = FoldRow(prefix + bn.name, KEPT)
+        decision = Decision(bn, row)
+        decisions.append(decision)
+        if graph.calls[id(bn)] > 1:
+            row.reason = f"it is shared (called {graph.calls[id(bn)]} times)"
+            continue
+        if node.arguments.kwargs.get("training") is True:
+            row.reason = "it is called with training=True"
+            continue
+        gamma, beta, mean, var = _bn_gamma_beta(bn)
+        try:
+            decision.s, decision.t = fold_math.bn_scale_shift(mean, var, bn.epsilon, gamma, beta)
+        except KerasBNError as error:
+            row.reason = f"bad statistics: {error}"
+            continue
+        rank = len(node.output_tensors[0].shape)
+        bn_axis = bn.axis % rank
+        match, reason_back = _match_backward(graph, node, rank, bn_axis)
+        if match:
+            decision.target, decision.kind = match
+            row.action, row.into = BACKWARD, prefix + match[0].name
+            if id(node.output_tensors[0]) in graph.outputs:
+                decision.keeps_output_name = True
+                row.reason = f"'{match[0].name}' takes the name '{bn.name}' to keep the output name"
+            continue
+        match, reason_fwd = _match_forward(graph, node, rank, bn_axis)
+        if match:
+            decision.target, decision.kind = match
+            row.action, row.into = FORWARD, prefix + match[0].name
+            continue
+        row.action = AFFINE  # settled in _apply: affine if s and t fit, else kept
+        row.reason = f"backward: {reason_back}; forward: {reason_fwd}"
+    return decisions
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. apply
+
+
+def _fold_weights(folds):
+    """The fold math: {id(layer): {weight name: float64 value}} for every target layer. Input
+    side first, then output side: f(x) = s_out * (W (s_in x + t_in) + b) + t_out."""
     edits = {}
 
     def edit(layer):
@@ -255,127 +356,95 @@ def _apply(forward_plan, backward_plan):
             edits[id(layer)] = {w.name: np.asarray(w, np.float64) for w in layer.weights}
         return edits[id(layer)]
 
-    for f in forward_plan:
-        w = edit(f.layer)
-        if f.kind == "separable":
-            w["depthwise_kernel"], w["bias"] = fold_math.fold_forward_separable(
-                w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), f.s, f.t)
-        elif f.kind == "depthwise":
-            w["kernel"], w["bias"] = fold_math.fold_forward_depthwise(w["kernel"], w.get("bias"),
-                                                                      f.s, f.t)
-        else:
-            w["kernel"], w["bias"] = fold_math.fold_forward(
-                w["kernel"], w.get("bias"), f.s, f.t, groups=getattr(f.layer, "groups", 1))
-    for f in backward_plan:
-        w = edit(f.layer)
-        if f.kind == "separable":
+    for d in sorted(folds, key=lambda d: d.row.action != FORWARD):
+        w = edit(d.target)
+        if d.row.action == FORWARD:
+            if d.kind == "separable":
+                w["depthwise_kernel"], w["bias"] = fold_math.fold_forward_separable(
+                    w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), d.s, d.t)
+            elif d.kind == "depthwise":
+                w["kernel"], w["bias"] = fold_math.fold_forward_depthwise(
+                    w["kernel"], w.get("bias"), d.s, d.t)
+            else:
+                w["kernel"], w["bias"] = fold_math.fold_forward(
+                    w["kernel"], w.get("bias"), d.s, d.t, groups=getattr(d.target, "groups", 1))
+        elif d.kind == "separable":
             w["pointwise_kernel"], w["bias"] = fold_math.fold_backward(
-                w["pointwise_kernel"], w.get("bias"), f.s, f.t)
-        elif f.kind == "depthwise":
-            w["kernel"], w["bias"] = fold_math.fold_backward_depthwise(w["kernel"], w.get("bias"),
-                                                                       f.s, f.t)
+                w["pointwise_kernel"], w.get("bias"), d.s, d.t)
+        elif d.kind == "depthwise":
+            w["kernel"], w["bias"] = fold_math.fold_backward_depthwise(
+                w["kernel"], w.get("bias"), d.s, d.t)
         else:
             w["kernel"], w["bias"] = fold_math.fold_backward(
-                w["kernel"], w.get("bias"), f.s, f.t, out_axis=-2 if f.kind == "transpose" else -1)
+                w["kernel"], w.get("bias"), d.s, d.t, out_axis=-2 if d.kind == "transpose" else -1)
     return edits
 
 
 def _unrepresentable(layer, weights):
     """Why the folded `weights` of `layer` cannot be stored in its variables' dtype, or None."""
-    dtype = layer.variable_dtype
     for name, value in weights.items():
-        reason = fold_math.overflow_reason(value, dtype)
+        reason = fold_math.overflow_reason(value, layer.variable_dtype)
         if reason:
             return f"its folded {name} {reason}"
     return None
 
 
-def _fold_functional(model, report, prefix, replace_leftovers):
-    graph = _Graph(model)
-    passthrough, affines = set(), {}
-    rename = {}
-    forward_plan, backward_plan = [], []
+def _leave(decision, replace_leftovers):
+    """A BatchNorm that is not folded: a ChannelAffine when asked for and its s and t fit the
+    dtype, else kept. Returns whether it becomes an affine."""
+    row, bn = decision.row, decision.bn
+    unfit = (fold_math.overflow_reason(decision.s, bn.variable_dtype)
+             or fold_math.overflow_reason(decision.t, bn.variable_dtype))
+    if replace_leftovers and not unfit:
+        row.action = AFFINE
+        return True
+    row.action = KEPT
+    if unfit:
+        row.reason += f"; its scale or shift {unfit}"
+    return False
 
-    def leave(bn, row, s, t, reason):
-        """A BatchNorm that is not folded: a ChannelAffine when its s and t fit, else kept."""
-        passthrough.discard(id(bn))
-        unfit = fold_math.overflow_reason(s, bn.variable_dtype) or \
-            fold_math.overflow_reason(t, bn.variable_dtype)
-        if replace_leftovers and not unfit:
-            affines[id(bn)] = (s, t)
-            row.action, row.reason = AFFINE, reason
-        else:
-            row.action = KEPT
-            row.reason = reason + (f"; its scale or shift {unfit}" if unfit else "")
 
-    for node in graph.nodes:
-        bn = node.operation
-        if not isinstance(bn, BATCHNORM_TYPES):
-            continue
-        name = prefix + bn.name
-        if graph.calls[id(bn)] > 1:
-            report.rows.append(FoldRow(name, KEPT, reason=f"it is shared (called {graph.calls[id(bn)]} times)"))
-            continue
-        if node.arguments.kwargs.get("training") is True:
-            report.rows.append(FoldRow(name, KEPT, reason="it is called with training=True"))
-            continue
-        gamma, beta, mean, var = _bn_gamma_beta(bn)
-        try:
-            s, t = fold_math.bn_scale_shift(mean, var, bn.epsilon, gamma, beta)
-        except KerasBNError as error:
-            report.rows.append(FoldRow(name, KEPT, reason=f"bad statistics: {error}"))
-            continue
-        rank = len(node.output_tensors[0].shape)
-        bn_axis = bn.axis % rank
-        match, reason_back = _match_backward(graph, node, rank, bn_axis)
-        if match:
-            row = FoldRow(name, BACKWARD, into=prefix + match[0].name)
-            backward_plan.append(_Fold(bn, row, *match, s, t))
-            passthrough.add(id(bn))
-            if id(node.output_tensors[0]) in graph.outputs:
-                rename[id(match[0])] = bn.name  # the model output keeps its name
-                row.reason = f"'{match[0].name}' takes the name '{bn.name}' to keep the output name"
-            report.rows.append(row)
-            continue
-        match, reason_fwd = _match_forward(graph, node, rank, bn_axis)
-        if match:
-            row = FoldRow(name, FORWARD, into=prefix + match[0].name)
-            forward_plan.append(_Fold(bn, row, *match, s, t))
-            passthrough.add(id(bn))
-            report.rows.append(row)
-            continue
-        row = FoldRow(name, KEPT)
-        report.rows.append(row)
-        leave(bn, row, s, t, f"backward: {reason_back}; forward: {reason_fwd}")
-
-    # Apply may still decline: folded weights that overflow the layer's dtype (float32 max
-    # 3.4e38) would be written as inf. Every fold into such a layer is declined, then the math
-    # runs again without them.
+def _apply(decisions, replace_leftovers):
+    """Runs the math. Returns (edits, affines): the folded weights by id(target layer), and
+    {id(bn): (s, t)} for the BatchNorms that become a ChannelAffine. May decline a planned fold:
+    weights past the target dtype's range (float32 3.4e38, float16 65504) would be written as
+    inf, so every fold into such a layer is declined, with the reason, and the math runs again."""
+    folds = [d for d in decisions if d.row.action in (BACKWARD, FORWARD)]
     while True:
-        edits = _apply(forward_plan, backward_plan)
-        declined = {}
-        for plan in (forward_plan, backward_plan):
-            for f in plan:
-                reason = _unrepresentable(f.layer, edits[id(f.layer)])
-                if reason:
-                    declined[id(f.bn)] = (f, reason)
+        edits = _fold_weights(folds)
+        declined = [(d, _unrepresentable(d.target, edits[id(d.target)])) for d in folds]
+        declined = [(d, reason) for d, reason in declined if reason]
         if not declined:
             break
-        forward_plan = [f for f in forward_plan if id(f.bn) not in declined]
-        backward_plan = [f for f in backward_plan if id(f.bn) not in declined]
-        for f, reason in declined.values():
-            rename.pop(id(f.layer), None)
-            f.row.into = None
-            leave(f.bn, f.row, f.s, f.t, f"folding into '{f.layer.name}' is declined: {reason}")
-    edited_layers = {id(f.layer) for f in forward_plan + backward_plan}
-    edits = {k: v for k, v in edits.items() if k in edited_layers}
+        for d, reason in declined:
+            d.row.into, d.keeps_output_name = None, False
+            d.row.reason = f"folding into '{d.target.name}' is declined: {reason}"
+            d.row.action = AFFINE
+            folds.remove(d)
+    affines = {}
+    for d in decisions:
+        if d.row.action == AFFINE and _leave(d, replace_leftovers):
+            affines[id(d.bn)] = (d.s, d.t)
+    return edits, affines
 
+
+# ------------------------------------------------------------------------------------------------
+# 3. rebuild
+
+
+def _passthrough(x, *args, **kwargs):
+    return x
+
+
+def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_leftovers):
+    folded_bns = {id(d.bn) for d in decisions if d.row.action in (BACKWARD, FORWARD)}
+    rename = {id(d.target): d.bn.name for d in decisions if d.keeps_output_name}
     clones = {}
 
     def operation_fn(op):
         if id(op) in clones:
             return clones[id(op)]
-        if id(op) in passthrough:
+        if id(op) in folded_bns:
             new = _passthrough
         elif id(op) in affines:
             new = ChannelAffine(axis=op.axis, name=op.name, dtype=op.dtype_policy)
@@ -394,10 +463,10 @@ def _fold_functional(model, report, prefix, replace_leftovers):
         return new
 
     inputs = [keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name)
-              for x in tree.flatten(model.inputs)]
-    outputs = model._run_through_graph(inputs, operation_fn=operation_fn)
-    folded = keras.Model(tree.pack_sequence_as(model._inputs_struct, inputs), outputs,
-                         name=model.name)
+              for x in keras.tree.flatten(model.inputs)]
+    outputs = internals.run_through_graph(model, inputs, operation_fn)
+    folded = keras.Model(keras.tree.pack_sequence_as(internals.inputs_struct(model), inputs),
+                         outputs, name=model.name)
 
     # Weights: copies for untouched layers, folded values for edited ones.
     for node in graph.nodes:
@@ -414,23 +483,23 @@ def _fold_functional(model, report, prefix, replace_leftovers):
             new.set_weights(op.get_weights())
             continue
         for variable in new.weights:
-            # Checked representable in the plan above: a failure here is a bug of ours.
             value = np.asarray(values[variable.name])
-            if fold_math.overflow_reason(value, variable.dtype):
+            if fold_math.overflow_reason(value, variable.dtype):  # _apply checked it
                 raise RuntimeError(f"internal error: {prefix}{new.name}/{variable.name} does not "
                                    f"fit {variable.dtype} after the overflow check")
             variable.assign(fold_math.as_dtype(value, variable.dtype))
     return folded
 
 
-def _passthrough(x, *args, **kwargs):
-    return x
-
-
 def _fold_model(model, report, prefix, replace_leftovers):
     _check_foldable(model)
-    graph = model._functional if isinstance(model, keras.Sequential) else model
-    folded = _fold_functional(graph, report, prefix, replace_leftovers)
+    graph_model = internals.graph_model(model)
+    graph = _Graph(graph_model)
+    decisions = _plan(graph, prefix)
+    edits, affines = _apply(decisions, replace_leftovers)
+    report.rows.extend(d.row for d in decisions)
+    folded = _rebuild(graph_model, graph, decisions, edits, affines, report, prefix,
+                      replace_leftovers)
     folded.name = model.name
     return folded
 
@@ -442,18 +511,30 @@ def _check_foldable(model):
         raise KerasBNError(expected("fold_bn folds Keras models", "a keras.Model",
                                     type(model).__name__))
     if isinstance(model, keras.Sequential):
-        if getattr(model, "_functional", None) is None:
+        if internals.graph_model(model) is None:
             raise KerasBNError(expected("The Sequential model must be built", "a model with a "
                                         "known input shape", f"unbuilt model '{model.name}'",
                                         "Call it on data or give it a keras.Input first."))
-    elif not isinstance(model, Functional):
+    elif not internals.is_functional(model):
         raise KerasBNError(expected("fold_bn needs a graph it can read", "a Sequential or "
                                     "Functional keras.Model", f"{type(model).__name__} (a "
                                     "subclassed model)", "Rebuild the model with the Functional "
                                     "API."))
 
 
-def fold_bn(model, *, verify=True, samples=None, rtol=None, atol=None, replace_leftovers=True):
+_ON_BAD_STATISTICS = ("keep", "raise")
+
+
+def fold_bn(
+    model: keras.Model,
+    *,
+    verify: bool = True,
+    samples=None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    replace_leftovers: bool = True,
+    on_bad_statistics: str = "keep",
+) -> tuple[keras.Model, FoldReport]:
     """Returns `(folded_model, report)`: a new inference model with every exactly-foldable
     BatchNorm merged into its neighbour. The caller's model is not changed.
 
@@ -470,39 +551,44 @@ def fold_bn(model, *, verify=True, samples=None, rtol=None, atol=None, replace_l
             1e-3; bfloat16: 5e-2 / 5e-3).
         replace_leftovers: BatchNorms with nothing to fold into become a `keras_bn.ChannelAffine`
             (one multiply-add); False keeps them as they are.
+        on_bad_statistics: "keep" leaves a BatchNorm with unusable statistics (NaN/Inf,
+            `var + eps <= 0`, a scale or shift past its dtype) in place with the reason in the
+            report; "raise" refuses the model with `KerasBNError` naming the layer (what the
+            command line does: writing a model that outputs NaN helps nobody).
 
     Returns:
         `(folded, report)`; `print(report)` shows a table, `report.to_dict()` JSON-able data.
     """
     _check_foldable(model)
+    if on_bad_statistics not in _ON_BAD_STATISTICS:
+        raise KerasBNError(expected("Invalid `on_bad_statistics`", "'keep' or 'raise'",
+                                    repr(on_bad_statistics)))
+    if on_bad_statistics == "raise":
+        refuse_bad_statistics(model)
     tolerance = tolerance_for(model, rtol, atol)
     report = FoldReport()
-    checks = []
-    if verify:  # inputs first: bad samples fail before any work
-        checks.append(("synthetic inputs (batch 4, seed 0)", synthetic_inputs(model)))
-        if samples is not None:
-            checks.append(("samples", check_samples(model, samples)))
-    # The original model's outputs are computed on a second thread while this one folds (TF runs
-    # its kernels without the GIL).
+    if not verify:
+        return _fold_model(model, report, "", replace_leftovers), report
+    checks = [("synthetic inputs (batch 4, seed 0)", synthetic_inputs(model))]
+    if samples is not None:  # checked before any work
+        checks.append(("samples", check_samples(model, samples)))
+    # The original model's outputs are computed on a second thread while this one folds (TF
+    # runs its kernels without the GIL; ResNet50: see README "Benchmarks").
     with in_background(lambda: [run_inference(model, x) for _, x in checks]) as pending:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # Keras' "layer not built" chatter
-            folded = _fold_model(model, report, "", replace_leftovers)
-    if verify:
-        names = output_names(model)
-        for (label, inputs), reference in zip(checks, pending.result()):
-            candidate = tree.flatten(run_inference(folded, inputs))
-            for name, ref, out in zip(names, tree.flatten(reference), candidate):
-                result = compare(ref, out)
-                report.verification.append({
-                    "inputs": label, "output": name, "max_abs_error": result.max_abs,
-                    "max_rel_error": result.max_rel, "rtol": tolerance.rtol,
-                    "atol": tolerance.atol})
-                if not tolerance.accepts(result.max_abs, result.scale):
-                    raise VerificationError(expected(
-                        f"The folded model's output '{name}' differs from the original on {label}",
-                        f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} * "
-                        f"{result.scale:.4g}", f"{result.max_abs:.4g} (relative "
-                        f"{result.max_rel:.3g})", "Report this with the model; fold_bn(..., "
-                        "verify=False) skips the check."))
+        folded = _fold_model(model, report, "", replace_leftovers)
+    names = output_names(model)
+    for (label, inputs), reference in zip(checks, pending.result()):
+        candidate = keras.tree.flatten(run_inference(folded, inputs))
+        for name, ref, out in zip(names, keras.tree.flatten(reference), candidate):
+            result = compare(ref, out)
+            report.verification.append({
+                "inputs": label, "output": name, "max_abs_error": result.max_abs,
+                "max_rel_error": result.max_rel, "rtol": tolerance.rtol, "atol": tolerance.atol})
+            if not tolerance.accepts(result.max_abs, result.scale):
+                raise VerificationError(expected(
+                    f"The folded model's output '{name}' differs from the original on {label}",
+                    f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} * "
+                    f"{result.scale:.4g}", f"{result.max_abs:.4g} (relative "
+                    f"{result.max_rel:.3g})", "Report this with the model; fold_bn(..., "
+                    "verify=False) skips the check."))
     return folded, report

@@ -16,9 +16,11 @@ import contextlib
 import dataclasses
 import re
 
+import keras
 import numpy as np
 import tensorflow as tf
-from keras.src import tree
+
+from keras_bn import _keras_internals as internals
 
 from keras_bn.errors import KerasBNError, expected
 
@@ -45,7 +47,7 @@ _PRECISION_ORDER = ["bfloat16", "float16", "float32", "float64"]
 
 def compute_dtype(model):
     """The lowest-precision compute dtype of the model's layers ('float32' when none is set)."""
-    found = {getattr(layer, "compute_dtype", None) for layer in model._flatten_layers()}
+    found = {getattr(layer, "compute_dtype", None) for layer in internals.all_layers(model)}
     for dtype in _PRECISION_ORDER:
         if dtype in found:
             return dtype
@@ -97,14 +99,14 @@ def output_names(model):
     names = getattr(model, "output_names", None)
     if names:
         return list(names)
-    return [t._keras_history.operation.name for t in tree.flatten(model.outputs)]
+    return list(internals.graph_model(model).output_names)
 
 
 def synthetic_inputs(model, batch_size=4, seed=0):
     """Deterministic inputs for a model: N(0, 1) floats, None dimensions set to 16."""
     rng = np.random.default_rng(seed)
     arrays = []
-    for x in tree.flatten(model.inputs):
+    for x in keras.tree.flatten(model.inputs):
         shape = [batch_size] + [16 if d is None else d for d in x.shape[1:]]
         if "int" in str(x.dtype):
             arrays.append(np.zeros(shape, x.dtype))
@@ -132,7 +134,7 @@ def check_samples(model, samples):
     dtype. Floats of another precision are cast to the input's dtype (`np.save` writes float64)
     when every value stays finite; integers are cast to a float input; anything else is refused.
     """
-    inputs = tree.flatten(model.inputs)
+    inputs = keras.tree.flatten(model.inputs)
     names = [x.name for x in inputs]
     if isinstance(samples, dict):
         missing = [n for n in names if n not in samples]
@@ -210,10 +212,7 @@ def in_background(fn):
 def on_callers_device(fn):
     """`fn` wrapped to run under the calling thread's TF device scope (`with tf.device(...)`),
     which TF keeps per thread, when it runs on another thread."""
-    # TF keeps the device scope per thread and has no public getter for it.
-    from tensorflow.python.eager import context as tf_context
-
-    device = tf_context.context().device_name or None
+    device = internals.current_tf_device()
 
     def run():
         with tf.device(device):

@@ -630,3 +630,81 @@ def test_random_architectures(blocks, channels, kernel, use_bias, seed, replace)
     assert len(report.rows) == len(batchnorms(model))
     affines = [l for l in folded.layers if isinstance(l, keras_bn.ChannelAffine)]
     assert len(affines) == report.counts[AFFINE]
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact layer types, the bad-statistics option, reports as data, threads.
+
+class StandardizedConv2D(L.Conv2D):
+    """Weight standardization: call() differs from Conv2D's, so its kernel is not the map."""
+
+    def call(self, inputs):
+        kernel = self.kernel
+        mean = keras.ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+        std = keras.ops.std(kernel, axis=(0, 1, 2), keepdims=True) + 1e-5
+        return keras.ops.conv(inputs, (kernel - mean) / std, padding="valid") + self.bias
+
+
+class NamedConv2D(L.Conv2D):
+    """A subclass that keeps Conv2D.call: folds like a Conv2D."""
+
+
+def test_subclass_overriding_call_is_declined_with_its_reason(rng):
+    inputs = keras.Input((8, 8, 3))
+    x = L.BatchNormalization(name="bn_custom")(StandardizedConv2D(4, 3, name="ws")(inputs))
+    x = L.BatchNormalization(name="bn_named")(NamedConv2D(4, 3, padding="same", name="named")(x))
+    model = randomize_bn(keras.Model(inputs, L.Flatten()(x)))
+    folded, report = keras_bn.fold_bn(model, replace_leftovers=True)
+    rows = {r.name: r for r in report.rows}
+    assert rows["bn_custom"].action == AFFINE
+    assert "it follows 'ws': custom layer type StandardizedConv2D overrides call()" in rows["bn_custom"].reason
+    assert rows["bn_named"].action == BACKWARD and rows["bn_named"].into == "named"
+    assert_close_to_original(model, folded, rng.normal(size=(2, 8, 8, 3)).astype("float32"))
+
+
+def test_bad_statistics_keep_or_raise():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(L.Dense(3)(inputs)))
+    model.get_layer("bn").moving_variance.assign(np.array([1.0, np.nan, 1.0], np.float32))
+    _, report = keras_bn.fold_bn(model, verify=False)
+    assert report.rows[0].action == KEPT and "moving_variance has 1 non-finite" in report.rows[0].reason
+    with pytest.raises(keras_bn.KerasBNError, match=r"BatchNorm 'bn' has corrupt statistics: "
+                                                     r"moving_variance has 1 non-finite"):
+        keras_bn.fold_bn(model, on_bad_statistics="raise")
+    with pytest.raises(keras_bn.KerasBNError, match=r"Invalid `on_bad_statistics`\. Expected: "
+                                                     r"'keep' or 'raise'\. Received: 'ignore'"):
+        keras_bn.fold_bn(model, on_bad_statistics="ignore")
+
+
+def test_report_actions_are_an_enum_and_data(rng):
+    import json
+
+    from keras_bn.fold import Action
+
+    inputs = keras.Input((6,))
+    model = randomize_bn(keras.Model(inputs, L.BatchNormalization()(L.Dense(3)(inputs))))
+    _, report = keras_bn.fold_bn(model)
+    assert report.rows[0].action is Action.BACKWARD
+    assert report.counts["folded backward"] == report.counts[Action.BACKWARD] == 1
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["rows"][0]["action"] == "folded backward"
+    assert "folded backward" in str(report)
+
+
+def test_no_thread_without_verification(monkeypatch):
+    import threading
+
+    inputs = keras.Input((6,))
+    model = randomize_bn(keras.Model(inputs, L.BatchNormalization()(L.Dense(3)(inputs))))
+    started = []
+    real_start = threading.Thread.start
+
+    def spy(self, *args, **kwargs):
+        started.append(self.name)
+        return real_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(threading.Thread, "start", spy)
+    keras_bn.fold_bn(model, verify=False)
+    assert not [n for n in started if n.startswith("keras-bn-reference")]
+    keras_bn.fold_bn(model)
+    assert [n for n in started if n.startswith("keras-bn-reference")]

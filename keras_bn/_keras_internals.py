@@ -1,0 +1,78 @@
+"""Every private Keras and TensorFlow API that keras_bn and keras_bn.export use, in one place.
+
+Each function says why no public API does the job. `tests/test_keras_internals.py` calls each
+one on a small model and fails with a clear message when a Keras or TF upgrade changes it; the
+Keras versions that pass are the bounds in setup.cfg.
+"""
+
+import keras
+
+
+def all_layers(model):
+    """Every layer of `model`, nested models' layers included, depth first. `model.layers` is
+    one level only; Keras's own recursive walk is `_flatten_layers`."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def is_functional(model):
+    """True for a Functional model (a graph of layers). The class is not exported by Keras."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def graph_model(model):
+    """The Functional graph of a built Sequential model (Keras keeps it in `_functional`, None
+    while unbuilt), or `model` itself for a Functional model."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    return model
+
+
+def nodes_by_depth(model):
+    """{depth: [Node]} of a Functional model: the graph itself, which Keras does not expose."""
+    return model._nodes_by_depth
+
+
+def producer_node(tensor):
+    """The Node that made a symbolic tensor, or None for an input: `_keras_history` is the only
+    link from a KerasTensor to its producer."""
+    history = tensor._keras_history
+    if isinstance(history.operation, keras.layers.InputLayer):
+        return None
+    return history.operation._inbound_nodes[history.node_index]
+
+
+def inputs_struct(model):
+    """The nested structure of a Functional model's inputs (dict, list or single), to rebuild a
+    model with the same input structure. `model.inputs` is flattened."""
+    return model._inputs_struct
+
+
+def run_through_graph(model, inputs, operation_fn):
+    """Calls the Functional graph of `model` on `inputs`, with every operation replaced by
+    `operation_fn(op)`. `keras.models.clone_model` can replace layers, but not by plain
+    functions of the tensor (a folded BatchNorm becomes the identity), and it rebuilds each
+    nested model through its own call."""
+    return model._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def call_has_training_arg(layer):
+    """Whether `layer.call` takes `training`: Keras inspects the signature once and keeps it."""
+    return layer._call_has_training_arg
+
+
+def current_tf_device():
+    """The calling thread's TF device scope (`with tf.device(...)`), which TF keeps per thread
+    and has no public getter for; None outside one."""
+    from tensorflow.python.eager import context
+
+    return context.context().device_name or None
+
+
+def save_keras_to_file_object(model, handle):
+    """`model.save` into an open binary file: the public API takes only paths ending in .keras,
+    Keras's saving library takes file objects."""
+    from keras.src.saving import saving_lib
+
+    saving_lib.save_model(model, handle)
