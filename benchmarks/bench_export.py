@@ -49,8 +49,11 @@ def _raw_convert(model):
 
 def session(path_or_bytes, optimized):
     options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -59,19 +62,23 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ort-rounds", type=int, default=15)
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}, "
-          f"tf2onnx {tf2onnx.__version__}, onnxruntime {ort.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}, "
+        f"tf2onnx {tf2onnx.__version__}, onnxruntime {ort.__version__}"
+    )
     model = keras.applications.ResNet50(weights=None)
     out = tempfile.mkdtemp()
     os.environ.pop("TF2ONNX_CATCH_ERRORS", None)
     proto = raw_convert(model)  # warm-up: first-call costs of TF and tf2onnx
     times = {"raw": [], "raw_nocopy": [], "ours": []}
-    runs = {"raw": lambda i: raw_convert(model),
-            "raw_nocopy": lambda i: raw_convert(model, catch_errors="FALSE"),
-            "ours": lambda i: export.to_onnx(model, os.path.join(out, f"ours{i}.onnx"))}
+    runs = {
+        "raw": lambda i: raw_convert(model),
+        "raw_nocopy": lambda i: raw_convert(model, catch_errors="FALSE"),
+        "ours": lambda i: export.to_onnx(model, os.path.join(out, f"ours{i}.onnx")),
+    }
     order = list(runs)
     for i in range(args.rounds):
-        for name in order[i % 3:] + order[:i % 3]:  # rotate the order: no side always goes first
+        for name in order[i % 3 :] + order[: i % 3]:  # rotate the order: no side always goes first
             gc.collect()  # every side starts from the same heap
             start = time.perf_counter()
             result = runs[name](i)
@@ -80,19 +87,31 @@ def main():
                 proto = result
             elif name == "ours":
                 report = result
-        print(f"round {i}: raw {times['raw'][-1]:.1f}s, raw without copies "
-              f"{times['raw_nocopy'][-1]:.1f}s, to_onnx {times['ours'][-1]:.1f}s", flush=True)
+        print(
+            f"round {i}: raw {times['raw'][-1]:.1f}s, raw without copies "
+            f"{times['raw_nocopy'][-1]:.1f}s, to_onnx {times['ours'][-1]:.1f}s",
+            flush=True,
+        )
     ours, raw, raw_nocopy = times["ours"], times["raw"], times["raw_nocopy"]
     ratios = [a / b for a, b in zip(ours, raw)]
     ratios_nocopy = [a / b for a, b in zip(ours, raw_nocopy)]
     print(f"| ResNet50 224x224, median of {args.rounds} rounds | time (s) | to_onnx / this |")
     print("|---|---|---|")
-    print(f"| raw tf2onnx.from_function (unfolded), tf2onnx defaults | {statistics.median(raw):.1f} "
-          f"| {statistics.median(ratios):.2f} |")
-    print(f"| raw tf2onnx.from_function (unfolded), TF2ONNX_CATCH_ERRORS=FALSE | "
-          f"{statistics.median(raw_nocopy):.1f} | {statistics.median(ratios_nocopy):.2f} |")
-    print(f"| export.to_onnx: fold + convert + check + verify | {statistics.median(ours):.1f} | 1.00 |")
-    print("steps of the last to_onnx: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
+    print(
+        f"| raw tf2onnx.from_function (unfolded), tf2onnx defaults | {statistics.median(raw):.1f} "
+        f"| {statistics.median(ratios):.2f} |"
+    )
+    print(
+        f"| raw tf2onnx.from_function (unfolded), TF2ONNX_CATCH_ERRORS=FALSE | "
+        f"{statistics.median(raw_nocopy):.1f} | {statistics.median(ratios_nocopy):.2f} |"
+    )
+    print(
+        f"| export.to_onnx: fold + convert + check + verify | {statistics.median(ours):.1f} | 1.00 |"
+    )
+    print(
+        "steps of the last to_onnx: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
+    )
     print(f"ONNX ops, ours: {report.op_counts}")
     raw_ops = {}
     for n in proto.graph.node:
@@ -106,8 +125,10 @@ def main():
     for optimized in (True, False):
         s_raw = session(proto.SerializeToString(), optimized)
         s_ours = session(os.path.join(out, "ours0.onnx"), optimized)
-        feeds = {"raw": (s_raw, {s_raw.get_inputs()[0].name: x}),
-                 "ours": (s_ours, {s_ours.get_inputs()[0].name: x})}
+        feeds = {
+            "raw": (s_raw, {s_raw.get_inputs()[0].name: x}),
+            "ours": (s_ours, {s_ours.get_inputs()[0].name: x}),
+        }
         times = {k: [] for k in feeds}
         per_round = []
         for _ in range(args.ort_rounds):
@@ -119,8 +140,10 @@ def main():
                 times[k].append((time.perf_counter() - start) / 3)
             per_round.append(times["ours"][-1] / times["raw"][-1])
         label = "optimizations enabled" if optimized else "optimizations disabled"
-        print(f"| {label} | {1e3 * statistics.median(times['raw']):.1f} | "
-              f"{1e3 * statistics.median(times['ours']):.1f} | {statistics.median(per_round):.2f} |")
+        print(
+            f"| {label} | {1e3 * statistics.median(times['raw']):.1f} | "
+            f"{1e3 * statistics.median(times['ours']):.1f} | {statistics.median(per_round):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -28,13 +28,19 @@ from keras_bn.fold import BATCHNORM_TYPES  # noqa: E402
 
 def remove_batchnorms(model):
     """Same graph with every BatchNorm replaced by identity (weights copied): the bound."""
+
     def clone(layer):
         if isinstance(layer, BATCHNORM_TYPES):
             return keras.layers.Activation("linear", name=layer.name)
         return layer.__class__.from_config(layer.get_config())
 
-    removed = keras.models.clone_model(model, clone_function=clone,
-                                       call_function=lambda layer, *a, **k: layer(a[0]) if isinstance(layer, keras.layers.Activation) else layer(*a, **k))
+    removed = keras.models.clone_model(
+        model,
+        clone_function=clone,
+        call_function=lambda layer, *a, **k: (
+            layer(a[0]) if isinstance(layer, keras.layers.Activation) else layer(*a, **k)
+        ),
+    )
     for old, new in zip(model.layers, removed.layers):
         if not isinstance(old, BATCHNORM_TYPES):
             new.set_weights(old.get_weights())
@@ -53,19 +59,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}, "
-          f"Keras {keras.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}, "
+        f"Keras {keras.__version__}"
+    )
 
     model = keras.applications.ResNet50(weights=None)
     folded, report = keras_bn.fold_bn(model)
     removed = remove_batchnorms(model)
     assert not any(isinstance(l, BATCHNORM_TYPES) for l in removed.layers)
-    fns = {name: tf.function(lambda x, m=m: m(x, training=False), jit_compile=False)
-           for name, m in (("bn", model), ("folded", folded), ("removed", removed))}
-    print("| ResNet50 224x224 | with BN (ms) | folded (ms) | BN removed (ms) | folded/removed | removed/BN |")
+    fns = {
+        name: tf.function(lambda x, m=m: m(x, training=False), jit_compile=False)
+        for name, m in (("bn", model), ("folded", folded), ("removed", removed))
+    }
+    print(
+        "| ResNet50 224x224 | with BN (ms) | folded (ms) | BN removed (ms) | folded/removed | removed/BN |"
+    )
     print("|---|---|---|---|---|---|")
     for batch, repeats in ((8, 2), (1, 5)):
-        x = tf.constant(np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype("float32"))
+        x = tf.constant(
+            np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype("float32")
+        )
         times = {k: [] for k in fns}
         ratios, bound = [], []
         for _ in range(args.rounds):
@@ -74,11 +88,15 @@ def main():
             ratios.append(times["folded"][-1] / times["removed"][-1])
             bound.append(times["removed"][-1] / times["bn"][-1])
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        print(f"| batch {batch} | {med['bn']:.1f} | {med['folded']:.1f} | {med['removed']:.1f} | "
-              f"{statistics.median(ratios):.3f} | {statistics.median(bound):.3f} |")
+        print(
+            f"| batch {batch} | {med['bn']:.1f} | {med['folded']:.1f} | {med['removed']:.1f} | "
+            f"{statistics.median(ratios):.3f} | {statistics.median(bound):.3f} |"
+        )
 
     print()
-    print("| model | layers | BatchNorms | fold_bn, no verify (s) | fold_bn + verify (s) | s per 100 layers |")
+    print(
+        "| model | layers | BatchNorms | fold_bn, no verify (s) | fold_bn + verify (s) | s per 100 layers |"
+    )
     print("|---|---|---|---|---|---|")
     for name in ("ResNet50", "ResNet152"):
         m = getattr(keras.applications, name)(weights=None)
@@ -91,8 +109,10 @@ def main():
             _, rep = keras_bn.fold_bn(m)
             with_verify.append(time.perf_counter() - start)
         t = statistics.median(no_verify)
-        print(f"| {name} | {len(m.layers)} | {rep.counts['batchnorms']} | {t:.2f} | "
-              f"{statistics.median(with_verify):.2f} | {100 * t / len(m.layers):.3f} |")
+        print(
+            f"| {name} | {len(m.layers)} | {rep.counts['batchnorms']} | {t:.2f} | "
+            f"{statistics.median(with_verify):.2f} | {100 * t / len(m.layers):.3f} |"
+        )
 
 
 if __name__ == "__main__":

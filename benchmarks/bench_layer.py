@@ -71,12 +71,15 @@ def main():
                 t_ours.append(a)
                 t_theirs.append(b)
                 ratios.append(a / b)
-            rows.append({
-                "case": case, "step": mode,
-                "keras_bn_ms": 1e3 * statistics.median(t_ours),
-                "keras_ms": 1e3 * statistics.median(t_theirs),
-                "ratio": statistics.median(ratios),
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "step": mode,
+                    "keras_bn_ms": 1e3 * statistics.median(t_ours),
+                    "keras_ms": 1e3 * statistics.median(t_theirs),
+                    "ratio": statistics.median(ratios),
+                }
+            )
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}, Keras {keras.__version__}"
     if args.json:
         print(json.dumps({"machine": machine, "rows": rows}, indent=2))
@@ -85,7 +88,9 @@ def main():
     print("| input | step | keras_bn (ms) | Keras (ms) | ratio keras_bn/Keras |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['step']} | {r['keras_bn_ms']:.2f} | {r['keras_ms']:.2f} | {r['ratio']:.2f} |")
+        print(
+            f"| {r['case']} | {r['step']} | {r['keras_bn_ms']:.2f} | {r['keras_ms']:.2f} | {r['ratio']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

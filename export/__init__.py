@@ -10,8 +10,10 @@ __all__ = ["ExportReport", "VerifyReport", "load_model_file", "to_onnx", "verify
 def __getattr__(name):
     if name == "load_model_file":
         from .files import load_model_file
+
         return load_model_file
     if name in ("ExportReport", "VerifyReport", "to_onnx", "verify"):
         from . import converter
+
         return getattr(converter, name)
     raise AttributeError(f"module 'keras_bn.export' has no attribute {name!r}")

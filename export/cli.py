@@ -73,13 +73,19 @@ def _load_samples(path):
     if path is None:
         return None
     if not os.path.isfile(path):
-        raise KerasBNError(expected("The samples file does not exist", "a .npy or .npz file",
-                                    repr(path)))
+        raise KerasBNError(
+            expected("The samples file does not exist", "a .npy or .npz file", repr(path))
+        )
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as error:
-        raise KerasBNError(expected("The samples file could not be read", "a .npy or .npz file "
-                                    "of numbers (no pickles)", f"{type(error).__name__} for {path!r}")) from error
+        raise KerasBNError(
+            expected(
+                "The samples file could not be read",
+                "a .npy or .npz file of numbers (no pickles)",
+                f"{type(error).__name__} for {path!r}",
+            )
+        ) from error
     if isinstance(data, np.ndarray):
         return data
     return {name: data[name] for name in data.files}
@@ -94,22 +100,27 @@ def _load(args):
 
 
 def _bn_rows(model):
-    from keras_bn.fold import BATCHNORM_TYPES
-
     from keras_bn import _keras_internals as internals
     from keras_bn.conventions import keras_momentum_to_torch
+    from keras_bn.fold import BATCHNORM_TYPES
 
     rows = []
     for layer in internals.all_layers(model):
         if isinstance(layer, BATCHNORM_TYPES):
             torch_momentum = keras_momentum_to_torch(layer.momentum)
-            rows.append({
-                "name": layer.name, "type": type(layer).__name__, "axis": layer.axis,
-                "momentum_keras": layer.momentum,
-                "momentum_torch": None if torch_momentum is None else round(torch_momentum, 12),
-                "epsilon": layer.epsilon,
-                "moving_variance": "unbiased" if getattr(layer, "unbiased_variance", False) else "biased",
-            })
+            rows.append(
+                {
+                    "name": layer.name,
+                    "type": type(layer).__name__,
+                    "axis": layer.axis,
+                    "momentum_keras": layer.momentum,
+                    "momentum_torch": None if torch_momentum is None else round(torch_momentum, 12),
+                    "epsilon": layer.epsilon,
+                    "moving_variance": "unbiased"
+                    if getattr(layer, "unbiased_variance", False)
+                    else "biased",
+                }
+            )
     return rows
 
 
@@ -121,13 +132,25 @@ def cmd_inspect(args):
         _, report = keras_bn.fold_bn(model, verify=False)
     rows = _bn_rows(model)
     if args.json:
-        print(json.dumps({"model": model.name, "batchnorms": rows, "fold_plan": report.to_dict()}, indent=2))
+        print(
+            json.dumps(
+                {"model": model.name, "batchnorms": rows, "fold_plan": report.to_dict()}, indent=2
+            )
+        )
         return EXIT_OK
     print(f"model {model.name}: {len(model.layers)} layers, {len(rows)} BatchNorm(s)")
-    print(f"{'BatchNorm':<28} {'type':<20} {'axis':>4} {'momentum (Keras / PyTorch)':>28} {'epsilon':>9}  moving var")
+    print(
+        f"{'BatchNorm':<28} {'type':<20} {'axis':>4} {'momentum (Keras / PyTorch)':>28} {'epsilon':>9}  moving var"
+    )
     for r in rows:
-        momentum = "cumulative" if r["momentum_keras"] is None else f"{r['momentum_keras']:g} / {r['momentum_torch']:g}"
-        print(f"{r['name']:<28} {r['type']:<20} {r['axis']:>4} {momentum:>28} {r['epsilon']:>9.3g}  {r['moving_variance']}")
+        momentum = (
+            "cumulative"
+            if r["momentum_keras"] is None
+            else f"{r['momentum_keras']:g} / {r['momentum_torch']:g}"
+        )
+        print(
+            f"{r['name']:<28} {r['type']:<20} {r['axis']:>4} {momentum:>28} {r['epsilon']:>9.3g}  {r['moving_variance']}"
+        )
     print()
     print("fold plan:")
     print(report)
@@ -136,14 +159,16 @@ def cmd_inspect(args):
 
 def cmd_fold(args):
     import keras_bn
+
     from .files import atomic_output, check_output_path, save_keras
 
     output = check_output_path(args.output, inputs=[args.model, args.samples], suffix=".keras")
     model = _load(args)
     samples = _load_samples(args.samples)
     with _Step("folding and verifying"):
-        folded, report = keras_bn.fold_bn(model, samples=samples, rtol=args.rtol, atol=args.atol,
-                                          on_bad_statistics="raise")
+        folded, report = keras_bn.fold_bn(
+            model, samples=samples, rtol=args.rtol, atol=args.atol, on_bad_statistics="raise"
+        )
     with _Step(f"writing {output}"):
         with atomic_output(output, ".keras") as handle:
             save_keras(folded, handle)
@@ -157,6 +182,7 @@ def cmd_fold(args):
 
 def cmd_export(args):
     from keras_bn import export
+
     from .converter import check_opset
     from .files import check_output_path
 
@@ -165,9 +191,18 @@ def cmd_export(args):
     model = _load(args)
     samples = _load_samples(args.samples)
     with _Steps() as steps:
-        report = export.to_onnx(model, args.output, fold=not args.no_fold, opset=args.opset,
-                                samples=samples, atol=args.atol, rtol=args.rtol,
-                                nchw_inputs=args.nchw, progress=steps, on_bad_statistics="raise")
+        report = export.to_onnx(
+            model,
+            args.output,
+            fold=not args.no_fold,
+            opset=args.opset,
+            samples=samples,
+            atol=args.atol,
+            rtol=args.rtol,
+            nchw_inputs=args.nchw,
+            progress=steps,
+            on_bad_statistics="raise",
+        )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
 
@@ -193,24 +228,44 @@ def cmd_demo(args):
 
 
 def build_parser():
-    parser = _Parser(prog="keras-bn", description="BatchNorm tooling for Keras 3: inspect, fold, "
-                     "export to ONNX (verified against onnxruntime).")
+    parser = _Parser(
+        prog="keras-bn",
+        description="BatchNorm tooling for Keras 3: inspect, fold, "
+        "export to ONNX (verified against onnxruntime).",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, model=True, tolerances=True):
         if model:
             p.add_argument("model", help="a .keras file (loaded with safe_mode=True)")
-            p.add_argument("--unsafe", action="store_true",
-                           help="allow legacy .h5 files, whose loader can run code from the file")
-            p.add_argument("--max-archive-gib", type=float, default=8.0,
-                           help="refuse .keras archives declaring more uncompressed data (default 8)")
+            p.add_argument(
+                "--unsafe",
+                action="store_true",
+                help="allow legacy .h5 files, whose loader can run code from the file",
+            )
+            p.add_argument(
+                "--max-archive-gib",
+                type=float,
+                default=8.0,
+                help="refuse .keras archives declaring more uncompressed data (default 8)",
+            )
         if tolerances:
-            p.add_argument("--samples", help="inputs for verification: .npy, or .npz keyed by input name")
-            p.add_argument("--atol", type=float, default=None,
-                           help="default: by the model's compute dtype (float32 1e-6, float16 1e-3)")
-            p.add_argument("--rtol", type=float, default=None,
-                           help="x max|output|, per output; default: float32 1e-5, float16 1e-2")
+            p.add_argument(
+                "--samples", help="inputs for verification: .npy, or .npz keyed by input name"
+            )
+            p.add_argument(
+                "--atol",
+                type=float,
+                default=None,
+                help="default: by the model's compute dtype (float32 1e-6, float16 1e-3)",
+            )
+            p.add_argument(
+                "--rtol",
+                type=float,
+                default=None,
+                help="x max|output|, per output; default: float32 1e-5, float16 1e-2",
+            )
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -225,8 +280,9 @@ def build_parser():
     common(p)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-fold", action="store_true")
-    p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset, 7 to 18 (default: tf2onnx's, 15)")
+    p.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset, 7 to 18 (default: tf2onnx's, 15)"
+    )
     p.add_argument("--nchw", action="store_true", help="channels-first graph inputs")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")
@@ -276,9 +332,12 @@ def main(argv=None):
         if debug:
             traceback.print_exc()
         text = " ".join(plain_text(error).split())[:500]
-        print(f"keras-bn: internal error: {type(error).__name__}: {text}. This is a bug in "
-              "keras-bn, not a problem with your input: please report it with the output of the "
-              "same command run with --debug.", file=sys.stderr)
+        print(
+            f"keras-bn: internal error: {type(error).__name__}: {text}. This is a bug in "
+            "keras-bn, not a problem with your input: please report it with the output of the "
+            "same command run with --debug.",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

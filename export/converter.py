@@ -36,12 +36,21 @@ import onnx
 import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
+
 import keras_bn
 from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, VerificationError, expected
-from keras_bn.verification import (check_samples, compare, compute_dtype, in_background,
-                                   output_names, run_inference, synthetic_inputs,
-                                   tolerance_for)
+from keras_bn.verification import (
+    check_samples,
+    compare,
+    compute_dtype,
+    in_background,
+    output_names,
+    run_inference,
+    synthetic_inputs,
+    tolerance_for,
+)
+
 from .files import atomic_output, check_output_path
 
 NCHW_KEY = "keras_bn.nchw_inputs"
@@ -68,18 +77,29 @@ class VerifyReport:
         return max((r["max_abs_error"] for r in self.rows), default=0.0)
 
     def to_dict(self):
-        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol,
-                "max_abs_error": self.max_abs_error, "rows": self.rows}
+        return {
+            "passed": self.passed,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "max_abs_error": self.max_abs_error,
+            "rows": self.rows,
+        }
 
     def __str__(self):
-        lines = [f"{'output':<20} {'inputs':<26} {'ort optimizations':<18} {'max abs err':>12} "
-                 f"{'max rel err':>12}  ok"]
+        lines = [
+            f"{'output':<20} {'inputs':<26} {'ort optimizations':<18} {'max abs err':>12} "
+            f"{'max rel err':>12}  ok"
+        ]
         for r in self.rows:
-            lines.append(f"{r['output']:<20} {r['inputs']:<26} {r['optimization']:<18} "
-                         f"{r['max_abs_error']:>12.3g} {r['max_rel_error']:>12.3g}  "
-                         f"{'yes' if r['passed'] else 'NO'}")
-        lines.append(f"verification {'passed' if self.passed else 'FAILED'} "
-                     f"(atol={self.atol:g}, rtol={self.rtol:g} x max|that keras output|)")
+            lines.append(
+                f"{r['output']:<20} {r['inputs']:<26} {r['optimization']:<18} "
+                f"{r['max_abs_error']:>12.3g} {r['max_rel_error']:>12.3g}  "
+                f"{'yes' if r['passed'] else 'NO'}"
+            )
+        lines.append(
+            f"verification {'passed' if self.passed else 'FAILED'} "
+            f"(atol={self.atol:g}, rtol={self.rtol:g} x max|that keras output|)"
+        )
         return "\n".join(lines)
 
 
@@ -93,18 +113,25 @@ class ExportReport:
     opset: int
 
     def to_dict(self):
-        return {"path": self.path, "opset": self.opset, "op_counts": self.op_counts,
-                "batchnorms_folded": len(self.fold.folded) if self.fold else 0,
-                "fold": self.fold.to_dict() if self.fold else None,
-                "verification": self.verification.to_dict(), "timings_s": self.timings}
+        return {
+            "path": self.path,
+            "opset": self.opset,
+            "op_counts": self.op_counts,
+            "batchnorms_folded": len(self.fold.folded) if self.fold else 0,
+            "fold": self.fold.to_dict() if self.fold else None,
+            "verification": self.verification.to_dict(),
+            "timings_s": self.timings,
+        }
 
     def __str__(self):
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
         lines = [f"wrote {self.path} (opset {self.opset})", f"ONNX ops: {ops}"]
         if self.fold is not None:
             c = self.fold.counts
-            lines.append(f"BatchNorms: {c['batchnorms']} in the model, {len(self.fold.folded)} folded, "
-                         f"{c['replaced by affine']} replaced by affine, {c['left unfolded']} kept")
+            lines.append(
+                f"BatchNorms: {c['batchnorms']} in the model, {len(self.fold.folded)} folded, "
+                f"{c['replaced by affine']} replaced by affine, {c['left unfolded']} kept"
+            )
         lines.append(str(self.verification))
         lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
@@ -124,7 +151,9 @@ def _lower_grouped_conv(layer):
         padding = layer.padding.upper()
         if layer.padding == "causal":
             pad = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
-            x = tf.pad(x, [[0, 0], [pad, 0], [0, 0]] if channels_last else [[0, 0], [0, 0], [pad, 0]])
+            x = tf.pad(
+                x, [[0, 0], [pad, 0], [0, 0]] if channels_last else [[0, 0], [0, 0], [pad, 0]]
+            )
             padding = "VALID"
         if rank == 1:  # TF's grouped kernels are 2-D/3-D: view 1-D as height 1
             x = tf.expand_dims(x, 1 if channels_last else 2)
@@ -133,10 +162,19 @@ def _lower_grouped_conv(layer):
         else:
             strides, dilations = layer.strides, layer.dilation_rate
         spatial = max(rank, 2)
-        data_format = ("NHWC" if spatial == 2 else "NDHWC") if channels_last else \
-            ("NCHW" if spatial == 2 else "NCDHW")
-        y = tf.nn.convolution(x, kernel, strides=strides, padding=padding, dilations=dilations,
-                              data_format=data_format)
+        data_format = (
+            ("NHWC" if spatial == 2 else "NDHWC")
+            if channels_last
+            else ("NCHW" if spatial == 2 else "NCDHW")
+        )
+        y = tf.nn.convolution(
+            x,
+            kernel,
+            strides=strides,
+            padding=padding,
+            dilations=dilations,
+            data_format=data_format,
+        )
         if rank == 1:
             y = tf.squeeze(y, 1 if channels_last else 2)
         if layer.use_bias:
@@ -168,18 +206,23 @@ def _inference_fn(model):
             return _lower_grouped_conv(op)
         if isinstance(op, keras.Model) and internals.graph_model(op) is not None:
             inner = internals.graph_model(op)
-            return lambda *args, **kwargs: internals.run_through_graph(inner, args[0],
-                                                                       operation_fn)
+            return lambda *args, **kwargs: internals.run_through_graph(inner, args[0], operation_fn)
         if isinstance(op, keras.layers.Layer) and internals.call_has_training_arg(op):
             return lambda *args, **kwargs: op(*args, **{**kwargs, "training": False})
         return op
 
     graph = internals.graph_model(model)
     if graph is None or not internals.is_functional(graph):
-        raise KerasBNError(expected("Grouped convolutions are exported from graph models",
-                                    "a Functional or Sequential model", type(model).__name__))
+        raise KerasBNError(
+            expected(
+                "Grouped convolutions are exported from graph models",
+                "a Functional or Sequential model",
+                type(model).__name__,
+            )
+        )
     return lambda inputs: internals.run_through_graph(
-        graph, keras.tree.pack_sequence_as(internals.inputs_struct(graph), inputs), operation_fn)
+        graph, keras.tree.pack_sequence_as(internals.inputs_struct(graph), inputs), operation_fn
+    )
 
 
 _CATCH_ERRORS = tf2onnx.constants.ENV_TF2ONNX_CATCH_ERRORS  # "TF2ONNX_CATCH_ERRORS"
@@ -213,8 +256,10 @@ def _catch_errors_variable(value):
 
 
 def _raised_in_tf2onnx_optimizer(error):
-    return any(os.path.join("tf2onnx", "optimizer") in frame.filename
-               for frame in traceback.extract_tb(error.__traceback__))
+    return any(
+        os.path.join("tf2onnx", "optimizer") in frame.filename
+        for frame in traceback.extract_tb(error.__traceback__)
+    )
 
 
 def _run_tf2onnx(convert):
@@ -231,9 +276,12 @@ def _run_tf2onnx(convert):
     except Exception as error:
         if not _raised_in_tf2onnx_optimizer(error):
             raise
-        warnings.warn(f"a tf2onnx optimizer raised {type(error).__name__}: {str(error)[:200]}; "
-                      "converting again with tf2onnx's optimizer error handling on (slower)",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"a tf2onnx optimizer raised {type(error).__name__}: {str(error)[:200]}; "
+            "converting again with tf2onnx's optimizer error handling on (slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     with _catch_errors_variable(None):
         return convert()
 
@@ -248,12 +296,20 @@ def check_opset(opset):
     """Returns `opset` (None: tf2onnx's default) or raises KerasBNError naming the range."""
     if opset is None:
         return None
-    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) \
-            or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise KerasBNError(expected(
-            "Unsupported ONNX opset", f"an integer from {MIN_OPSET} (onnxruntime's oldest) to "
-            f"{MAX_OPSET} (tf2onnx {tf2onnx.__version__}'s newest), or None for tf2onnx's default "
-            f"{tf2onnx.constants.PREFERRED_OPSET}", repr(opset)))
+    if (
+        isinstance(opset, bool)
+        or not isinstance(opset, (int, np.integer))
+        or not MIN_OPSET <= opset <= MAX_OPSET
+    ):
+        raise KerasBNError(
+            expected(
+                "Unsupported ONNX opset",
+                f"an integer from {MIN_OPSET} (onnxruntime's oldest) to "
+                f"{MAX_OPSET} (tf2onnx {tf2onnx.__version__}'s newest), or None for tf2onnx's default "
+                f"{tf2onnx.constants.PREFERRED_OPSET}",
+                repr(opset),
+            )
+        )
     return int(opset)
 
 
@@ -262,8 +318,9 @@ def _convert(model, opset, nchw_inputs, tf2onnx_default=False):
     tf2onnx's own default (per-optimizer copies on) instead of `_run_tf2onnx`'s fast path."""
     inputs = keras.tree.flatten(model.inputs)
     names = [x.name for x in inputs]
-    signature = [tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name)
-                 for x, name in zip(inputs, names)]
+    signature = [
+        tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name) for x, name in zip(inputs, names)
+    ]
     names_out = output_names(model)
     forward = _inference_fn(model)
 
@@ -273,8 +330,12 @@ def _convert(model, opset, nchw_inputs, tf2onnx_default=False):
         return {name: tf.identity(y) for name, y in zip(names_out, outputs)}
 
     def convert():
-        return tf2onnx.convert.from_function(serve, input_signature=signature, opset=opset,
-                                             inputs_as_nchw=names if nchw_inputs else None)
+        return tf2onnx.convert.from_function(
+            serve,
+            input_signature=signature,
+            opset=opset,
+            inputs_as_nchw=names if nchw_inputs else None,
+        )
 
     if tf2onnx_default:
         with _catch_errors_variable(None):
@@ -306,25 +367,35 @@ def _layer_of(node_name, layer_names):
 def _check_graph(proto, layer_names=()):
     """Refuses nodes onnxruntime cannot run (naming the Keras layer they come from), then runs
     onnx.checker.check_model(full_check=True)."""
-    unconverted = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")
-                   or not onnx.defs.has(n.op_type)]
+    unconverted = [
+        n
+        for n in proto.graph.node
+        if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)
+    ]
     if unconverted:
         node = unconverted[0]
         layer = _layer_of(node.name, set(layer_names))
         source = f"layer '{layer}'" if layer else f"node '{node.name}'"
-        raise KerasBNError(expected(
-            f"tf2onnx left a {node.op_type} node from {source} that onnxruntime cannot run",
-            "only standard ONNX ops",
-            f"{len(unconverted)} such node(s) ({', '.join(sorted({n.op_type for n in unconverted}))}); "
-            f"the first is '{node.name}'",
-            "Nothing was written. Report the layer type: keras-bn lowers grouped convolutions, "
-            "not this."))
+        raise KerasBNError(
+            expected(
+                f"tf2onnx left a {node.op_type} node from {source} that onnxruntime cannot run",
+                "only standard ONNX ops",
+                f"{len(unconverted)} such node(s) ({', '.join(sorted({n.op_type for n in unconverted}))}); "
+                f"the first is '{node.name}'",
+                "Nothing was written. Report the layer type: keras-bn lowers grouped convolutions, "
+                "not this.",
+            )
+        )
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as error:
-        raise KerasBNError(expected("tf2onnx produced an invalid ONNX graph", "a graph that passes "
-                                    "onnx.checker.check_model(full_check=True)",
-                                    str(error).splitlines()[0][:300])) from error
+        raise KerasBNError(
+            expected(
+                "tf2onnx produced an invalid ONNX graph",
+                "a graph that passes onnx.checker.check_model(full_check=True)",
+                str(error).splitlines()[0][:300],
+            )
+        ) from error
 
 
 def op_counts(proto):
@@ -337,15 +408,19 @@ def op_counts(proto):
 
 def _session(model_bytes, optimized):
     options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 3
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
 def _feed(names, arrays, nchw):
-    return {name: np.moveaxis(a, -1, 1) if nchw and a.ndim > 2 else a
-            for name, a in zip(names, arrays)}
+    return {
+        name: np.moveaxis(a, -1, 1) if nchw and a.ndim > 2 else a for name, a in zip(names, arrays)
+    }
 
 
 def _input_sets(model, samples):
@@ -382,11 +457,18 @@ def _verify_proto(model, model_bytes, nchw, references, tolerance):
                 outputs = session.run(None, feed)
                 for name, ref, out in zip(names_out, reference, outputs):
                     result = compare(ref[rows], out)
-                    report.rows.append({
-                        "output": name, "inputs": f"{label}, {batch}", "input_set": label,
-                        "rows": "first" if rows.stop == 1 else "all", "optimization": level,
-                        "max_abs_error": result.max_abs, "max_rel_error": result.max_rel,
-                        "passed": tolerance.accepts(result.max_abs, result.scale)})
+                    report.rows.append(
+                        {
+                            "output": name,
+                            "inputs": f"{label}, {batch}",
+                            "input_set": label,
+                            "rows": "first" if rows.stop == 1 else "all",
+                            "optimization": level,
+                            "max_abs_error": result.max_abs,
+                            "max_rel_error": result.max_rel,
+                            "passed": tolerance.accepts(result.max_abs, result.scale),
+                        }
+                    )
     return report
 
 
@@ -398,12 +480,15 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, tolerance
     from keras_bn.fold import _Graph
 
     if exported is not model:
-        for name, ref, out in zip(output_names(model), _keras_outputs(model, arrays),
-                                  _keras_outputs(exported, arrays)):
+        for name, ref, out in zip(
+            output_names(model), _keras_outputs(model, arrays), _keras_outputs(exported, arrays)
+        ):
             result = compare(ref, out)
             if not tolerance.accepts(result.max_abs, result.scale):
-                return (f"Folding already changes output '{name}' (max abs error "
-                        f"{result.max_abs:.3g}); see the fold report, or export with fold=False.")
+                return (
+                    f"Folding already changes output '{name}' (max abs error "
+                    f"{result.max_abs:.3g}); see the fold report, or export with fold=False."
+                )
     graph = internals.graph_model(exported)
     if graph is None or not internals.is_functional(graph):
         return None
@@ -418,34 +503,43 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, tolerance
     proto = _convert(probe, opset, nchw)
     session = _session(proto.SerializeToString(), optimized)
     names = [i.name for i in session.get_inputs()]
-    got = dict(zip([o.name for o in session.get_outputs()],
-                   session.run(None, _feed(names, arrays, nchw))))
+    got = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, _feed(names, arrays, nchw)))
+    )
     worst = None
     for layer, name, ref in zip(layers, output_names(probe), _keras_outputs(probe, arrays)):
         if name not in got:
             continue
         result = compare(ref, got[name])
         if not tolerance.accepts(result.max_abs, result.scale):
-            return (f"The first layer whose output differs is '{layer.name}' "
-                    f"({type(layer).__name__}): max abs error {result.max_abs:.3g}.")
+            return (
+                f"The first layer whose output differs is '{layer.name}' "
+                f"({type(layer).__name__}): max abs error {result.max_abs:.3g}."
+            )
         if worst is None or result.max_rel > worst[1]:
             worst = (layer, result.max_rel)
     if worst is not None:
-        return (f"No single layer output is off by more than the tolerance: the error adds up; "
-                f"the largest relative error is at '{worst[0].name}' ({worst[1]:.3g}).")
+        return (
+            f"No single layer output is off by more than the tolerance: the error adds up; "
+            f"the largest relative error is at '{worst[0].name}' ({worst[1]:.3g})."
+        )
     return None
 
 
 def _check_exportable(model):
     """Refuses, before any work, what onnxruntime cannot run."""
     if compute_dtype(model) == "bfloat16":
-        raise KerasBNError(expected(
-            "The model computes in bfloat16, and ONNX's Conv, Gemm and MatMul have no bfloat16 "
-            "kernels in onnxruntime's CPU provider", "a float32 or mixed_float16 model",
-            f"model '{model.name}' with bfloat16 layers",
-            "bfloat16 is a training dtype: build the same model under "
-            "keras.config.set_dtype_policy('float32'), copy the weights with "
-            "set_weights(model.get_weights()), and export that."))
+        raise KerasBNError(
+            expected(
+                "The model computes in bfloat16, and ONNX's Conv, Gemm and MatMul have no bfloat16 "
+                "kernels in onnxruntime's CPU provider",
+                "a float32 or mixed_float16 model",
+                f"model '{model.name}' with bfloat16 layers",
+                "bfloat16 is a training dtype: build the same model under "
+                "keras.config.set_dtype_policy('float32'), copy the weights with "
+                "set_weights(model.get_weights()), and export that.",
+            )
+        )
 
 
 def verify(
@@ -465,13 +559,19 @@ def verify(
     input_sets = _input_sets(model, samples)
     onnx_path = os.fspath(onnx_path)
     if not os.path.isfile(onnx_path):
-        raise KerasBNError(expected("The ONNX file does not exist", "a path to a .onnx file",
-                                    repr(onnx_path)))
+        raise KerasBNError(
+            expected("The ONNX file does not exist", "a path to a .onnx file", repr(onnx_path))
+        )
     try:
         proto = onnx.load(onnx_path)
     except Exception as error:
-        raise KerasBNError(expected("The ONNX file could not be read", "a valid .onnx file",
-                                    f"{type(error).__name__} for {onnx_path!r}")) from error
+        raise KerasBNError(
+            expected(
+                "The ONNX file could not be read",
+                "a valid .onnx file",
+                f"{type(error).__name__} for {onnx_path!r}",
+            )
+        ) from error
     nchw = any(p.key == NCHW_KEY and p.value == "1" for p in proto.metadata_props)
     references = _references(model, input_sets)
     return _verify_proto(model, proto.SerializeToString(), nchw, references, tolerance)
@@ -505,13 +605,15 @@ def to_onnx(
     """
     step = progress or (lambda name: None)
     if not isinstance(model, keras.Model):
-        raise KerasBNError(expected("to_onnx exports Keras models", "a keras.Model",
-                                    type(model).__name__))
+        raise KerasBNError(
+            expected("to_onnx exports Keras models", "a keras.Model", type(model).__name__)
+        )
     path = check_output_path(path, suffix=".onnx")
     opset = check_opset(opset)
     if on_bad_statistics not in ("keep", "raise"):
-        raise KerasBNError(expected("Invalid `on_bad_statistics`", "'keep' or 'raise'",
-                                    repr(on_bad_statistics)))
+        raise KerasBNError(
+            expected("Invalid `on_bad_statistics`", "'keep' or 'raise'", repr(on_bad_statistics))
+        )
     if on_bad_statistics == "raise":
         keras_bn.fold.refuse_bad_statistics(model)
     tolerance = tolerance_for(model, rtol, atol)
@@ -543,22 +645,41 @@ def to_onnx(
     verification = _verify_proto(model, model_bytes, nchw_inputs, references, tolerance)
     timings["verify"] = time.perf_counter() - start
     if not verification.passed:
-        worst = max((r for r in verification.rows if not r["passed"]),
-                    key=lambda r: r["max_abs_error"])
+        worst = max(
+            (r for r in verification.rows if not r["passed"]), key=lambda r: r["max_abs_error"]
+        )
         arrays = dict(input_sets)[worst["input_set"]]
         if worst["rows"] == "first":
             arrays = [a[:1] for a in arrays]
-        where = _first_divergence(model, exported, arrays, worst["optimization"] == "enabled",
-                                  opset, nchw_inputs, tolerance)
-        raise VerificationError(expected(
-            f"onnxruntime output '{worst['output']}' differs from Keras on {worst['inputs']} "
-            f"(optimizations {worst['optimization']}); nothing was written",
-            f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} x max|that output|",
-            f"{worst['max_abs_error']:.4g}", where))
+        where = _first_divergence(
+            model,
+            exported,
+            arrays,
+            worst["optimization"] == "enabled",
+            opset,
+            nchw_inputs,
+            tolerance,
+        )
+        raise VerificationError(
+            expected(
+                f"onnxruntime output '{worst['output']}' differs from Keras on {worst['inputs']} "
+                f"(optimizations {worst['optimization']}); nothing was written",
+                f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} x max|that output|",
+                f"{worst['max_abs_error']:.4g}",
+                where,
+            )
+        )
     step("writing")
     with atomic_output(path, ".onnx") as handle:
         handle.write(model_bytes)
-    opset_used = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                     default=0)
-    return ExportReport(path=path, op_counts=op_counts(proto), fold=fold_report,
-                        verification=verification, timings=timings, opset=opset_used)
+    opset_used = max(
+        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0
+    )
+    return ExportReport(
+        path=path,
+        op_counts=op_counts(proto),
+        fold=fold_report,
+        verification=verification,
+        timings=timings,
+        opset=opset_used,
+    )

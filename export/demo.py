@@ -19,8 +19,13 @@ def load_digits_split(seed=0):
 
     digits = load_digits()
     images = (digits.images / 16.0).astype("float32")[..., None]
-    return train_test_split(images, digits.target.astype("int64"), test_size=0.25,
-                            random_state=seed, stratify=digits.target)
+    return train_test_split(
+        images,
+        digits.target.astype("int64"),
+        test_size=0.25,
+        random_state=seed,
+        stratify=digits.target,
+    )
 
 
 def build_model(use_batchnorm=True, seed=0):
@@ -32,8 +37,11 @@ def build_model(use_batchnorm=True, seed=0):
     L = keras.layers
     # momentum 0.9 (PyTorch's 0.1): with ~150 training steps, Keras's default 0.99 leaves the
     # moving variance still 20% made of its initial 1.0, and inference accuracy collapses.
-    norm = (lambda name: keras_bn.BatchNorm(momentum=0.9, name=name)) if use_batchnorm else \
-        (lambda name: L.Identity(name=name))
+    norm = (
+        (lambda name: keras_bn.BatchNorm(momentum=0.9, name=name))
+        if use_batchnorm
+        else (lambda name: L.Identity(name=name))
+    )
     inputs = keras.Input((8, 8, 1), name="digit")
     x = L.Conv2D(16, 3, padding="same", use_bias=not use_batchnorm, name="conv1")(inputs)
     x = L.ReLU()(norm("bn1")(x))
@@ -62,8 +70,9 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     import onnxruntime as ort
     import tensorflow as tf
 
-    from keras_bn import export
     import keras_bn
+    from keras_bn import export
+
     from .files import atomic_output, save_keras
 
     say = print if verbose else (lambda *a, **k: None)
@@ -72,11 +81,19 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     say(f"data: scikit-learn digits, {len(x_train)} train / {len(x_test)} test images of 8x8")
 
     model = build_model()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    model.fit(x_train, y_train, batch_size=64, epochs=epochs, validation_split=0.1,
-              verbose=1 if verbose else 0)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=64,
+        epochs=epochs,
+        validation_split=0.1,
+        verbose=1 if verbose else 0,
+    )
     trained_path = os.path.join(out_dir, "trained.keras")
     with atomic_output(trained_path, ".keras") as handle:
         save_keras(model, handle)
@@ -112,23 +129,39 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     }
     from keras_bn import _keras_internals as internals
 
-    bn_before = sum(isinstance(l, keras_bn.fold.BATCHNORM_TYPES) for l in internals.all_layers(model))
-    bn_after = sum(isinstance(l, keras_bn.fold.BATCHNORM_TYPES) for l in internals.all_layers(folded))
+    def count_batchnorms(m):
+        return sum(
+            isinstance(layer, keras_bn.fold.BATCHNORM_TYPES) for layer in internals.all_layers(m)
+        )
+
+    bn_before, bn_after = count_batchnorms(model), count_batchnorms(folded)
 
     say("")
-    say(f"{'model':<20} {'test accuracy':>13} {'same predictions':>17} {'max |logit err|':>16} "
-        f"{'latency, batch 64 (ms)':>23}")
+    say(
+        f"{'model':<20} {'test accuracy':>13} {'same predictions':>17} {'max |logit err|':>16} "
+        f"{'latency, batch 64 (ms)':>23}"
+    )
     for k in logits:
-        say(f"{k:<20} {accuracy[k]:>13.4f} {str(identical[k]):>17} {max_err[k]:>16.2e} "
-            f"{latency[k]:>23.2f}")
+        say(
+            f"{k:<20} {accuracy[k]:>13.4f} {str(identical[k]):>17} {max_err[k]:>16.2e} "
+            f"{latency[k]:>23.2f}"
+        )
     say(f"BatchNorms: {bn_before} before, {bn_after} after folding")
     ops = ", ".join(f"{k} {v}" for k, v in sorted(export_report.op_counts.items()))
     say(f"ONNX ops: {ops}")
-    say(f"onnxruntime verification: {'passed' if export_report.verification.passed else 'FAILED'}, "
-        f"max abs error {export_report.verification.max_abs_error:.2e}")
+    say(
+        f"onnxruntime verification: {'passed' if export_report.verification.passed else 'FAILED'}, "
+        f"max abs error {export_report.verification.max_abs_error:.2e}"
+    )
     say(f"wrote {trained_path}, {folded_path}, {onnx_path}")
-    return {"accuracy": accuracy, "identical_predictions": identical, "max_abs_error": max_err,
-            "latency_ms_batch64": latency, "batchnorms_before": bn_before,
-            "batchnorms_after": bn_after, "onnx_op_counts": export_report.op_counts,
-            "verification_passed": export_report.verification.passed,
-            "files": [trained_path, folded_path, onnx_path]}
+    return {
+        "accuracy": accuracy,
+        "identical_predictions": identical,
+        "max_abs_error": max_err,
+        "latency_ms_batch64": latency,
+        "batchnorms_before": bn_before,
+        "batchnorms_after": bn_after,
+        "onnx_op_counts": export_report.op_counts,
+        "verification_passed": export_report.verification.passed,
+        "files": [trained_path, folded_path, onnx_path],
+    }

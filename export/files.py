@@ -62,45 +62,70 @@ def check_archive(path, limits=DEFAULT_LIMITS):
     """Refuses a `.keras` archive whose directory promises more than `limits` allow, or whose
     entries overlap (a zip bomb), reading only the zip directory and the HDF5 metadata of the
     weights. Returns the parsed config.json."""
-    raise_limit = "If the file is trusted and really this large, raise the limit (--max-archive-gib)."
+    raise_limit = (
+        "If the file is trusted and really this large, raise the limit (--max-archive-gib)."
+    )
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
             if len(infos) > limits.max_members:
-                _refuse("The .keras archive has too many members", f"at most {limits.max_members}",
-                        f"{len(infos)} members")
+                _refuse(
+                    "The .keras archive has too many members",
+                    f"at most {limits.max_members}",
+                    f"{len(infos)} members",
+                )
             total = sum(i.file_size for i in infos)
             if total > limits.max_total_bytes:
-                _refuse("The .keras archive declares more data than allowed",
-                        f"at most {limits.max_total_bytes / GiB:g} GiB uncompressed",
-                        f"{total / GiB:.3g} GiB in {len(infos)} members", raise_limit)
+                _refuse(
+                    "The .keras archive declares more data than allowed",
+                    f"at most {limits.max_total_bytes / GiB:g} GiB uncompressed",
+                    f"{total / GiB:.3g} GiB in {len(infos)} members",
+                    raise_limit,
+                )
             by_offset = sorted(infos, key=lambda i: i.header_offset)
             for a, b in zip(by_offset, by_offset[1:]):
                 if a.header_offset + a.compress_size > b.header_offset:
-                    _refuse("The .keras archive has overlapping entries (a zip bomb)",
-                            "a zip archive whose members do not share data",
-                            f"'{a.filename}' and '{b.filename}' overlap")
+                    _refuse(
+                        "The .keras archive has overlapping entries (a zip bomb)",
+                        "a zip archive whose members do not share data",
+                        f"'{a.filename}' and '{b.filename}' overlap",
+                    )
             names = {i.filename: i for i in infos}
             if "config.json" not in names:
-                _refuse("The .keras archive is damaged", "config.json and weights",
-                        f"members {sorted(names)[:10]}")
+                _refuse(
+                    "The .keras archive is damaged",
+                    "config.json and weights",
+                    f"members {sorted(names)[:10]}",
+                )
             for name in ("config.json", "metadata.json"):
                 if name in names and names[name].file_size > limits.max_config_bytes:
-                    _refuse(f"The archive's {name} is too large",
-                            f"at most {limits.max_config_bytes / MiB:g} MiB",
-                            f"{names[name].file_size / MiB:.4g} MiB")
+                    _refuse(
+                        f"The archive's {name} is too large",
+                        f"at most {limits.max_config_bytes / MiB:g} MiB",
+                        f"{names[name].file_size / MiB:.4g} MiB",
+                    )
             config_text = archive.read("config.json")
             weights = names.get("model.weights.h5")
             if weights is not None:
                 _check_weights(archive.read(weights), weights.file_size)
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
-        raise KerasBNError(expected("The .keras archive is damaged", "a complete zip archive",
-                                    f"{type(error).__name__}: {_short(error)}")) from error
+        raise KerasBNError(
+            expected(
+                "The .keras archive is damaged",
+                "a complete zip archive",
+                f"{type(error).__name__}: {_short(error)}",
+            )
+        ) from error
     try:
         return json.loads(config_text)
     except ValueError as error:
-        raise KerasBNError(expected("The archive's config.json is not JSON", "a file written "
-                                    "by model.save('x.keras')", _short(error))) from error
+        raise KerasBNError(
+            expected(
+                "The archive's config.json is not JSON",
+                "a file written by model.save('x.keras')",
+                _short(error),
+            )
+        ) from error
 
 
 def _check_weights(data, size):
@@ -112,9 +137,13 @@ def _check_weights(data, size):
     try:
         handle = h5py.File(io.BytesIO(data), "r")
     except Exception as error:  # h5py raises OSError subclasses with long texts
-        raise KerasBNError(expected("The archive's model.weights.h5 is not an HDF5 file",
-                                    "weights written by model.save('x.keras')",
-                                    _short(error))) from error
+        raise KerasBNError(
+            expected(
+                "The archive's model.weights.h5 is not an HDF5 file",
+                "weights written by model.save('x.keras')",
+                _short(error),
+            )
+        ) from error
     declared = []
 
     def visit(name, obj):
@@ -129,9 +158,11 @@ def _check_weights(data, size):
     total = sum(n for _, n in declared)
     if total > size:
         name, largest = max(declared, key=lambda x: x[1])
-        _refuse("The archive's weights declare more data than the file holds",
-                f"at most {size} bytes of weights", f"{total} bytes declared, the largest "
-                f"'{name}' with {largest} bytes")
+        _refuse(
+            "The archive's weights declare more data than the file holds",
+            f"at most {size} bytes of weights",
+            f"{total} bytes declared, the largest '{name}' with {largest} bytes",
+        )
 
 
 def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
@@ -144,32 +175,49 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise KerasBNError(expected("The model file does not exist", "a path to a .keras file",
-                                    repr(path)))
+        raise KerasBNError(
+            expected("The model file does not exist", "a path to a .keras file", repr(path))
+        )
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
         # Keras 3 reads a SavedModel only as an opaque TFSMLayer: no layers to fold or inspect.
-        raise KerasBNError(expected(
-            "A SavedModel directory cannot be folded or exported: Keras 3 loads it as one opaque "
-            "layer, and its loader can run code from the files", "a .keras file", repr(path),
-            "Re-save the model from its source code with model.save('model.keras')."))
+        raise KerasBNError(
+            expected(
+                "A SavedModel directory cannot be folded or exported: Keras 3 loads it as one opaque "
+                "layer, and its loader can run code from the files",
+                "a .keras file",
+                repr(path),
+                "Re-save the model from its source code with model.save('model.keras').",
+            )
+        )
     if path.endswith((".h5", ".hdf5")):
         if not unsafe:
-            raise KerasBNError(expected(
-                "Refusing to load a legacy HDF5 file: its loader ignored safe_mode in several "
-                "Keras releases, so code stored in it can run", "a .keras file", repr(path),
-                "Re-save it as .keras from trusted code, or pass --unsafe if you trust the file."))
-        warnings.warn(f"loading legacy HDF5 file {path!r} without safe_mode: code in it can run",
-                      RuntimeWarning, stacklevel=2)
+            raise KerasBNError(
+                expected(
+                    "Refusing to load a legacy HDF5 file: its loader ignored safe_mode in several "
+                    "Keras releases, so code stored in it can run",
+                    "a .keras file",
+                    repr(path),
+                    "Re-save it as .keras from trusted code, or pass --unsafe if you trust the file.",
+                )
+            )
+        warnings.warn(
+            f"loading legacy HDF5 file {path!r} without safe_mode: code in it can run",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return keras.saving.load_model(path, safe_mode=False, compile=False)
     if os.path.isdir(path):
         raise KerasBNError(expected("The model path is a directory", "a .keras file", repr(path)))
     if not path.endswith(".keras"):
         raise KerasBNError(expected("Unknown model file type", "a .keras file", repr(path)))
     if not zipfile.is_zipfile(path):
-        raise KerasBNError(expected("The file is not a valid .keras archive (a zip file)",
-                                    "a file written by model.save('x.keras')",
-                                    f"{os.path.getsize(path)} bytes that are not a zip archive "
-                                    "(corrupt or truncated?)"))
+        raise KerasBNError(
+            expected(
+                "The file is not a valid .keras archive (a zip file)",
+                "a file written by model.save('x.keras')",
+                f"{os.path.getsize(path)} bytes that are not a zip archive (corrupt or truncated?)",
+            )
+        )
     config = check_archive(path, limits)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
@@ -179,15 +227,29 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
         text = plain_text(error)
         if "safe_mode" in text or "safe mode" in text:
             has_lambda = '"Lambda"' in json.dumps(config)
-            raise KerasBNError(expected(
-                "Keras's safe mode refused part of the model; nothing in it was run"
-                + (" (the model contains a Lambda layer, which holds Python code)" if has_lambda
-                   else ""), "a model Keras loads with safe_mode=True", _short(text),
-                "Replace the Lambda by a registered custom layer." if has_lambda else
-                "Load it yourself with keras.saving.load_model(..., safe_mode=False) only if "
-                "you trust the file.")) from error
-        raise KerasBNError(expected("The model could not be loaded", "a loadable .keras file",
-                                    f"{type(error).__name__}: {_short(text)}")) from error
+            raise KerasBNError(
+                expected(
+                    "Keras's safe mode refused part of the model; nothing in it was run"
+                    + (
+                        " (the model contains a Lambda layer, which holds Python code)"
+                        if has_lambda
+                        else ""
+                    ),
+                    "a model Keras loads with safe_mode=True",
+                    _short(text),
+                    "Replace the Lambda by a registered custom layer."
+                    if has_lambda
+                    else "Load it yourself with keras.saving.load_model(..., safe_mode=False) only if "
+                    "you trust the file.",
+                )
+            ) from error
+        raise KerasBNError(
+            expected(
+                "The model could not be loaded",
+                "a loadable .keras file",
+                f"{type(error).__name__}: {_short(text)}",
+            )
+        ) from error
 
 
 def check_output_path(output, *, inputs=(), suffix=None):
@@ -198,28 +260,53 @@ def check_output_path(output, *, inputs=(), suffix=None):
         if source is None:
             continue
         source = os.path.abspath(os.fspath(source))
-        same = source == output or (os.path.exists(source) and os.path.exists(output)
-                                    and os.path.samefile(source, output))
+        same = source == output or (
+            os.path.exists(source) and os.path.exists(output) and os.path.samefile(source, output)
+        )
         if same:
-            raise KerasBNError(expected("The output would overwrite an input",
-                                        "an output path different from every input",
-                                        f"{output!r}, which is also an input"))
+            raise KerasBNError(
+                expected(
+                    "The output would overwrite an input",
+                    "an output path different from every input",
+                    f"{output!r}, which is also an input",
+                )
+            )
     if suffix and not output.endswith(suffix):
-        raise KerasBNError(expected(f"The output must be a {suffix} file",
-                                    f"a path ending in {suffix}", repr(output)))
+        raise KerasBNError(
+            expected(
+                f"The output must be a {suffix} file", f"a path ending in {suffix}", repr(output)
+            )
+        )
     directory = os.path.dirname(output)
     if not os.path.isdir(directory):
-        raise KerasBNError(expected("The output directory does not exist", "an existing directory",
-                                    repr(directory), "Create it first."))
+        raise KerasBNError(
+            expected(
+                "The output directory does not exist",
+                "an existing directory",
+                repr(directory),
+                "Create it first.",
+            )
+        )
     if os.path.isdir(output):
         raise KerasBNError(expected("The output path is a directory", "a file path", repr(output)))
     # Mode bits too: root may write anywhere, but a directory or file made read-only says no.
     if not os.access(directory, os.W_OK | os.X_OK) or not os.stat(directory).st_mode & 0o222:
-        raise KerasBNError(expected("The output directory is not writable",
-                                    "a directory this user can write", repr(directory)))
+        raise KerasBNError(
+            expected(
+                "The output directory is not writable",
+                "a directory this user can write",
+                repr(directory),
+            )
+        )
     if os.path.exists(output) and not os.stat(output).st_mode & 0o222:
-        raise KerasBNError(expected("The output file is read-only", "a writable file or a new "
-                                    "path", repr(output), "Remove it or make it writable first."))
+        raise KerasBNError(
+            expected(
+                "The output file is read-only",
+                "a writable file or a new path",
+                repr(output),
+                "Remove it or make it writable first.",
+            )
+        )
     return output
 
 
@@ -244,7 +331,7 @@ def remove_stale_temporaries(directory):
     for name in os.listdir(directory):
         if not name.startswith(_TEMP_PREFIX):
             continue
-        pid = name[len(_TEMP_PREFIX):].split("-", 1)[0]
+        pid = name[len(_TEMP_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -307,11 +394,16 @@ def atomic_output(path, suffix=""):
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, mode)
     except (AttributeError, OSError) as error:  # not Linux, or a filesystem without O_TMPFILE
-        if isinstance(error, OSError) and error.errno not in (errno.EOPNOTSUPP, errno.EISDIR,
-                                                              errno.EINVAL, errno.ENOENT):
+        if isinstance(error, OSError) and error.errno not in (
+            errno.EOPNOTSUPP,
+            errno.EISDIR,
+            errno.EINVAL,
+            errno.ENOENT,
+        ):
             raise
-        fd, named = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=suffix,
-                                     dir=directory)
+        fd, named = tempfile.mkstemp(
+            prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=directory
+        )
         _pending.add(named)
     try:
         with os.fdopen(fd, "w+b") as handle:

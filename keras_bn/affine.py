@@ -26,10 +26,12 @@ class ChannelAffine(keras.layers.Layer):
     def build(self, input_shape):
         self._axis = self.axis % len(input_shape)
         channels = input_shape[self._axis]
-        self.scale = self.add_weight(shape=(channels,), name="scale", initializer="ones",
-                                     autocast=False)
-        self.offset = self.add_weight(shape=(channels,), name="offset", initializer="zeros",
-                                      autocast=False)
+        self.scale = self.add_weight(
+            shape=(channels,), name="scale", initializer="ones", autocast=False
+        )
+        self.offset = self.add_weight(
+            shape=(channels,), name="offset", initializer="zeros", autocast=False
+        )
 
     def call(self, inputs, training=None, mask=None):
         shape = [1] * len(inputs.shape)

@@ -46,4 +46,6 @@ class SkippedUpdatesWarning(keras.callbacks.Callback):
                 f"epoch {epoch + 1}: keras_bn.BatchNorm skipped moving-statistics updates on "
                 f"batches with NaN/Inf statistics or one value per channel ({', '.join(news)}); "
                 "the moving statistics keep their previous values for those batches.",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning,
+                stacklevel=2,
+            )

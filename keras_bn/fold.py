@@ -31,8 +31,15 @@ from keras_bn import fold_math
 from keras_bn.affine import ChannelAffine
 from keras_bn.errors import KerasBNError, VerificationError, expected
 from keras_bn.layer import BatchNorm
-from keras_bn.verification import (check_samples, compare, in_background, output_names,
-                                   run_inference, synthetic_inputs, tolerance_for)
+from keras_bn.verification import (
+    check_samples,
+    compare,
+    in_background,
+    output_names,
+    run_inference,
+    synthetic_inputs,
+    tolerance_for,
+)
 
 BATCHNORM_TYPES = (keras.layers.BatchNormalization, BatchNorm)
 
@@ -91,24 +98,34 @@ class FoldReport:
         return [r for r in self.rows if r.action in (AFFINE, KEPT)]
 
     def to_dict(self) -> dict:
-        return {"counts": self.counts, "rows": [r.to_dict() for r in self.rows],
-                "verification": self.verification}
+        return {
+            "counts": self.counts,
+            "rows": [r.to_dict() for r in self.rows],
+            "verification": self.verification,
+        }
 
     def __str__(self):
         width = max([len(r.name) for r in self.rows] + [9])
-        lines = [f"{'BatchNorm':<{width}}  {'action':<18}  {'into':<24}  reason",
-                 "-" * (width + 70)]
+        lines = [
+            f"{'BatchNorm':<{width}}  {'action':<18}  {'into':<24}  reason",
+            "-" * (width + 70),
+        ]
         for r in self.rows:
-            lines.append(f"{r.name:<{width}}  {r.action.value:<18}  {r.into or '-':<24}  "
-                         f"{r.reason or ''}")
+            lines.append(
+                f"{r.name:<{width}}  {r.action.value:<18}  {r.into or '-':<24}  {r.reason or ''}"
+            )
         c = self.counts
-        lines.append(f"{c['batchnorms']} BatchNorm(s): {c[BACKWARD.value]} folded backward, "
-                     f"{c[FORWARD.value]} folded forward, {c[AFFINE.value]} replaced by affine, "
-                     f"{c[KEPT.value]} left unfolded")
+        lines.append(
+            f"{c['batchnorms']} BatchNorm(s): {c[BACKWARD.value]} folded backward, "
+            f"{c[FORWARD.value]} folded forward, {c[AFFINE.value]} replaced by affine, "
+            f"{c[KEPT.value]} left unfolded"
+        )
         for v in self.verification:
-            lines.append(f"verified '{v['output']}' on {v['inputs']}: max abs error "
-                         f"{v['max_abs_error']:.3g}, max rel error {v['max_rel_error']:.3g} "
-                         f"(tolerance rtol={v['rtol']:g}, atol={v['atol']:g})")
+            lines.append(
+                f"verified '{v['output']}' on {v['inputs']}: max abs error "
+                f"{v['max_abs_error']:.3g}, max rel error {v['max_rel_error']:.3g} "
+                f"(tolerance rtol={v['rtol']:g}, atol={v['atol']:g})"
+            )
         return "\n".join(lines)
 
 
@@ -121,8 +138,10 @@ class FoldReport:
 _KINDS = (
     ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), "separable"),
     ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), "depthwise"),
-    ((keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose),
-     "transpose"),
+    (
+        (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose),
+        "transpose",
+    ),
     ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), "conv"),
     ((keras.layers.Dense,), "dense"),
 )
@@ -168,8 +187,9 @@ def _not_plain(layer):
 def _layout_reason(layer, rank, bn_axis):
     channel = _channel_axis(layer, rank)
     if channel != bn_axis:
-        return (f"the BatchNorm normalizes axis {bn_axis} but {layer.name}'s channel axis is "
-                f"{channel}")
+        return (
+            f"the BatchNorm normalizes axis {bn_axis} but {layer.name}'s channel axis is {channel}"
+        )
     return _not_plain(layer)
 
 
@@ -178,8 +198,12 @@ class _Graph:
 
     def __init__(self, model):
         by_depth = internals.nodes_by_depth(model)
-        self.nodes = [n for depth in sorted(by_depth, reverse=True) for n in by_depth[depth]
-                      if n.operation is not None and not n.is_input]
+        self.nodes = [
+            n
+            for depth in sorted(by_depth, reverse=True)
+            for n in by_depth[depth]
+            if n.operation is not None and not n.is_input
+        ]
         self.consumers = collections.defaultdict(list)
         for node in self.nodes:
             for tensor in node.input_tensors:
@@ -231,8 +255,10 @@ def _match_forward(graph, node, rank, bn_axis):
     layer = consumer_node.operation
     kind, reason = layer_kind(layer)
     if kind == "transpose":
-        return None, (f"the next layer '{layer.name}' is {type(layer).__name__}: a transposed "
-                      "conv spreads a constant unevenly over its output")
+        return None, (
+            f"the next layer '{layer.name}' is {type(layer).__name__}: a transposed "
+            "conv spreads a constant unevenly over its output"
+        )
     if kind is None:
         return None, f"the next layer '{layer.name}': {reason}"
     if graph.calls[id(layer)] > 1:
@@ -240,8 +266,10 @@ def _match_forward(graph, node, rank, bn_axis):
     if len(consumer_node.input_tensors) != 1:
         return None, f"the next layer '{layer.name}' has several inputs"
     if kind != "dense" and layer.padding != "valid" and any(k != 1 for k in layer.kernel_size):
-        return None, (f"the next layer '{layer.name}' pads with zeros ('{layer.padding}'): "
-                      "forward folding is not exact at the borders")
+        return None, (
+            f"the next layer '{layer.name}' pads with zeros ('{layer.padding}'): "
+            "forward folding is not exact at the borders"
+        )
     reason = _layout_reason(layer, rank, bn_axis)
     if reason:
         return None, reason
@@ -250,8 +278,12 @@ def _match_forward(graph, node, rank, bn_axis):
 
 def _bn_gamma_beta(bn):
     weights = {w.name: np.asarray(w, np.float64) for w in bn.weights}
-    return (weights.get("gamma"), weights.get("beta"), weights["moving_mean"],
-            weights["moving_variance"])
+    return (
+        weights.get("gamma"),
+        weights.get("beta"),
+        weights["moving_mean"],
+        weights["moving_variance"],
+    )
 
 
 def statistics_problem(bn) -> str | None:
@@ -263,8 +295,10 @@ def statistics_problem(bn) -> str | None:
         s, t = fold_math.bn_scale_shift(mean, var, bn.epsilon, gamma, beta)
     except KerasBNError as error:
         return str(error)
-    for name, formula, value in (("scale", "gamma / sqrt(var + eps)", s),
-                                 ("shift", "beta - mean * scale", t)):
+    for name, formula, value in (
+        ("scale", "gamma / sqrt(var + eps)", s),
+        ("shift", "beta - mean * scale", t),
+    ):
         reason = fold_math.overflow_reason(value, bn.variable_dtype)
         if reason:
             return f"its inference {name} {formula} {reason}."
@@ -278,9 +312,11 @@ def refuse_bad_statistics(model) -> None:
         if isinstance(layer, BATCHNORM_TYPES):
             problem = statistics_problem(layer)
             if problem:
-                raise KerasBNError(f"BatchNorm '{layer.name}' has corrupt statistics: {problem} "
-                                   "Recompute them (train, or keras_bn.recalibrate when it "
-                                   "exists) before folding or exporting.")
+                raise KerasBNError(
+                    f"BatchNorm '{layer.name}' has corrupt statistics: {problem} "
+                    "Recompute them (train, or keras_bn.recalibrate when it "
+                    "exists) before folding or exporting."
+                )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,22 +397,28 @@ def _fold_weights(folds):
         if d.row.action == FORWARD:
             if d.kind == "separable":
                 w["depthwise_kernel"], w["bias"] = fold_math.fold_forward_separable(
-                    w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), d.s, d.t)
+                    w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), d.s, d.t
+                )
             elif d.kind == "depthwise":
                 w["kernel"], w["bias"] = fold_math.fold_forward_depthwise(
-                    w["kernel"], w.get("bias"), d.s, d.t)
+                    w["kernel"], w.get("bias"), d.s, d.t
+                )
             else:
                 w["kernel"], w["bias"] = fold_math.fold_forward(
-                    w["kernel"], w.get("bias"), d.s, d.t, groups=getattr(d.target, "groups", 1))
+                    w["kernel"], w.get("bias"), d.s, d.t, groups=getattr(d.target, "groups", 1)
+                )
         elif d.kind == "separable":
             w["pointwise_kernel"], w["bias"] = fold_math.fold_backward(
-                w["pointwise_kernel"], w.get("bias"), d.s, d.t)
+                w["pointwise_kernel"], w.get("bias"), d.s, d.t
+            )
         elif d.kind == "depthwise":
             w["kernel"], w["bias"] = fold_math.fold_backward_depthwise(
-                w["kernel"], w.get("bias"), d.s, d.t)
+                w["kernel"], w.get("bias"), d.s, d.t
+            )
         else:
             w["kernel"], w["bias"] = fold_math.fold_backward(
-                w["kernel"], w.get("bias"), d.s, d.t, out_axis=-2 if d.kind == "transpose" else -1)
+                w["kernel"], w.get("bias"), d.s, d.t, out_axis=-2 if d.kind == "transpose" else -1
+            )
     return edits
 
 
@@ -393,8 +435,9 @@ def _leave(decision, replace_leftovers):
     """A BatchNorm that is not folded: a ChannelAffine when asked for and its s and t fit the
     dtype, else kept. Returns whether it becomes an affine."""
     row, bn = decision.row, decision.bn
-    unfit = (fold_math.overflow_reason(decision.s, bn.variable_dtype)
-             or fold_math.overflow_reason(decision.t, bn.variable_dtype))
+    unfit = fold_math.overflow_reason(decision.s, bn.variable_dtype) or fold_math.overflow_reason(
+        decision.t, bn.variable_dtype
+    )
     if replace_leftovers and not unfit:
         row.action = AFFINE
         return True
@@ -462,11 +505,16 @@ def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_le
         clones[id(op)] = new
         return new
 
-    inputs = [keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name)
-              for x in keras.tree.flatten(model.inputs)]
+    inputs = [
+        keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name)
+        for x in keras.tree.flatten(model.inputs)
+    ]
     outputs = internals.run_through_graph(model, inputs, operation_fn)
-    folded = keras.Model(keras.tree.pack_sequence_as(internals.inputs_struct(model), inputs),
-                         outputs, name=model.name)
+    folded = keras.Model(
+        keras.tree.pack_sequence_as(internals.inputs_struct(model), inputs),
+        outputs,
+        name=model.name,
+    )
 
     # Weights: copies for untouched layers, folded values for edited ones.
     for node in graph.nodes:
@@ -485,8 +533,10 @@ def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_le
         for variable in new.weights:
             value = np.asarray(values[variable.name])
             if fold_math.overflow_reason(value, variable.dtype):  # _apply checked it
-                raise RuntimeError(f"internal error: {prefix}{new.name}/{variable.name} does not "
-                                   f"fit {variable.dtype} after the overflow check")
+                raise RuntimeError(
+                    f"internal error: {prefix}{new.name}/{variable.name} does not "
+                    f"fit {variable.dtype} after the overflow check"
+                )
             variable.assign(fold_math.as_dtype(value, variable.dtype))
     return folded
 
@@ -498,8 +548,9 @@ def _fold_model(model, report, prefix, replace_leftovers):
     decisions = _plan(graph, prefix)
     edits, affines = _apply(decisions, replace_leftovers)
     report.rows.extend(d.row for d in decisions)
-    folded = _rebuild(graph_model, graph, decisions, edits, affines, report, prefix,
-                      replace_leftovers)
+    folded = _rebuild(
+        graph_model, graph, decisions, edits, affines, report, prefix, replace_leftovers
+    )
     folded.name = model.name
     return folded
 
@@ -508,18 +559,28 @@ def _check_foldable(model):
     """Raises KerasBNError unless `model` is a graph this pass can read (a built Sequential or a
     Functional model): checked before anything else runs on it."""
     if not isinstance(model, keras.Model):
-        raise KerasBNError(expected("fold_bn folds Keras models", "a keras.Model",
-                                    type(model).__name__))
+        raise KerasBNError(
+            expected("fold_bn folds Keras models", "a keras.Model", type(model).__name__)
+        )
     if isinstance(model, keras.Sequential):
         if internals.graph_model(model) is None:
-            raise KerasBNError(expected("The Sequential model must be built", "a model with a "
-                                        "known input shape", f"unbuilt model '{model.name}'",
-                                        "Call it on data or give it a keras.Input first."))
+            raise KerasBNError(
+                expected(
+                    "The Sequential model must be built",
+                    "a model with a known input shape",
+                    f"unbuilt model '{model.name}'",
+                    "Call it on data or give it a keras.Input first.",
+                )
+            )
     elif not internals.is_functional(model):
-        raise KerasBNError(expected("fold_bn needs a graph it can read", "a Sequential or "
-                                    "Functional keras.Model", f"{type(model).__name__} (a "
-                                    "subclassed model)", "Rebuild the model with the Functional "
-                                    "API."))
+        raise KerasBNError(
+            expected(
+                "fold_bn needs a graph it can read",
+                "a Sequential or Functional keras.Model",
+                f"{type(model).__name__} (a subclassed model)",
+                "Rebuild the model with the Functional API.",
+            )
+        )
 
 
 _ON_BAD_STATISTICS = ("keep", "raise")
@@ -561,8 +622,9 @@ def fold_bn(
     """
     _check_foldable(model)
     if on_bad_statistics not in _ON_BAD_STATISTICS:
-        raise KerasBNError(expected("Invalid `on_bad_statistics`", "'keep' or 'raise'",
-                                    repr(on_bad_statistics)))
+        raise KerasBNError(
+            expected("Invalid `on_bad_statistics`", "'keep' or 'raise'", repr(on_bad_statistics))
+        )
     if on_bad_statistics == "raise":
         refuse_bad_statistics(model)
     tolerance = tolerance_for(model, rtol, atol)
@@ -581,14 +643,24 @@ def fold_bn(
         candidate = keras.tree.flatten(run_inference(folded, inputs))
         for name, ref, out in zip(names, keras.tree.flatten(reference), candidate):
             result = compare(ref, out)
-            report.verification.append({
-                "inputs": label, "output": name, "max_abs_error": result.max_abs,
-                "max_rel_error": result.max_rel, "rtol": tolerance.rtol, "atol": tolerance.atol})
+            report.verification.append(
+                {
+                    "inputs": label,
+                    "output": name,
+                    "max_abs_error": result.max_abs,
+                    "max_rel_error": result.max_rel,
+                    "rtol": tolerance.rtol,
+                    "atol": tolerance.atol,
+                }
+            )
             if not tolerance.accepts(result.max_abs, result.scale):
-                raise VerificationError(expected(
-                    f"The folded model's output '{name}' differs from the original on {label}",
-                    f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} * "
-                    f"{result.scale:.4g}", f"{result.max_abs:.4g} (relative "
-                    f"{result.max_rel:.3g})", "Report this with the model; fold_bn(..., "
-                    "verify=False) skips the check."))
+                raise VerificationError(
+                    expected(
+                        f"The folded model's output '{name}' differs from the original on {label}",
+                        f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} * "
+                        f"{result.scale:.4g}",
+                        f"{result.max_abs:.4g} (relative {result.max_rel:.3g})",
+                        "Report this with the model; fold_bn(..., verify=False) skips the check.",
+                    )
+                )
     return folded, report

@@ -43,16 +43,28 @@ def bn_scale_shift(moving_mean, moving_variance, epsilon, gamma=None, beta=None)
     var = np.asarray(moving_variance, np.float64)
     gamma = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64)
     beta = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64)
-    for name, value in (("moving_mean", mean), ("moving_variance", var), ("gamma", gamma),
-                        ("beta", beta)):
+    for name, value in (
+        ("moving_mean", mean),
+        ("moving_variance", var),
+        ("gamma", gamma),
+        ("beta", beta),
+    ):
         if not np.all(np.isfinite(value)):
             bad = int(np.sum(~np.isfinite(value)))
-            raise KerasBNError(expected(f"{name} has {bad} non-finite value(s)", "finite values",
-                                        f"{value[~np.isfinite(value)][:3].tolist()}"))
+            raise KerasBNError(
+                expected(
+                    f"{name} has {bad} non-finite value(s)",
+                    "finite values",
+                    f"{value[~np.isfinite(value)][:3].tolist()}",
+                )
+            )
     denominator = var + epsilon
     if np.any(denominator <= 0):
-        raise KerasBNError(expected("moving_variance + epsilon must be positive", "> 0",
-                                    f"min {denominator.min():.6g}"))
+        raise KerasBNError(
+            expected(
+                "moving_variance + epsilon must be positive", "> 0", f"min {denominator.min():.6g}"
+            )
+        )
     s = gamma / np.sqrt(denominator)
     t = beta - mean * s
     return s, t

@@ -161,8 +161,11 @@ class BatchNorm(keras.layers.Layer):
         # Validated here, not in build(): __init__ also runs for configs read from model files.
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise KerasBNError(
-                expected("Invalid `axis`", "an integer (-1 or 1 for channels last/first)",
-                         f"axis={axis!r}")
+                expected(
+                    "Invalid `axis`",
+                    "an integer (-1 or 1 for channels last/first)",
+                    f"axis={axis!r}",
+                )
             )
         self.axis = axis
         self.momentum = _check_momentum(momentum, "momentum")
@@ -176,9 +179,12 @@ class BatchNorm(keras.layers.Layer):
                 expected("Invalid `epsilon`", "a finite number > 0", f"epsilon={epsilon!r}")
             )
         self.epsilon = float(epsilon)
-        for flag_name, flag in (("center", center), ("scale", scale),
-                                ("unbiased_variance", unbiased_variance),
-                                ("synchronized", synchronized)):
+        for flag_name, flag in (
+            ("center", center),
+            ("scale", scale),
+            ("unbiased_variance", unbiased_variance),
+            ("synchronized", synchronized),
+        ):
             if not isinstance(flag, bool):
                 raise KerasBNError(
                     expected(f"Invalid `{flag_name}`", "True or False", f"{flag_name}={flag!r}")
@@ -228,54 +234,91 @@ class BatchNorm(keras.layers.Layer):
         rank = len(input_shape)
         if rank < 2:
             raise KerasBNError(
-                expected("BatchNorm needs a batch axis and a channel axis", "input rank >= 2",
-                         f"input shape {tuple(input_shape)}")
+                expected(
+                    "BatchNorm needs a batch axis and a channel axis",
+                    "input rank >= 2",
+                    f"input shape {tuple(input_shape)}",
+                )
             )
         if not -rank <= self.axis < rank:
             raise KerasBNError(
-                expected("Invalid `axis` for this input", f"an axis in [{-rank}, {rank - 1}]",
-                         f"axis={self.axis} for input shape {tuple(input_shape)}")
+                expected(
+                    "Invalid `axis` for this input",
+                    f"an axis in [{-rank}, {rank - 1}]",
+                    f"axis={self.axis} for input shape {tuple(input_shape)}",
+                )
             )
         self._axis = self.axis % rank
         channels = input_shape[self._axis]
         if channels is None:
             raise KerasBNError(
-                expected("The channel axis must have a known size", "an int",
-                         f"None at axis {self.axis} of input shape {tuple(input_shape)}")
+                expected(
+                    "The channel axis must have a known size",
+                    "an int",
+                    f"None at axis {self.axis} of input shape {tuple(input_shape)}",
+                )
             )
         shape = (channels,)
         # Weights are created in Keras's order (gamma, beta, moving_mean, moving_variance) so
         # get_weights()/set_weights() interchange with keras.layers.BatchNormalization.
         if self.scale:
             self.gamma = self.add_weight(
-                shape=shape, name="gamma", initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
-                trainable=True, autocast=False,
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
             )
         if self.center:
             self.beta = self.add_weight(
-                shape=shape, name="beta", initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
-                trainable=True, autocast=False,
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
             )
         # aggregation="mean": under a tf.distribute strategy each replica assigns the moving
         # statistics from replica context; with synchronized=True they are identical anyway.
         self.moving_mean = self.add_weight(
-            shape=shape, name="moving_mean", initializer=self.moving_mean_initializer,
-            trainable=False, autocast=False, aggregation="mean",
+            shape=shape,
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
         )
         self.moving_variance = self.add_weight(
-            shape=shape, name="moving_variance", initializer=self.moving_variance_initializer,
-            trainable=False, autocast=False, aggregation="mean",
+            shape=shape,
+            name="moving_variance",
+            initializer=self.moving_variance_initializer,
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
         )
         if self.momentum is None:
             self.num_batches_tracked = self.add_weight(
-                shape=(), name="num_batches_tracked", initializer="zeros", dtype="int64",
-                trainable=False, autocast=False, aggregation="only_first_replica",
+                shape=(),
+                name="num_batches_tracked",
+                initializer="zeros",
+                dtype="int64",
+                trainable=False,
+                autocast=False,
+                aggregation="only_first_replica",
             )
-        self._skipped = _Counter(keras.Variable(
-            keras.initializers.Zeros(), shape=(), dtype="int64", trainable=False,
-            name="skipped_updates", aggregation="only_first_replica"))
+        self._skipped = _Counter(
+            keras.Variable(
+                keras.initializers.Zeros(),
+                shape=(),
+                dtype="int64",
+                trainable=False,
+                name="skipped_updates",
+                aggregation="only_first_replica",
+            )
+        )
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={self._axis: channels})
         self._reduction_axes = [i for i in range(rank) if i != self._axis]
 
@@ -367,7 +410,8 @@ class BatchNorm(keras.layers.Layer):
             centered = shifted - tf.reshape(shifted_mean, shape)
             local_sq = tf.reduce_sum(tf.square(centered) * w, axes)
             variance = tf.math.divide_no_nan(
-                ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq), count)
+                ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sq), count
+            )
         elif weights is None:
             shifted_mean, variance = tf.nn.moments(shifted, axes)
             count = tf.cast(self._values_per_channel(x), x.dtype)
@@ -405,10 +449,12 @@ class BatchNorm(keras.layers.Layer):
         new_variance = old_variance * (1.0 - weight_new) + variance * weight_new
         # tf.where, not a Python branch: the same graph serves eager, tf.function and model.fit.
         update = tf.logical_and(finite, enough)
-        self.moving_mean.assign(tf.cast(tf.where(update, new_mean, old_mean),
-                                        self.moving_mean.dtype))
-        self.moving_variance.assign(tf.cast(tf.where(update, new_variance, old_variance),
-                                            self.moving_variance.dtype))
+        self.moving_mean.assign(
+            tf.cast(tf.where(update, new_mean, old_mean), self.moving_mean.dtype)
+        )
+        self.moving_variance.assign(
+            tf.cast(tf.where(update, new_variance, old_variance), self.moving_variance.dtype)
+        )
         if self.momentum is None:
             self.num_batches_tracked.assign_add(tf.cast(update, tf.int64))
         # An empty batch is no skip: there was nothing to learn from.
@@ -418,7 +464,9 @@ class BatchNorm(keras.layers.Layer):
             warnings.warn(
                 f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
                 "the moving statistics were not updated for this batch.",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # ---------------------------------------------------------------------------------------
     # Call
@@ -444,9 +492,11 @@ class BatchNorm(keras.layers.Layer):
         inputs = tf.convert_to_tensor(inputs)
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise KerasBNError(
-                expected("The mask must have one dimension less than the inputs",
-                         f"mask rank {len(inputs.shape) - 1}",
-                         f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}")
+                expected(
+                    "The mask must have one dimension less than the inputs",
+                    f"mask rank {len(inputs.shape) - 1}",
+                    f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}",
+                )
             )
         # BatchNorm overflows in float16: statistics and the affine map run in float32, or in
         # float64 for float64 inputs.
@@ -510,8 +560,9 @@ class BatchNorm(keras.layers.Layer):
         (N, L, 1, C) -- a free reshape -- and rank 5 runs as NDHWC.
         """
         x = self._as_4d(inputs)
-        outputs, mean, unbiased = self._fused(x, gamma, beta, tf.constant([], tf.float32),
-                                              tf.constant([], tf.float32), training=True)
+        outputs, mean, unbiased = self._fused(
+            x, gamma, beta, tf.constant([], tf.float32), tf.constant([], tf.float32), training=True
+        )
         outputs = tf.reshape(outputs, tf.shape(inputs))
         # The kernel returns the Bessel-corrected variance; undo it to keep one convention here.
         n = tf.cast(self._values_per_channel(inputs), tf.float32)
@@ -528,8 +579,14 @@ class BatchNorm(keras.layers.Layer):
 
     def _fused(self, x, gamma, beta, mean, variance, training):
         outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=self.epsilon,
-            data_format="NDHWC" if len(x.shape) == 5 else "NHWC", is_training=training,
+            x=x,
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=variance,
+            epsilon=self.epsilon,
+            data_format="NDHWC" if len(x.shape) == 5 else "NHWC",
+            is_training=training,
         )
         return outputs, mean, variance
 

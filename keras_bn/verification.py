@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bn import _keras_internals as internals
-
 from keras_bn.errors import KerasBNError, expected
 
 
@@ -58,13 +57,23 @@ def tolerance_for(model, rtol=None, atol=None):
     """The model's default `Tolerance` (by `compute_dtype`), with `rtol`/`atol` overriding it."""
     default = TOLERANCES[compute_dtype(model)]
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not np.isfinite(value) or value < 0):
-            raise KerasBNError(expected(f"Invalid `{name}`", "a finite number >= 0, or None for "
-                                        "the default of the model's compute dtype",
-                                        f"{name}={value!r}"))
-    return Tolerance(rtol=default.rtol if rtol is None else float(rtol),
-                     atol=default.atol if atol is None else float(atol))
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not np.isfinite(value)
+            or value < 0
+        ):
+            raise KerasBNError(
+                expected(
+                    f"Invalid `{name}`",
+                    "a finite number >= 0, or None for the default of the model's compute dtype",
+                    f"{name}={value!r}",
+                )
+            )
+    return Tolerance(
+        rtol=default.rtol if rtol is None else float(rtol),
+        atol=default.atol if atol is None else float(atol),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,47 +149,82 @@ def check_samples(model, samples):
         missing = [n for n in names if n not in samples]
         extra = sorted(set(samples) - set(names))
         if missing or extra:
-            raise KerasBNError(expected("The samples' keys do not match the model inputs",
-                                        f"keys {names}", f"keys {sorted(samples)}"))
+            raise KerasBNError(
+                expected(
+                    "The samples' keys do not match the model inputs",
+                    f"keys {names}",
+                    f"keys {sorted(samples)}",
+                )
+            )
         arrays = [samples[n] for n in names]
     elif isinstance(samples, (list, tuple)):
         arrays = list(samples)
     else:
         arrays = [samples]
     if len(arrays) != len(inputs):
-        raise KerasBNError(expected("The samples do not match the model's inputs",
-                                    f"{len(inputs)} array(s), one per input {names}",
-                                    f"{len(arrays)} array(s)"))
+        raise KerasBNError(
+            expected(
+                "The samples do not match the model's inputs",
+                f"{len(inputs)} array(s), one per input {names}",
+                f"{len(arrays)} array(s)",
+            )
+        )
     checked = []
     for name, x, array in zip(names, inputs, arrays):
         try:
             array = np.asarray(array)
         except Exception as error:
-            raise KerasBNError(expected(f"Samples for input '{name}' are not an array",
-                                        "a numeric array", type(array).__name__)) from error
+            raise KerasBNError(
+                expected(
+                    f"Samples for input '{name}' are not an array",
+                    "a numeric array",
+                    type(array).__name__,
+                )
+            ) from error
         want = tuple(x.shape)
-        if array.ndim != len(want) or any(d is not None and d != a
-                                          for d, a in zip(want[1:], array.shape[1:])):
-            raise KerasBNError(expected(f"Samples for input '{name}' have the wrong shape",
-                                        f"shape (batch, {', '.join(str(d) for d in want[1:])})",
-                                        _describe(array)))
+        if array.ndim != len(want) or any(
+            d is not None and d != a for d, a in zip(want[1:], array.shape[1:])
+        ):
+            raise KerasBNError(
+                expected(
+                    f"Samples for input '{name}' have the wrong shape",
+                    f"shape (batch, {', '.join(str(d) for d in want[1:])})",
+                    _describe(array),
+                )
+            )
         target = np.dtype(str(x.dtype)) if str(x.dtype) != "bfloat16" else np.dtype(np.float32)
         if array.dtype != target:
             if array.dtype.kind not in "fiub" or (target.kind != "f" and array.dtype.kind == "f"):
-                raise KerasBNError(expected(f"Samples for input '{name}' have an unusable dtype",
-                                            f"numbers castable to {target}", _describe(array)))
+                raise KerasBNError(
+                    expected(
+                        f"Samples for input '{name}' have an unusable dtype",
+                        f"numbers castable to {target}",
+                        _describe(array),
+                    )
+                )
             with np.errstate(over="ignore", invalid="ignore"):
                 cast = array.astype(target)
-            if target.kind == "f" and not np.array_equal(np.isfinite(cast),
-                                                         np.isfinite(array.astype(np.float64))):
-                raise KerasBNError(expected(f"Samples for input '{name}' overflow {target}",
-                                            f"values within {target}'s range", _describe(array)))
+            if target.kind == "f" and not np.array_equal(
+                np.isfinite(cast), np.isfinite(array.astype(np.float64))
+            ):
+                raise KerasBNError(
+                    expected(
+                        f"Samples for input '{name}' overflow {target}",
+                        f"values within {target}'s range",
+                        _describe(array),
+                    )
+                )
             array = cast
         checked.append(array)
     batches = {len(a) for a in checked}
     if len(batches) > 1 or 0 in batches:
-        raise KerasBNError(expected("The samples need one batch size for every input, at least 1",
-                                    "one batch size >= 1", f"batch sizes {[len(a) for a in checked]}"))
+        raise KerasBNError(
+            expected(
+                "The samples need one batch size for every input, at least 1",
+                "one batch size >= 1",
+                f"batch sizes {[len(a) for a in checked]}",
+            )
+        )
     return checked
 
 
@@ -191,12 +235,16 @@ def run_inference(model, inputs):
     except tf.errors.UnimplementedError as error:
         text = plain_text(error)
         if "NHWC" in text or "NDHWC" in text or "channels_first" in text.lower():
-            raise KerasBNError(expected(
-                "The model cannot be verified on this machine: TensorFlow on CPU runs "
-                "convolutions and pooling only channels-last", "a machine that can run the model "
-                "(a GPU for channels_first)", f"model '{model.name}' with channels_first layers",
-                "Verify on a GPU, or pass verify=False (keras-bn: run it on a GPU machine); "
-                "the fold math itself does not depend on the data format.")) from None
+            raise KerasBNError(
+                expected(
+                    "The model cannot be verified on this machine: TensorFlow on CPU runs "
+                    "convolutions and pooling only channels-last",
+                    "a machine that can run the model (a GPU for channels_first)",
+                    f"model '{model.name}' with channels_first layers",
+                    "Verify on a GPU, or pass verify=False (keras-bn: run it on a GPU machine); "
+                    "the fold math itself does not depend on the data format.",
+                )
+            ) from None
         raise
 
 

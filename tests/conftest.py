@@ -15,7 +15,9 @@ def rng():
 @pytest.fixture
 def mixed_policy():
     """Sets a global dtype policy for one test and restores float32 afterwards."""
+
     def _set(name):
         keras.config.set_dtype_policy(name)
+
     yield _set
     keras.config.set_dtype_policy("float32")

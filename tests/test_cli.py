@@ -19,8 +19,13 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "keras_bn.export.cli", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "keras_bn.export.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def cli_in_process(*args):
@@ -46,6 +51,7 @@ def one_line_error(run, pattern):
     assert len(lines) == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     import re
+
     assert re.search(pattern, lines[0]), lines[0]
 
 
@@ -55,7 +61,9 @@ def files(tmp_path_factory):
     inputs = keras.Input((8, 8, 3), name="image")
     x = keras_bn.BatchNorm(name="bn1", momentum=None)(L.Conv2D(4, 3, use_bias=False)(inputs))
     x = L.GlobalAveragePooling2D()(L.ReLU()(x))
-    model = randomize_bn(keras.Model(inputs, L.BatchNormalization(name="bn2", momentum=0.9)(L.Dense(3)(x))))
+    model = randomize_bn(
+        keras.Model(inputs, L.BatchNormalization(name="bn2", momentum=0.9)(L.Dense(3)(x)))
+    )
     model.save(root / "model.keras")
     other = randomize_bn(keras.models.clone_model(model), seed=7)
     for w in other.weights:
@@ -77,14 +85,22 @@ def files(tmp_path_factory):
     bad.set_weights(model.get_weights())
     bad.get_layer("bn2").moving_variance.assign(np.array([1.0, np.nan, -3.0], np.float32))
     bad.save(root / "corrupt.keras")
-    np.save(root / "samples.npy", np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32"))
+    np.save(
+        root / "samples.npy", np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32")
+    )
     (root / "samples.onnx").write_bytes((root / "samples.npy").read_bytes())
     np.save(root / "wrong_shape.npy", np.zeros((5, 8, 3), np.float32))
     np.save(root / "strings.npy", np.full((5, 8, 8, 3), "a"))
     big_in = keras.Input((3,))
     big = keras.Model(big_in, L.ReLU()(L.BatchNormalization(name="bn")(L.Dense(2)(big_in))))
-    big.get_layer("bn").set_weights([np.full(2, 1e38, np.float32), np.zeros(2, np.float32),
-                                     np.full(2, 10.0, np.float32), np.ones(2, np.float32)])
+    big.get_layer("bn").set_weights(
+        [
+            np.full(2, 1e38, np.float32),
+            np.zeros(2, np.float32),
+            np.full(2, 10.0, np.float32),
+            np.ones(2, np.float32),
+        ]
+    )
     big.save(root / "gamma_1e38.keras")
     return root
 
@@ -102,20 +118,36 @@ def test_inspect(files):
 
 def test_fold_export_verify_round_trip(files, tmp_path):
     before = sorted(os.listdir(files))
-    run = cli("fold", files / "model.keras", "-o", tmp_path / "folded.keras", "--samples", files / "samples.npy")
+    run = cli(
+        "fold",
+        files / "model.keras",
+        "-o",
+        tmp_path / "folded.keras",
+        "--samples",
+        files / "samples.npy",
+    )
     assert run.returncode == 0, run.stderr
     folded = keras.saving.load_model(tmp_path / "folded.keras")
     assert not any(isinstance(l, (keras_bn.BatchNorm, L.BatchNormalization)) for l in folded.layers)
-    run = cli("export", files / "model.keras", "-o", tmp_path / "model.onnx", "--json", "--opset", "13")
+    run = cli(
+        "export", files / "model.keras", "-o", tmp_path / "model.onnx", "--json", "--opset", "13"
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["verification"]["passed"] and report["batchnorms_folded"] == 2
     assert report["opset"] == 13
     steps = [l.split("] ")[1].split(":")[0] for l in run.stderr.splitlines() if "done in" in l]
-    assert steps[1:] == ["folding", "converting with tf2onnx", "checking the graph",
-                         "verifying with onnxruntime", "writing"], run.stderr
+    assert steps[1:] == [
+        "folding",
+        "converting with tf2onnx",
+        "checking the graph",
+        "verifying with onnxruntime",
+        "writing",
+    ], run.stderr
     assert "BatchNormalization" not in report["op_counts"]
-    run = cli("verify", files / "model.keras", tmp_path / "model.onnx", "--samples", files / "samples.npy")
+    run = cli(
+        "verify", files / "model.keras", tmp_path / "model.onnx", "--samples", files / "samples.npy"
+    )
     assert run.returncode == 0 and "verification passed" in run.stdout
     # Exit code 1: the ONNX graph does not match this model.
     run = cli("verify", files / "other.keras", tmp_path / "model.onnx")
@@ -124,24 +156,67 @@ def test_fold_export_verify_round_trip(files, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".keras-bn-")]
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["inspect", "{d}/missing.keras"], r"The model file does not exist\. Expected: a path to a \.keras file\. Received: '.*missing\.keras'"),
-    (["inspect", "{d}/garbage.keras"], r"not a valid \.keras archive .*Received: 2048 bytes"),
-    (["inspect", "{d}/truncated.keras"], r"not a valid \.keras archive|archive is damaged"),
-    (["inspect", "{d}/model.h5"], r"Refusing to load a legacy HDF5 file.*--unsafe"),
-    (["export", "{d}/model.keras", "-o", "{d}/model.keras"], r"The output would overwrite an input"),
-    (["fold", "{d}/model.keras", "-o", "{d}/nowhere/out.keras"], r"The output directory does not exist"),
-    (["fold", "{d}/corrupt.keras", "-o", "{t}/out.keras"], r"BatchNorm 'bn2' has corrupt statistics: moving_variance has 1 non-finite"),
-    (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--samples", "{d}/missing.npy"], r"The samples file does not exist"),
-    (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--opset", "19"], r"Unsupported ONNX opset\. Expected: an integer from 7 .* to 18 .*Received: 19"),
-    (["export", "{d}/model.keras", "-o", "{d}/samples.npy", "--samples", "{d}/samples.npy"], r"The output would overwrite an input.*samples\.npy', which is also an input"),
-    (["export", "{d}/model.keras", "-o", "{t}/o.npy"], r"The output must be a \.onnx file"),
-    (["export", "{d}/model.keras", "-o", "{d}/samples.onnx", "--samples", "{d}/samples.onnx"], r"The output would overwrite an input"),
-    (["fold", "{d}/model.keras", "-o", "{t}/out.onnx"], r"The output must be a \.keras file"),
-    (["fold", "{d}/gamma_1e38.keras", "-o", "{t}/out.keras"], r"BatchNorm 'bn' has corrupt statistics: its inference shift beta - mean \* scale reaches -?9\.995e\+38, beyond float32's largest value"),
-    (["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--samples", "{d}/wrong_shape.npy"], r"Samples for input 'image' have the wrong shape\. Expected: shape \(batch, 8, 8, 3\)\. Received: shape \(5, 8, 3\)"),
-    (["fold", "{d}/model.keras", "-o", "{t}/out.keras", "--samples", "{d}/strings.npy"], r"Samples for input 'image' have an unusable dtype"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (
+            ["inspect", "{d}/missing.keras"],
+            r"The model file does not exist\. Expected: a path to a \.keras file\. Received: '.*missing\.keras'",
+        ),
+        (["inspect", "{d}/garbage.keras"], r"not a valid \.keras archive .*Received: 2048 bytes"),
+        (["inspect", "{d}/truncated.keras"], r"not a valid \.keras archive|archive is damaged"),
+        (["inspect", "{d}/model.h5"], r"Refusing to load a legacy HDF5 file.*--unsafe"),
+        (
+            ["export", "{d}/model.keras", "-o", "{d}/model.keras"],
+            r"The output would overwrite an input",
+        ),
+        (
+            ["fold", "{d}/model.keras", "-o", "{d}/nowhere/out.keras"],
+            r"The output directory does not exist",
+        ),
+        (
+            ["fold", "{d}/corrupt.keras", "-o", "{t}/out.keras"],
+            r"BatchNorm 'bn2' has corrupt statistics: moving_variance has 1 non-finite",
+        ),
+        (
+            ["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--samples", "{d}/missing.npy"],
+            r"The samples file does not exist",
+        ),
+        (
+            ["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--opset", "19"],
+            r"Unsupported ONNX opset\. Expected: an integer from 7 .* to 18 .*Received: 19",
+        ),
+        (
+            ["export", "{d}/model.keras", "-o", "{d}/samples.npy", "--samples", "{d}/samples.npy"],
+            r"The output would overwrite an input.*samples\.npy', which is also an input",
+        ),
+        (["export", "{d}/model.keras", "-o", "{t}/o.npy"], r"The output must be a \.onnx file"),
+        (
+            [
+                "export",
+                "{d}/model.keras",
+                "-o",
+                "{d}/samples.onnx",
+                "--samples",
+                "{d}/samples.onnx",
+            ],
+            r"The output would overwrite an input",
+        ),
+        (["fold", "{d}/model.keras", "-o", "{t}/out.onnx"], r"The output must be a \.keras file"),
+        (
+            ["fold", "{d}/gamma_1e38.keras", "-o", "{t}/out.keras"],
+            r"BatchNorm 'bn' has corrupt statistics: its inference shift beta - mean \* scale reaches -?9\.995e\+38, beyond float32's largest value",
+        ),
+        (
+            ["export", "{d}/model.keras", "-o", "{t}/o.onnx", "--samples", "{d}/wrong_shape.npy"],
+            r"Samples for input 'image' have the wrong shape\. Expected: shape \(batch, 8, 8, 3\)\. Received: shape \(5, 8, 3\)",
+        ),
+        (
+            ["fold", "{d}/model.keras", "-o", "{t}/out.keras", "--samples", "{d}/strings.npy"],
+            r"Samples for input 'image' have an unusable dtype",
+        ),
+    ],
+)
 def test_bad_input_exits_2(files, tmp_path, args, pattern):
     before = {name: (files / name).read_bytes() for name in os.listdir(files)}
     run = cli_in_process(*[a.format(d=files, t=tmp_path) for a in args])
@@ -218,14 +293,34 @@ PAUSED_CLI = textwrap.dedent("""
 
 # SIGKILL in both phases (nothing can clean up after it); SIGTERM and SIGINT once each, in the
 # phase where their handler has a temporary file to remove or not.
-@pytest.mark.parametrize("sig,phase", [(signal.SIGKILL, "converting"), (signal.SIGKILL, "writing"),
-                                       (signal.SIGTERM, "writing"), (signal.SIGINT, "converting")])
+@pytest.mark.parametrize(
+    "sig,phase",
+    [
+        (signal.SIGKILL, "converting"),
+        (signal.SIGKILL, "writing"),
+        (signal.SIGTERM, "writing"),
+        (signal.SIGINT, "converting"),
+    ],
+)
 def test_killed_export_leaves_the_directory_as_it_was(files, tmp_path, sig, phase):
     out = tmp_path / "o.onnx"
     out.write_bytes(b"previous export")
-    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, phase, "export",
-                             str(files / "model.keras"), "-o", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            PAUSED_CLI,
+            phase,
+            "export",
+            str(files / "model.keras"),
+            "-o",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert proc.stdout.readline().strip() == "PAUSED", proc.stderr.read()[-3000:]
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
@@ -273,8 +368,11 @@ def test_written_files_get_the_usual_mode(tmp_path):
 def test_lambda_model_is_refused_and_its_code_never_runs(files):
     run = cli("inspect", files / "lambda.keras")
     assert run.returncode == 2
-    one_line_error(run, r"safe mode refused part of the model; nothing in it was run \(the model "
-                        r"contains a Lambda layer")
+    one_line_error(
+        run,
+        r"safe mode refused part of the model; nothing in it was run \(the model "
+        r"contains a Lambda layer",
+    )
     assert not (files / "lambda_ran").exists()
 
 
@@ -284,7 +382,9 @@ def test_negative_variance_is_refused(files, tmp_path):
     model.save(tmp_path / "negative.keras")
     run = cli("export", tmp_path / "negative.keras", "-o", tmp_path / "n.onnx")
     assert run.returncode == 2
-    one_line_error(run, r"BatchNorm 'bn1' has corrupt statistics: moving_variance \+ epsilon must be positive")
+    one_line_error(
+        run, r"BatchNorm 'bn1' has corrupt statistics: moving_variance \+ epsilon must be positive"
+    )
     assert not (tmp_path / "n.onnx").exists()
 
 
@@ -309,8 +409,13 @@ def test_demo_through_the_console_script(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "keras-bn")
     assert os.path.isfile(exe), f"no console script at {exe}: pip install -e ."
     out = tmp_path / "demo"
-    run = subprocess.run([exe, "demo", "--out", str(out), "--json"], capture_output=True,
-                         text=True, env=ENV, timeout=600)
+    run = subprocess.run(
+        [exe, "demo", "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)
     assert summary["verification_passed"] and summary["batchnorms_after"] == 0
@@ -322,8 +427,13 @@ def test_demo_through_the_console_script(tmp_path):
     folded = keras.saving.load_model(out / "folded.keras")
     assert not any(isinstance(l, (keras_bn.BatchNorm, L.BatchNormalization)) for l in folded.layers)
     # A second run over the same directory replaces the files.
-    run = subprocess.run([exe, "demo", "--out", str(out), "--epochs", "1", "--json"],
-                         capture_output=True, text=True, env=ENV, timeout=600)
+    run = subprocess.run(
+        [exe, "demo", "--out", str(out), "--epochs", "1", "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["folded.keras", "folded.onnx", "trained.keras"]
 
@@ -341,8 +451,13 @@ MEASURED_CLI = textwrap.dedent("""
 
 
 def measured_cli(*args):
-    run = subprocess.run(["timeout", "240", sys.executable, "-c", MEASURED_CLI, *map(str, args)],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    run = subprocess.run(
+        ["timeout", "240", sys.executable, "-c", MEASURED_CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     peak = [int(l.split()[1]) for l in run.stderr.splitlines() if l.startswith("PEAK_RSS_KB")]
     return run, (peak[0] * 1024 if peak else None)
 
@@ -357,13 +472,39 @@ def overlapping_zip(path, copies):
     packed = zlib.compress(data)[2:-4]  # raw deflate
     crc = zlib.crc32(data)
     name = b"config.json"
-    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(packed), len(data),
-                        len(name), 0) + name + packed
+    local = (
+        struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(packed), len(data), len(name), 0
+        )
+        + name
+        + packed
+    )
     central = b""
     for i in range(copies):
         entry = name if i == 0 else f"m{i}.bin".encode()
-        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, crc,
-                               len(packed), len(data), len(entry), 0, 0, 0, 0, 0, 0) + entry
+        central += (
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                20,
+                20,
+                0,
+                8,
+                0,
+                0,
+                crc,
+                len(packed),
+                len(data),
+                len(entry),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            )
+            + entry
+        )
     end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, copies, copies, len(central), len(local), 0)
     path.write_bytes(local + central + end)
 
@@ -386,8 +527,11 @@ def test_oversized_config_is_refused_before_it_is_read(files, tmp_path):
     assert path.stat().st_size < 1 << 20
     run, peak = measured_cli("inspect", path)
     assert run.returncode == 2
-    one_line_error(run, r"The archive's config\.json is too large\. Expected: at most 64 MiB\. "
-                        r"Received: 65 MiB")
+    one_line_error(
+        run,
+        r"The archive's config\.json is too large\. Expected: at most 64 MiB\. "
+        r"Received: 65 MiB",
+    )
 
 
 def test_weights_declaring_more_than_the_file_holds_are_refused(files, tmp_path):
@@ -408,8 +552,11 @@ def test_weights_declaring_more_than_the_file_holds_are_refused(files, tmp_path)
     assert path.stat().st_size < 64 << 10
     run, peak = measured_cli("inspect", path)
     assert run.returncode == 2, run.stderr[-2000:]
-    one_line_error(run, r"weights declare more data than the file holds\. .*Received: 3600000000 "
-                        r"bytes declared, the largest 'layers/dense/vars/0'")
+    one_line_error(
+        run,
+        r"weights declare more data than the file holds\. .*Received: 3600000000 "
+        r"bytes declared, the largest 'layers/dense/vars/0'",
+    )
     assert peak < 2 * 2**30
     # The limit is the user's to raise for a trusted huge model; a real model passes it.
     ok, _ = measured_cli("inspect", files / "model.keras", "--max-archive-gib", "0.5")
@@ -421,6 +568,7 @@ def test_weights_declaring_more_than_the_file_holds_are_refused(files, tmp_path)
 # ------------------------------------------------------------------------------------------------
 # Our bugs are ours; in-process use; where verification cannot run.
 
+
 def test_internal_error_exits_70_and_asks_for_a_report(files):
     code = textwrap.dedent("""
         import sys
@@ -431,10 +579,18 @@ def test_internal_error_exits_70_and_asks_for_a_report(files):
         keras_bn.fold_bn = broken
         sys.exit(cli.main(sys.argv[1:]))
     """)
-    run = subprocess.run([sys.executable, "-c", code, "inspect", str(files / "model.keras")],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code, "inspect", str(files / "model.keras")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert run.returncode == 70, run.stderr[-2000:]
-    assert "keras-bn: internal error: ZeroDivisionError: a bug. This is a bug in keras-bn" in run.stderr
+    assert (
+        "keras-bn: internal error: ZeroDivisionError: a bug. This is a bug in keras-bn"
+        in run.stderr
+    )
     assert "--debug" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -453,23 +609,37 @@ def test_channels_first_that_cpu_cannot_run_gets_one_line(tmp_path):
     keras.Model(inputs, x).save(tmp_path / "cf.keras")
     run = cli("fold", tmp_path / "cf.keras", "-o", tmp_path / "out.keras")
     assert run.returncode == 2
-    one_line_error(run, r"cannot be verified on this machine: TensorFlow on CPU runs convolutions "
-                        r"and pooling only channels-last")
+    one_line_error(
+        run,
+        r"cannot be verified on this machine: TensorFlow on CPU runs convolutions "
+        r"and pooling only channels-last",
+    )
     assert not (tmp_path / "out.keras").exists()
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
 def test_sequential_and_mixed_precision_through_the_cli(policy, tmp_path, mixed_policy):
     mixed_policy(policy)
-    model = randomize_bn(keras.Sequential([keras.Input((8, 8, 3), name="image"),
-                                           L.Conv2D(4, 3, use_bias=False), L.BatchNormalization(),
-                                           L.ReLU(), L.Flatten(), L.Dense(3, name="out")]))
+    model = randomize_bn(
+        keras.Sequential(
+            [
+                keras.Input((8, 8, 3), name="image"),
+                L.Conv2D(4, 3, use_bias=False),
+                L.BatchNormalization(),
+                L.ReLU(),
+                L.Flatten(),
+                L.Dense(3, name="out"),
+            ]
+        )
+    )
     model.save(tmp_path / "seq.keras")
     run = cli_in_process("export", tmp_path / "seq.keras", "-o", tmp_path / "seq.onnx", "--json")
     if policy == "mixed_bfloat16":  # refused before any work, with the way out
         assert run.returncode == 2 and not (tmp_path / "seq.onnx").exists()
         one_line_error(run, r"computes in bfloat16.*export that")
-        run = cli_in_process("fold", tmp_path / "seq.keras", "-o", tmp_path / "folded.keras", "--json")
+        run = cli_in_process(
+            "fold", tmp_path / "seq.keras", "-o", tmp_path / "folded.keras", "--json"
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert json.loads(run.stdout)["verification"][0]["rtol"] == 5e-2
         return
@@ -501,6 +671,9 @@ def test_safe_mode_refusal_says_what_keras_refused(tmp_path):
             archive.writestr(name, data)
     run = cli("inspect", tmp_path / "lookup.keras")
     assert run.returncode == 2, run.stderr[-2000:]
-    one_line_error(run, r"safe mode refused part of the model; nothing in it was run\. Expected: "
-                        r"a model Keras loads with safe_mode=True\. Received: .*")
+    one_line_error(
+        run,
+        r"safe mode refused part of the model; nothing in it was run\. Expected: "
+        r"a model Keras loads with safe_mode=True\. Received: .*",
+    )
     assert "Lambda" not in run.stderr

@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from keras_bn import export
 import keras_bn
+from keras_bn import export
 from keras_bn.export import converter
 from tests.test_fold import randomize_bn
 from tests.tolerances import ORT_ATOL
@@ -39,6 +39,7 @@ def bn_then(make_layer):
     def build():
         inputs = keras.Input((8, 8, 3), name="features")
         return randomize_bn(keras.Model(inputs, make_layer()(L.BatchNormalization()(inputs))))
+
     return build
 
 
@@ -50,8 +51,12 @@ PATTERNS = {
     "conv3d": lambda: single((5, 5, 5, 2), lambda: L.Conv3D(3, 2)),
     "separable2d": lambda: single((8, 8, 3), lambda: L.SeparableConv2D(4, 3)),
     "grouped_conv2d": lambda: single((8, 8, 4), lambda: L.Conv2D(6, 3, groups=2, padding="same")),
-    "grouped_conv1d_causal": lambda: single((9, 4), lambda: L.Conv1D(4, 3, groups=2, padding="causal")),
-    "keras_bn_layer": lambda: single((6,), lambda: L.Dense(5), bn=lambda: keras_bn.BatchNorm(epsilon=1e-5)),
+    "grouped_conv1d_causal": lambda: single(
+        (9, 4), lambda: L.Conv1D(4, 3, groups=2, padding="causal")
+    ),
+    "keras_bn_layer": lambda: single(
+        (6,), lambda: L.Dense(5), bn=lambda: keras_bn.BatchNorm(epsilon=1e-5)
+    ),
     "bn_then_valid_conv": bn_then(lambda: L.Conv2D(4, 3, padding="valid", name="c")),
     "bn_then_valid_depthwise": bn_then(lambda: L.DepthwiseConv2D(3, depth_multiplier=2)),
     "bn_then_valid_separable": bn_then(lambda: L.SeparableConv2D(4, 3, use_bias=False)),
@@ -84,8 +89,9 @@ def test_pattern_suite(name, tmp_path, rng):
     x = rng.normal(size=(3, *model.inputs[0].shape[1:])).astype("float32")
     ref = np.asarray(model(x, training=False))
     for optimized in (False, True):
-        np.testing.assert_allclose(ort_run(str(path), x, optimized), ref,
-                                   atol=ORT_ATOL + 1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(
+            ort_run(str(path), x, optimized), ref, atol=ORT_ATOL + 1e-5 * np.abs(ref).max()
+        )
     # Names: Keras input/output names, dynamic batch dimension.
     assert [i.name for i in graph.graph.input] == [model.inputs[0].name]
     assert [o.name for o in graph.graph.output] == list(model.output_names)
@@ -115,8 +121,9 @@ def test_nchw_inputs(tmp_path, rng):
     dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim[1:]]
     assert dims == [3, 8, 8]
     x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
-    np.testing.assert_allclose(ort_run(str(path), np.moveaxis(x, -1, 1)),
-                               np.asarray(model(x, training=False)), atol=1e-5)
+    np.testing.assert_allclose(
+        ort_run(str(path), np.moveaxis(x, -1, 1)), np.asarray(model(x, training=False)), atol=1e-5
+    )
     assert export.verify(model, path).passed
 
 
@@ -130,12 +137,19 @@ def test_graph_check_names_the_layer_tf2onnx_could_not_convert():
     grouped = next(l for l in model.layers if getattr(l, "groups", 1) > 1)
     spec = [tf.TensorSpec((None, 8, 8, 4), tf.float32, name="features")]
     proto, _ = tf2onnx.convert.from_function(
-        tf.function(lambda x: model(x, training=False), input_signature=spec), input_signature=spec)
+        tf.function(lambda x: model(x, training=False), input_signature=spec), input_signature=spec
+    )
     assert "StatefulPartitionedCall" in [n.op_type for n in proto.graph.node]
     names = {l.name for l in model._flatten_layers()}
-    with pytest.raises(keras_bn.KerasBNError, match=rf"tf2onnx left a StatefulPartitionedCall node from layer '{grouped.name}' that onnxruntime cannot run\. Expected: only standard ONNX ops\. Received: 1 such node"):
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=rf"tf2onnx left a StatefulPartitionedCall node from layer '{grouped.name}' that onnxruntime cannot run\. Expected: only standard ONNX ops\. Received: 1 such node",
+    ):
         converter._check_graph(proto, names)
-    assert converter._layer_of("functional_1/conv2d_3_1/StatefulPartitionedCall", {"conv2d_3"}) == "conv2d_3"
+    assert (
+        converter._layer_of("functional_1/conv2d_3_1/StatefulPartitionedCall", {"conv2d_3"})
+        == "conv2d_3"
+    )
     assert converter._layer_of("functional_1/dense/MatMul", {"dense"}) == "dense"
     assert converter._layer_of("Identity", {"dense"}) is None
 
@@ -153,7 +167,7 @@ def test_reference_thread_runs_under_the_callers_device_scope():
         with tf.device("/CPU:0"):
             wrapped = keras_bn.verification.on_callers_device(device_seen)
             plain = pool.submit(device_seen).result()  # a thread does not inherit the scope...
-            passed = pool.submit(wrapped).result()     # ...unless it is passed on
+            passed = pool.submit(wrapped).result()  # ...unless it is passed on
         assert plain == "" and passed.endswith("device:CPU:0")
         assert pool.submit(keras_bn.verification.on_callers_device(device_seen)).result() == ""
 
@@ -161,12 +175,24 @@ def test_reference_thread_runs_under_the_callers_device_scope():
 def _graph_structure(proto):
     """Nodes (type, name, inputs, outputs, attributes) and initializers (name, bytes) with
     tf2onnx's process-wide name counters (`__123`) taken out."""
+
     def strip(name):
         return re.sub(r"__\d+", "__N", name)
-    nodes = [(n.op_type, strip(n.name), [strip(i) for i in n.input], [strip(o) for o in n.output],
-              [a.SerializeToString() for a in n.attribute]) for n in proto.graph.node]
-    inits = sorted((strip(i.name), i.SerializeToString().replace(i.name.encode(), b""))
-                   for i in proto.graph.initializer)
+
+    nodes = [
+        (
+            n.op_type,
+            strip(n.name),
+            [strip(i) for i in n.input],
+            [strip(o) for o in n.output],
+            [a.SerializeToString() for a in n.attribute],
+        )
+        for n in proto.graph.node
+    ]
+    inits = sorted(
+        (strip(i.name), i.SerializeToString().replace(i.name.encode(), b""))
+        for i in proto.graph.initializer
+    )
     return nodes, inits
 
 
@@ -205,8 +231,12 @@ def test_fast_conversion_gives_tf2onnx_default_graph(name, optimizer_calls, rng)
     assert _graph_structure(fast) == _graph_structure(default)
     assert len(fast.graph.node) > 3
     x = rng.normal(size=(2, *model.inputs[0].shape[1:])).astype("float32")
-    runs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
-            .run(None, {p.graph.input[0].name: x})[0] for p in (fast, default)]
+    runs = [
+        ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {p.graph.input[0].name: x}
+        )[0]
+        for p in (fast, default)
+    ]
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
@@ -222,8 +252,9 @@ def test_a_value_of_the_switch_never_means_copies_on(optimizer_calls):
     assert optimizer_calls and not any(optimizer_calls)
 
 
-def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(optimizer_calls,
-                                                                      monkeypatch, tmp_path):
+def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(
+    optimizer_calls, monkeypatch, tmp_path
+):
     # A real tf2onnx optimizer made to raise, inside a real conversion.
     import tf2onnx.optimizer
 
@@ -233,8 +264,11 @@ def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(optimizer
 
     monkeypatch.setitem(tf2onnx.optimizer._optimizers, "remove_identity", Broken)
     model = PATTERNS["residual"]()
-    with pytest.warns(RuntimeWarning, match=r"a tf2onnx optimizer raised ArithmeticError: broken "
-                                            r"on purpose; converting again"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"a tf2onnx optimizer raised ArithmeticError: broken "
+        r"on purpose; converting again",
+    ):
         report = export.to_onnx(model, tmp_path / "m.onnx")
     # First the fast path (no copies, the error escapes), then tf2onnx's default, which skips
     # the broken optimizer; the graph is verified like any other.
@@ -299,7 +333,10 @@ def test_opset(opset, tmp_path):
 
 @pytest.mark.parametrize("opset", [6, 19, 15.0, True, "15"])
 def test_bad_opset_is_refused_before_any_work(opset, tmp_path):
-    with pytest.raises(keras_bn.KerasBNError, match=r"Unsupported ONNX opset\. Expected: an integer from 7 .* to 18 .*, or None for tf2onnx's default 15\. Received: "):
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"Unsupported ONNX opset\. Expected: an integer from 7 .* to 18 .*, or None for tf2onnx's default 15\. Received: ",
+    ):
         export.to_onnx(residual(), tmp_path / "m.onnx", opset=opset)
     assert os.listdir(tmp_path) == []
 
@@ -310,12 +347,18 @@ def test_verify_reports_a_mismatch(tmp_path, rng):
     path = tmp_path / "m.onnx"
     export.to_onnx(model, path)
     good = export.verify(model, path, samples=rng.normal(size=(7, 6)).astype("float32"))
-    assert good.passed and {r["inputs"] for r in good.rows} == {"synthetic, batch 1", "synthetic, batch 4", "samples, batch 7"}
+    assert good.passed and {r["inputs"] for r in good.rows} == {
+        "synthetic, batch 1",
+        "synthetic, batch 4",
+        "samples, batch 7",
+    }
     assert {r["optimization"] for r in good.rows} == {"disabled", "enabled"}
     bad = export.verify(other, path)
     assert not bad.passed and bad.max_abs_error > 1e-3
     assert "verification FAILED" in str(bad)
-    with pytest.raises(keras_bn.KerasBNError, match=r"The ONNX file does not exist.*Received: '.*nope\.onnx'"):
+    with pytest.raises(
+        keras_bn.KerasBNError, match=r"The ONNX file does not exist.*Received: '.*nope\.onnx'"
+    ):
         export.verify(model, tmp_path / "nope.onnx")
 
 
@@ -325,6 +368,7 @@ class TraceDependent(L.Layer):
 
     def call(self, x):
         import tensorflow as tf
+
         return x * (2.0 if tf.executing_eagerly() else 3.0)
 
 
@@ -334,10 +378,14 @@ def test_failed_verification_names_the_first_layer_that_differs(fold, tmp_path):
     x = L.BatchNormalization(name="bn")(L.Dense(5, name="first")(inputs))
     x = TraceDependent(name="odd")(L.ReLU(name="relu")(x))
     model = randomize_bn(keras.Model(inputs, L.Dense(3, name="logits")(x)))
-    with pytest.raises(keras_bn.VerificationError, match=(
+    with pytest.raises(
+        keras_bn.VerificationError,
+        match=(
             r"onnxruntime output 'logits' differs from Keras on synthetic, batch \d \(optimizations "
             r"(en|dis)abled\); nothing was written\. .* The first layer whose output differs is "
-            r"'odd' \(TraceDependent\): max abs error")):
+            r"'odd' \(TraceDependent\): max abs error"
+        ),
+    ):
         export.to_onnx(model, tmp_path / "m.onnx", fold=fold)
     assert os.listdir(tmp_path) == []
 
@@ -355,18 +403,26 @@ def test_failed_verification_writes_nothing(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Where users run it: Sequential models, mixed precision, per-output scales.
 
+
 def test_sequential_model_exports_and_verifies(tmp_path, rng):
-    model = randomize_bn(keras.Sequential([keras.Input((6,), name="features"),
-                                           L.Dense(5, name="dense"),
-                                           L.BatchNormalization(name="bn"),
-                                           L.Dense(3, name="out")]))
+    model = randomize_bn(
+        keras.Sequential(
+            [
+                keras.Input((6,), name="features"),
+                L.Dense(5, name="dense"),
+                L.BatchNormalization(name="bn"),
+                L.Dense(3, name="out"),
+            ]
+        )
+    )
     path = tmp_path / "seq.onnx"
     report = export.to_onnx(model, path)
     assert report.verification.passed and report.fold.counts["folded backward"] == 1
     assert [o.name for o in onnx.load(path).graph.output] == ["out"]
     x = rng.normal(size=(7, 6)).astype("float32")
-    np.testing.assert_allclose(ort_run(str(path), x), model.predict(x, verbose=0), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        ort_run(str(path), x), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
     assert export.verify(model, path, samples=x).passed
 
 
@@ -403,8 +459,11 @@ def test_mixed_float16_exports(fold, mixed_policy, tmp_path):
 
 def test_mixed_bfloat16_export_is_refused_before_any_work(mixed_policy, tmp_path):
     mixed_policy("mixed_bfloat16")
-    with pytest.raises(keras_bn.KerasBNError, match=r"computes in bfloat16.*Expected: a float32 or "
-                                                    r"mixed_float16 model.*set_dtype_policy"):
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"computes in bfloat16.*Expected: a float32 or "
+        r"mixed_float16 model.*set_dtype_policy",
+    ):
         export.to_onnx(_mixed_model(), tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
 
@@ -413,8 +472,12 @@ def test_each_output_is_judged_against_its_own_scale(tmp_path, rng):
     def build(shift):
         inputs = keras.Input((4,), name="features")
         big = L.Dense(3, name="big", kernel_initializer=keras.initializers.Constant(1e3))(inputs)
-        small = L.Dense(2, name="small", kernel_initializer="ones",
-                        bias_initializer=keras.initializers.Constant(shift))(inputs)
+        small = L.Dense(
+            2,
+            name="small",
+            kernel_initializer="ones",
+            bias_initializer=keras.initializers.Constant(shift),
+        )(inputs)
         return keras.Model(inputs, [big, small])
 
     path = tmp_path / "two.onnx"

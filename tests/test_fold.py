@@ -26,8 +26,12 @@ def randomize_bn(model, seed=0):
     for layer in model._flatten_layers():
         if isinstance(layer, BATCHNORM_TYPES):
             n = layer.moving_mean.shape[0]
-            values = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.1, n),
-                      "moving_mean": rng.normal(0, 0.1, n), "moving_variance": rng.uniform(0.5, 2, n)}
+            values = {
+                "gamma": rng.uniform(0.5, 1.5, n),
+                "beta": rng.normal(0, 0.1, n),
+                "moving_mean": rng.normal(0, 0.1, n),
+                "moving_variance": rng.uniform(0.5, 2, n),
+            }
             for w in layer.weights:
                 if w.name in values:
                     w.assign(values[w.name].astype(w.dtype))
@@ -48,6 +52,7 @@ def assert_close_to_original(model, folded, x):
 # ------------------------------------------------------------------------------------------------
 # Math: independent references.
 
+
 def torch_fuse_conv_bn_weights(conv_w, conv_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b):
     """NumPy transcription of torch.nn.utils.fusion.fuse_conv_bn_weights (PyTorch layout:
     conv_w is (out, in, k...))."""
@@ -63,7 +68,9 @@ def test_fold_backward_equals_pytorch_formula(rng):
     mean, var, eps = rng.normal(size=5), rng.uniform(0.5, 2, 5), 1e-3
     s, t = fold_math.bn_scale_shift(mean, var, eps, gamma, beta)
     w, b = fold_math.fold_backward(kernel, bias, s, t)
-    tw, tb = torch_fuse_conv_bn_weights(kernel.transpose(3, 2, 0, 1), bias, mean, var, eps, gamma, beta)
+    tw, tb = torch_fuse_conv_bn_weights(
+        kernel.transpose(3, 2, 0, 1), bias, mean, var, eps, gamma, beta
+    )
     np.testing.assert_allclose(w.transpose(3, 2, 0, 1), tw, rtol=1e-12)
     np.testing.assert_allclose(b, tb, rtol=1e-12)
     # Hand-computed one-channel case: gamma 2, beta 1, mean 3, var 3, eps 1 -> s = 1, t = -2.
@@ -91,7 +98,7 @@ def test_fold_forward_matches_direct_evaluation(rng):
         for o in range(6):
             g = o // 3
             for p in range(length - ksize + 1):
-                out[p, o] = np.sum(inp[p:p + ksize, 2 * g:2 * g + 2] * k[:, :, o]) + bb[o]
+                out[p, o] = np.sum(inp[p : p + ksize, 2 * g : 2 * g + 2] * k[:, :, o]) + bb[o]
         return out
 
     np.testing.assert_allclose(conv(x, w, b), conv(x * s + t, kernel, bias), rtol=1e-10)
@@ -104,7 +111,9 @@ def depthwise_1d_valid(x, kernel, bias):
     for p in range(out.shape[0]):
         for c in range(channels):
             for m in range(multiplier):
-                out[p, c * multiplier + m] = x[p:p + ksize, c] @ kernel[:, c, m] + bias[c * multiplier + m]
+                out[p, c * multiplier + m] = (
+                    x[p : p + ksize, c] @ kernel[:, c, m] + bias[c * multiplier + m]
+                )
     return out
 
 
@@ -113,25 +122,37 @@ def test_fold_forward_depthwise_and_separable_match_direct_evaluation(rng):
     s, t = rng.uniform(0.5, 2, 3), rng.normal(size=3)
     kernel, bias = rng.normal(size=(4, 3, 2)), rng.normal(size=6)
     w, b = fold_math.fold_forward_depthwise(kernel, bias, s, t)
-    np.testing.assert_allclose(depthwise_1d_valid(x, w, b),
-                               depthwise_1d_valid(x * s + t, kernel, bias), rtol=1e-10)
+    np.testing.assert_allclose(
+        depthwise_1d_valid(x, w, b), depthwise_1d_valid(x * s + t, kernel, bias), rtol=1e-10
+    )
     w, b = fold_math.fold_forward_depthwise(kernel, None, s, t)  # no bias: b' is the constant alone
-    np.testing.assert_allclose(depthwise_1d_valid(x, w, b),
-                               depthwise_1d_valid(x * s + t, kernel, np.zeros(6)), rtol=1e-10)
+    np.testing.assert_allclose(
+        depthwise_1d_valid(x, w, b), depthwise_1d_valid(x * s + t, kernel, np.zeros(6)), rtol=1e-10
+    )
     # Separable: depthwise, then the pointwise (1, C * M, out) kernel, then one bias.
     pointwise, bias = rng.normal(size=(1, 6, 5)), rng.normal(size=5)
     w, b = fold_math.fold_forward_separable(kernel, pointwise, bias, s, t)
     zero = np.zeros(6)
-    np.testing.assert_allclose(depthwise_1d_valid(x, w, zero) @ pointwise[0] + b,
-                               depthwise_1d_valid(x * s + t, kernel, zero) @ pointwise[0] + bias,
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        depthwise_1d_valid(x, w, zero) @ pointwise[0] + b,
+        depthwise_1d_valid(x * s + t, kernel, zero) @ pointwise[0] + bias,
+        rtol=1e-10,
+    )
 
 
-@pytest.mark.parametrize("mean,var,eps,match", [
-    ([np.nan], [1.0], 1e-3, r"moving_mean has 1 non-finite"),
-    ([0.0], [np.inf], 1e-3, r"moving_variance has 1 non-finite"),
-    ([0.0], [-1.0], 1e-3, r"moving_variance \+ epsilon must be positive\. Expected: > 0\. Received: min -0\.999"),
-])
+@pytest.mark.parametrize(
+    "mean,var,eps,match",
+    [
+        ([np.nan], [1.0], 1e-3, r"moving_mean has 1 non-finite"),
+        ([0.0], [np.inf], 1e-3, r"moving_variance has 1 non-finite"),
+        (
+            [0.0],
+            [-1.0],
+            1e-3,
+            r"moving_variance \+ epsilon must be positive\. Expected: > 0\. Received: min -0\.999",
+        ),
+    ],
+)
 def test_bad_statistics_are_refused(mean, var, eps, match):
     with pytest.raises(keras_bn.KerasBNError, match=match):
         fold_math.bn_scale_shift(mean, var, eps)
@@ -145,7 +166,10 @@ PRODUCERS = {
     "dense": ((6,), lambda: L.Dense(5)),
     "dense_rank3": ((4, 6), lambda: L.Dense(5, use_bias=False)),
     "conv1d_causal_dilated": ((12, 3), lambda: L.Conv1D(4, 3, padding="causal", dilation_rate=2)),
-    "conv2d_same_stride": ((9, 9, 3), lambda: L.Conv2D(4, 3, strides=2, padding="same", use_bias=False)),
+    "conv2d_same_stride": (
+        (9, 9, 3),
+        lambda: L.Conv2D(4, 3, strides=2, padding="same", use_bias=False),
+    ),
     "conv2d_groups": ((8, 8, 4), lambda: L.Conv2D(6, 3, groups=2)),
     "conv3d": ((5, 5, 5, 2), lambda: L.Conv3D(3, 2)),
     "depthwise1d": ((10, 3), lambda: L.DepthwiseConv1D(3, depth_multiplier=2, use_bias=False)),
@@ -153,7 +177,10 @@ PRODUCERS = {
     "separable1d": ((10, 3), lambda: L.SeparableConv1D(4, 3, depth_multiplier=2)),
     "separable2d": ((8, 8, 3), lambda: L.SeparableConv2D(5, 3, use_bias=False)),
     "conv1d_transpose": ((6, 3), lambda: L.Conv1DTranspose(4, 3, strides=2)),
-    "conv2d_transpose": ((5, 5, 3), lambda: L.Conv2DTranspose(4, 3, strides=2, padding="same", use_bias=False)),
+    "conv2d_transpose": (
+        (5, 5, 3),
+        lambda: L.Conv2DTranspose(4, 3, strides=2, padding="same", use_bias=False),
+    ),
     "conv3d_transpose": ((3, 3, 3, 2), lambda: L.Conv3DTranspose(3, 2)),
 }
 BN_VARIANTS = {
@@ -190,18 +217,23 @@ def test_channels_first_folds_on_the_weights(rng):
     gamma, beta, mean, var = (np.asarray(w, np.float64) for w in bn.weights)
     s = gamma / np.sqrt(var + bn.epsilon)
     kernel, bias = (np.asarray(w, np.float64) for w in conv.weights)
-    assert report.rows[0].reason == f"'{conv.name}' takes the name '{bn.name}' to keep the output name"
+    assert (
+        report.rows[0].reason == f"'{conv.name}' takes the name '{bn.name}' to keep the output name"
+    )
     new_kernel, new_bias = folded.get_layer(bn.name).get_weights()
     np.testing.assert_allclose(new_kernel, kernel * s, rtol=1e-6)
     np.testing.assert_allclose(new_bias, (bias - mean) * s + beta, rtol=1e-6, atol=1e-7)
     # Negative: a channels_first conv followed by a BatchNorm on the last axis is not folded.
-    odd = keras.Model(inputs, L.BatchNormalization(axis=-1)(L.Conv2D(4, 3, data_format="channels_first")(inputs)))
+    odd = keras.Model(
+        inputs, L.BatchNormalization(axis=-1)(L.Conv2D(4, 3, data_format="channels_first")(inputs))
+    )
     _, report = keras_bn.fold_bn(odd, verify=False)
     assert report.rows[0].action == AFFINE and "channel axis is 1" in report.rows[0].reason
 
 
 # ------------------------------------------------------------------------------------------------
 # Forward folding, leftovers, negative cases.
+
 
 def test_forward_fold_into_dense_and_valid_or_pointwise_conv(rng):
     inputs = keras.Input((8, 8, 3))
@@ -251,7 +283,10 @@ def test_forward_fold_into_depthwise_and_separable(rng):
     for bn, layer in (("bn_dw_same", "dw_same"), ("bn_sep_same", "sep_same")):
         assert rows[bn].action == AFFINE
         assert f"the next layer '{layer}' pads with zeros ('same')" in rows[bn].reason
-    assert "Conv2DTranspose" in rows["bn_transpose"].reason and "unevenly" in rows["bn_transpose"].reason
+    assert (
+        "Conv2DTranspose" in rows["bn_transpose"].reason
+        and "unevenly" in rows["bn_transpose"].reason
+    )
     assert folded.get_layer("sep").use_bias  # the folded constant needs a bias
     assert len(batchnorms(folded)) == 0
     assert [type(l).__name__ for l in folded.layers].count("ChannelAffine") == 3
@@ -272,7 +307,9 @@ def test_forward_fold_into_channels_first_depthwise_on_the_weights(rng):
     folded_last, _ = keras_bn.fold_bn(last)  # verified by running
     folded_first, report = keras_bn.fold_bn(first, verify=False)
     assert [(r.action, r.into) for r in report.rows] == [(FORWARD, "dw")]
-    for a, b in zip(folded_first.get_layer("dw").get_weights(), folded_last.get_layer("dw").get_weights()):
+    for a, b in zip(
+        folded_first.get_layer("dw").get_weights(), folded_last.get_layer("dw").get_weights()
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -280,7 +317,9 @@ def test_negative_cases_are_left_exact_with_reasons(rng):
     inputs = keras.Input((8, 8, 3))
     two_consumers = L.Conv2D(4, 3, padding="same", name="two_consumers")(inputs)
     a = L.BatchNormalization(name="bn_after_branch")(two_consumers)
-    relu_conv = L.Conv2D(4, 3, padding="same", activation="relu", name="relu_conv")(a + two_consumers)
+    relu_conv = L.Conv2D(4, 3, padding="same", activation="relu", name="relu_conv")(
+        a + two_consumers
+    )
     b = L.BatchNormalization(name="bn_after_relu")(relu_conv)
     shared = L.Conv2D(4, 1, name="shared")
     c = L.BatchNormalization(name="bn_after_shared")(shared(b))
@@ -316,7 +355,9 @@ def test_bad_statistics_leave_the_batchnorm_with_a_reason(bad):
 
 def test_callers_model_is_not_modified(rng):
     inputs = keras.Input((6,))
-    model = randomize_bn(keras.Model(inputs, L.BatchNormalization()(L.Dense(4, use_bias=False)(inputs))))
+    model = randomize_bn(
+        keras.Model(inputs, L.BatchNormalization()(L.Dense(4, use_bias=False)(inputs)))
+    )
     before = [np.array(w) for w in model.weights]
     layers_before = [l.name for l in model.layers]
     nodes_before = [len(l._inbound_nodes) for l in model.layers]
@@ -334,9 +375,11 @@ def test_verification_error_names_the_problem(rng):
     model = randomize_bn(keras.Model(inputs, L.Conv2D(4, 3)(x)))
     _, report = keras_bn.fold_bn(model)
     assert report.verification[0]["max_abs_error"] > 0  # float rounding makes it non-zero
-    with pytest.raises(keras_bn.KerasBNError,
-                       match=r"The folded model's output 'conv2d(_\d+)?' differs from the original on synthetic inputs.*"
-                             r"Expected: max abs error <= 0 \+ 0 \* .*Received: "):
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"The folded model's output 'conv2d(_\d+)?' differs from the original on synthetic inputs.*"
+        r"Expected: max abs error <= 0 \+ 0 \* .*Received: ",
+    ):
         keras_bn.fold_bn(model, rtol=0.0, atol=0.0)
     with pytest.raises(keras_bn.KerasBNError, match=r"Expected: a keras.Model\. Received: str"):
         keras_bn.fold_bn("model.keras")
@@ -353,8 +396,11 @@ def test_float16_overflow_declines_the_fold():
     # s = 1 / sqrt(1e-7) = 3162: kernel 1000 * 3162 = 3.2e6 > 65504. s and t themselves fit
     # float16, so the BatchNorm becomes a ChannelAffine.
     assert report.rows[0].action == AFFINE and report.rows[0].into is None
-    assert re.search(r"folding into 'dense(_\d+)?' is declined: its folded kernel reaches 3\.162e\+06, "
-                     r"beyond float16's largest value 6\.55e\+04", report.rows[0].reason)
+    assert re.search(
+        r"folding into 'dense(_\d+)?' is declined: its folded kernel reaches 3\.162e\+06, "
+        r"beyond float16's largest value 6\.55e\+04",
+        report.rows[0].reason,
+    )
     assert all(np.all(np.isfinite(np.asarray(w, np.float32))) for w in folded.weights)
     assert len(batchnorms(folded)) == 0
     assert [type(l).__name__ for l in folded.layers][-1] == "ChannelAffine"
@@ -367,24 +413,41 @@ def test_folded_value_beyond_float32_is_declined_not_written_as_inf(rng):
     x = L.BatchNormalization(name="bn", epsilon=1e-3)(dense(inputs))
     model = keras.Model(inputs, L.ReLU(name="relu")(x))
     bn = model.get_layer("bn")
-    bn.set_weights([np.full(2, 1e38, np.float32), np.zeros(2, np.float32),
-                    np.full(2, 10.0, np.float32), np.ones(2, np.float32)])
+    bn.set_weights(
+        [
+            np.full(2, 1e38, np.float32),
+            np.zeros(2, np.float32),
+            np.full(2, 10.0, np.float32),
+            np.ones(2, np.float32),
+        ]
+    )
     folded, report = keras_bn.fold_bn(model, verify=False)
     row = report.rows[0]
     assert row.action == KEPT  # s = 1e38 / sqrt(1.001) fits, t = -1e39 does not: no affine either
-    assert "folding into 'dense' is declined: its folded bias reaches 9.995e+38, beyond float32's " \
-           "largest value 3.403e+38" in row.reason and "its scale or shift" in row.reason
+    assert (
+        "folding into 'dense' is declined: its folded bias reaches 9.995e+38, beyond float32's "
+        "largest value 3.403e+38"
+        in row.reason
+        and "its scale or shift" in row.reason
+    )
     assert all(np.all(np.isfinite(np.asarray(w))) for w in folded.weights)
     # epsilon 1e-300 with variance 0: var + eps > 0 in float64, but s = 1e150 is no float32.
-    model2 = keras.Model(inputs, L.BatchNormalization(epsilon=1e-300, name="bn2")(
-        L.Dense(2, name="dense2")(inputs)))
+    model2 = keras.Model(
+        inputs, L.BatchNormalization(epsilon=1e-300, name="bn2")(L.Dense(2, name="dense2")(inputs))
+    )
     model2.get_layer("bn2").moving_variance.assign(np.zeros(2, np.float32))
     folded2, report2 = keras_bn.fold_bn(model2, verify=False)
     assert report2.rows[0].action == KEPT and "folded kernel" in report2.rows[0].reason
     assert all(np.all(np.isfinite(np.asarray(w))) for w in folded2.weights)
     # Negative case: the same model with ordinary statistics folds.
-    bn.set_weights([np.ones(2, np.float32), np.zeros(2, np.float32), np.full(2, 10.0, np.float32),
-                    np.ones(2, np.float32)])
+    bn.set_weights(
+        [
+            np.ones(2, np.float32),
+            np.zeros(2, np.float32),
+            np.full(2, 10.0, np.float32),
+            np.ones(2, np.float32),
+        ]
+    )
     assert keras_bn.fold_bn(model)[1].rows[0].action == BACKWARD
 
 
@@ -446,27 +509,45 @@ class Sub(keras.Model):
 def test_subclassed_and_unbuilt_models_get_their_message(verify):
     sub = Sub()
     sub(np.zeros((2, 4), np.float32))
-    with pytest.raises(keras_bn.KerasBNError, match=r"fold_bn needs a graph it can read\. "
-                                                     r"Expected: a Sequential or Functional keras\.Model\. "
-                                                     r"Received: Sub \(a subclassed model\)"):
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"fold_bn needs a graph it can read\. "
+        r"Expected: a Sequential or Functional keras\.Model\. "
+        r"Received: Sub \(a subclassed model\)",
+    ):
         keras_bn.fold_bn(sub, verify=verify)
     unbuilt = keras.Sequential([L.Dense(3), L.BatchNormalization()])
-    with pytest.raises(keras_bn.KerasBNError, match=r"The Sequential model must be built.*Received: "
-                                                     r"unbuilt model"):
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"The Sequential model must be built.*Received: "
+        r"unbuilt model",
+    ):
         keras_bn.fold_bn(unbuilt, verify=verify)
 
 
-@pytest.mark.parametrize("samples,match", [
-    (lambda x: x.astype(np.float64) * 1e300, r"Samples for input 'image' overflow float32"),
-    (lambda x: x[:, :4], r"Samples for input 'image' have the wrong shape\. Expected: shape "
-                         r"\(batch, 8, 8, 3\)\. Received: shape \(5, 4, 8, 3\), dtype float32"),
-    (lambda x: {"other": x}, r"The samples' keys do not match the model inputs\. Expected: keys "
-                             r"\['image'\]\. Received: keys \['other'\]"),
-    (lambda x: np.full(x.shape, "a"), r"Samples for input 'image' have an unusable dtype\. "
-                                      r"Expected: numbers castable to float32\. Received: .*<U1"),
-    (lambda x: [x, x], r"Expected: 1 array\(s\), one per input \['image'\]\. Received: 2"),
-    (lambda x: x[:0], r"Expected: one batch size >= 1"),
-])
+@pytest.mark.parametrize(
+    "samples,match",
+    [
+        (lambda x: x.astype(np.float64) * 1e300, r"Samples for input 'image' overflow float32"),
+        (
+            lambda x: x[:, :4],
+            r"Samples for input 'image' have the wrong shape\. Expected: shape "
+            r"\(batch, 8, 8, 3\)\. Received: shape \(5, 4, 8, 3\), dtype float32",
+        ),
+        (
+            lambda x: {"other": x},
+            r"The samples' keys do not match the model inputs\. Expected: keys "
+            r"\['image'\]\. Received: keys \['other'\]",
+        ),
+        (
+            lambda x: np.full(x.shape, "a"),
+            r"Samples for input 'image' have an unusable dtype\. "
+            r"Expected: numbers castable to float32\. Received: .*<U1",
+        ),
+        (lambda x: [x, x], r"Expected: 1 array\(s\), one per input \['image'\]\. Received: 2"),
+        (lambda x: x[:0], r"Expected: one batch size >= 1"),
+    ],
+)
 def test_bad_samples_are_refused_before_any_work(samples, match, rng):
     inputs = keras.Input((8, 8, 3), name="image")
     model = keras.Model(inputs, L.BatchNormalization()(L.Conv2D(4, 3)(inputs)))
@@ -486,6 +567,7 @@ def test_float64_samples_are_cast(rng):
 
 # ------------------------------------------------------------------------------------------------
 # Files, names, nesting, masks.
+
 
 def test_folded_model_saves_and_loads_without_keras_bn(tmp_path, rng):
     inputs = keras.Input((8, 8, 3), name="image")
@@ -507,17 +589,30 @@ def test_folded_model_saves_and_loads_without_keras_bn(tmp_path, rng):
         m = keras.saving.load_model({str(path)!r})
         np.save({str(tmp_path / "y.npy")!r}, m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
     """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(data, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), model.predict(data, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_sequential_and_masked_inputs(rng):
-    model = keras.Sequential([keras.Input((5,), dtype="int32"), L.Embedding(10, 4, mask_zero=True),
-                              L.Conv1D(6, 1), keras_bn.BatchNorm(), L.GlobalAveragePooling1D(),
-                              L.Dense(3, use_bias=False), L.BatchNormalization()])
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            L.Embedding(10, 4, mask_zero=True),
+            L.Conv1D(6, 1),
+            keras_bn.BatchNorm(),
+            L.GlobalAveragePooling1D(),
+            L.Dense(3, use_bias=False),
+            L.BatchNormalization(),
+        ]
+    )
     randomize_bn(model)
     folded, report = keras_bn.fold_bn(model)
     tokens = np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0]], np.int32)
@@ -540,14 +635,20 @@ APPLICATIONS = [
 # DenseNet121: 1 + 2 * 58 (blocks 6+12+24+16) + 3 transitions + 1 final = 121 BatchNorms, of which
 # conv1/bn and the second BatchNorm of each of the 58 blocks follow a conv (59); the rest follow a
 # concatenation and then a ReLU, so they become affine.
-APPLICATION_COUNTS = {"ResNet50": (53, 53), "MobileNetV2": (52, 52), "EfficientNetB0": (49, 49),
-                      "DenseNet121": (121, 59), "Xception": (40, 40)}
+APPLICATION_COUNTS = {
+    "ResNet50": (53, 53),
+    "MobileNetV2": (52, 52),
+    "EfficientNetB0": (49, 49),
+    "DenseNet121": (121, 59),
+    "Xception": (40, 40),
+}
 
 
 @pytest.mark.parametrize("name,shape", APPLICATIONS)
 def test_keras_applications(name, shape, rng):
-    model = getattr(keras.applications, name)(weights=None, input_shape=shape, classes=10,
-                                              classifier_activation=None)
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=shape, classes=10, classifier_activation=None
+    )
     randomize_bn(model, seed=1)
     folded, report = keras_bn.fold_bn(model)
     x = rng.normal(size=(2, *shape)).astype("float32")
@@ -560,7 +661,9 @@ def test_keras_applications(name, shape, rng):
 
 
 def test_nested_backbone_inside_classifier(rng):
-    backbone = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35)
+    backbone = keras.applications.MobileNetV2(
+        weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35
+    )
     inputs = keras.Input((32, 32, 3))
     x = L.GlobalAveragePooling2D()(backbone(inputs))
     x = L.BatchNormalization(name="head_bn")(L.Dense(8, name="head_dense")(x))
@@ -575,8 +678,17 @@ def test_nested_backbone_inside_classifier(rng):
 # ------------------------------------------------------------------------------------------------
 # Property-based: random small architectures.
 
-BLOCKS = ["conv", "dense_conv1x1", "depthwise", "separable", "transpose", "relu_bn", "bn_valid_conv",
-          "branch", "conv_relu_bn"]
+BLOCKS = [
+    "conv",
+    "dense_conv1x1",
+    "depthwise",
+    "separable",
+    "transpose",
+    "relu_bn",
+    "bn_valid_conv",
+    "branch",
+    "conv_relu_bn",
+]
 
 
 def build_random_model(blocks, channels, kernel, use_bias, seed):
@@ -585,12 +697,15 @@ def build_random_model(blocks, channels, kernel, use_bias, seed):
     x = inputs
     for block in blocks:
         if block == "conv":
-            x = L.BatchNormalization()(L.Conv2D(channels, kernel, padding="same", use_bias=use_bias,
-                                                 groups=1)(x))
+            x = L.BatchNormalization()(
+                L.Conv2D(channels, kernel, padding="same", use_bias=use_bias, groups=1)(x)
+            )
         elif block == "dense_conv1x1":
             x = L.BatchNormalization()(L.Dense(channels, use_bias=use_bias)(x))
         elif block == "depthwise":
-            x = keras_bn.BatchNorm()(L.DepthwiseConv2D(kernel, padding="same", depth_multiplier=2)(x))
+            x = keras_bn.BatchNorm()(
+                L.DepthwiseConv2D(kernel, padding="same", depth_multiplier=2)(x)
+            )
         elif block == "separable":
             x = L.BatchNormalization()(L.SeparableConv2D(channels, kernel, padding="same")(x))
         elif block == "transpose":
@@ -599,12 +714,16 @@ def build_random_model(blocks, channels, kernel, use_bias, seed):
             x = L.BatchNormalization()(L.ReLU()(x))
         elif block == "bn_valid_conv":
             x = L.ReLU()(x)
-            x = L.ZeroPadding2D(kernel // 2)(L.Conv2D(channels, kernel, padding="valid")(L.BatchNormalization()(x)))
+            x = L.ZeroPadding2D(kernel // 2)(
+                L.Conv2D(channels, kernel, padding="valid")(L.BatchNormalization()(x))
+            )
         elif block == "branch":
             y = L.Conv2D(channels, 1)(x)
             x = L.Concatenate()([L.BatchNormalization()(y), y])
         elif block == "conv_relu_bn":
-            x = L.BatchNormalization()(L.Conv2D(channels, kernel, padding="same", activation="relu")(x))
+            x = L.BatchNormalization()(
+                L.Conv2D(channels, kernel, padding="same", activation="relu")(x)
+            )
     model = keras.Model(inputs, L.Dense(2)(L.Flatten()(x)))
     return randomize_bn(model, seed=int(rng.integers(1 << 30)))
 
@@ -614,9 +733,14 @@ LINEAR_PRODUCER_BLOCKS = {"conv", "dense_conv1x1", "depthwise", "separable", "tr
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(blocks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=4),
-       channels=st.integers(2, 5), kernel=st.sampled_from([1, 3]), use_bias=st.booleans(),
-       seed=st.integers(0, 1000), replace=st.booleans())
+@given(
+    blocks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=4),
+    channels=st.integers(2, 5),
+    kernel=st.sampled_from([1, 3]),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 1000),
+    replace=st.booleans(),
+)
 def test_random_architectures(blocks, channels, kernel, use_bias, seed, replace):
     model = build_random_model(blocks, channels, kernel, use_bias, seed)
     folded, report = keras_bn.fold_bn(model, replace_leftovers=replace)
@@ -634,6 +758,7 @@ def test_random_architectures(blocks, channels, kernel, use_bias, seed, replace)
 
 # ------------------------------------------------------------------------------------------------
 # Exact layer types, the bad-statistics option, reports as data, threads.
+
 
 class StandardizedConv2D(L.Conv2D):
     """Weight standardization: call() differs from Conv2D's, so its kernel is not the map."""
@@ -657,7 +782,10 @@ def test_subclass_overriding_call_is_declined_with_its_reason(rng):
     folded, report = keras_bn.fold_bn(model, replace_leftovers=True)
     rows = {r.name: r for r in report.rows}
     assert rows["bn_custom"].action == AFFINE
-    assert "it follows 'ws': custom layer type StandardizedConv2D overrides call()" in rows["bn_custom"].reason
+    assert (
+        "it follows 'ws': custom layer type StandardizedConv2D overrides call()"
+        in rows["bn_custom"].reason
+    )
     assert rows["bn_named"].action == BACKWARD and rows["bn_named"].into == "named"
     assert_close_to_original(model, folded, rng.normal(size=(2, 8, 8, 3)).astype("float32"))
 
@@ -667,12 +795,21 @@ def test_bad_statistics_keep_or_raise():
     model = keras.Model(inputs, L.BatchNormalization(name="bn")(L.Dense(3)(inputs)))
     model.get_layer("bn").moving_variance.assign(np.array([1.0, np.nan, 1.0], np.float32))
     _, report = keras_bn.fold_bn(model, verify=False)
-    assert report.rows[0].action == KEPT and "moving_variance has 1 non-finite" in report.rows[0].reason
-    with pytest.raises(keras_bn.KerasBNError, match=r"BatchNorm 'bn' has corrupt statistics: "
-                                                     r"moving_variance has 1 non-finite"):
+    assert (
+        report.rows[0].action == KEPT
+        and "moving_variance has 1 non-finite" in report.rows[0].reason
+    )
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"BatchNorm 'bn' has corrupt statistics: "
+        r"moving_variance has 1 non-finite",
+    ):
         keras_bn.fold_bn(model, on_bad_statistics="raise")
-    with pytest.raises(keras_bn.KerasBNError, match=r"Invalid `on_bad_statistics`\. Expected: "
-                                                     r"'keep' or 'raise'\. Received: 'ignore'"):
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"Invalid `on_bad_statistics`\. Expected: "
+        r"'keep' or 'raise'\. Received: 'ignore'",
+    ):
         keras_bn.fold_bn(model, on_bad_statistics="ignore")
 
 

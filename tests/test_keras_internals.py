@@ -12,8 +12,10 @@ import tensorflow as tf
 from keras_bn import _keras_internals as internals
 
 L = keras.layers
-UPGRADE = ("keras_bn._keras_internals.{} no longer works with Keras {} / TF {}: update it (and the "
-           "Keras bound in setup.cfg)")
+UPGRADE = (
+    "keras_bn._keras_internals.{} no longer works with Keras {} / TF {}: update it (and the "
+    "Keras bound in setup.cfg)"
+)
 
 
 def _fail(name):
@@ -37,8 +39,9 @@ def test_all_layers_recurses_into_nested_models(nested):
 
 def test_graph_model_and_is_functional(nested):
     seq = keras.Sequential([keras.Input((3,)), L.Dense(2)])
-    assert internals.is_functional(nested) and internals.is_functional(internals.graph_model(seq)), \
-        _fail("is_functional/graph_model")
+    assert internals.is_functional(nested) and internals.is_functional(
+        internals.graph_model(seq)
+    ), _fail("is_functional/graph_model")
     assert internals.graph_model(keras.Sequential([L.Dense(2)])) is None, _fail("graph_model")
 
     class Sub(keras.Model):
@@ -89,5 +92,6 @@ def test_current_tf_device():
 def test_save_keras_to_file_object(nested):
     handle = io.BytesIO()
     internals.save_keras_to_file_object(nested, handle)
-    assert "config.json" in zipfile.ZipFile(io.BytesIO(handle.getvalue())).namelist(), \
-        _fail("save_keras_to_file_object")
+    assert "config.json" in zipfile.ZipFile(io.BytesIO(handle.getvalue())).namelist(), _fail(
+        "save_keras_to_file_object"
+    )

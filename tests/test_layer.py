@@ -15,9 +15,9 @@ import keras_bn
 from keras_bn import BatchNorm, KerasBNError
 from tests.tolerances import LAYER_ATOL, LAYER_RTOL
 
-
 # ----------------------------------------------------------------------------------------------
 # Layer contract helper, in the spirit of keras' own `run_layer_test`.
+
 
 def run_layer_contract(make_layer, input_shape, rng):
     layer = make_layer()
@@ -45,8 +45,13 @@ def run_layer_contract(make_layer, input_shape, rng):
     model = keras.Model(inputs, outputs)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)
     before = [np.array(w) for w in layer.weights]
-    model.fit(x, rng.normal(size=input_shape).astype("float32"), batch_size=input_shape[0],
-              epochs=1, verbose=0)
+    model.fit(
+        x,
+        rng.normal(size=input_shape).astype("float32"),
+        batch_size=input_shape[0],
+        epochs=1,
+        verbose=0,
+    )
     after = [np.array(w) for w in layer.weights]
     for w, b, a in zip(layer.weights, before, after):
         if w.name == "num_batches_tracked":
@@ -82,6 +87,7 @@ def test_layer_contract(kwargs, input_shape, rng):
 # ----------------------------------------------------------------------------------------------
 # Golden values from the seed post's PyTorch example (torch.nn.BatchNorm1d(1, momentum=0.1)).
 
+
 def test_seed_post_golden_values():
     bn = BatchNorm.from_torch(momentum=0.1)
     batch = np.array([[7.0], [7.0], [7.0]], np.float32)
@@ -94,8 +100,11 @@ def test_seed_post_golden_values():
     # (3 - 1.897) / sqrt(0.729 + 1e-5) = 1.2918403 (PyTorch prints this)
     out = bn(np.array([[3.0]], np.float32), training=False)
     np.testing.assert_allclose(np.asarray(out), [[1.2918403]], rtol=1e-6)
-    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, "
-                                          r"got input shape \(1, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected more than 1 value per channel when training, "
+        r"got input shape \(1, 1\)",
+    ):
         bn(np.array([[3.0]], np.float32), training=True)
 
 
@@ -106,8 +115,9 @@ def test_unbiased_variance_golden():
     np.testing.assert_allclose(bn.moving_variance.numpy(), [2.0], rtol=1e-7)
     np.testing.assert_allclose(bn.moving_mean.numpy(), [2.0], rtol=1e-7)
     # Normalization uses the biased variance 1: (1-2)/sqrt(1+1e-3), (3-2)/sqrt(1+1e-3).
-    np.testing.assert_allclose(np.asarray(y), [[-1 / np.sqrt(1.001)], [1 / np.sqrt(1.001)]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(y), [[-1 / np.sqrt(1.001)], [1 / np.sqrt(1.001)]], rtol=1e-6
+    )
     biased = BatchNorm(momentum=0.0)
     biased(np.array([[1.0], [3.0]], np.float32), training=True)
     np.testing.assert_allclose(biased.moving_variance.numpy(), [1.0], rtol=1e-7)
@@ -140,8 +150,10 @@ def torch_reference(batches, momentum, eps, axis):
 @pytest.mark.parametrize("shape,axis", [((5, 3), -1), ((4, 3, 6), 1), ((4, 5, 5, 3), -1)])
 def test_torch_convention_sweep(momentum, shape, axis, rng):
     bn = BatchNorm.from_torch(momentum=momentum, eps=1e-5, axis=axis)
-    batches = [rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 4), size=shape).astype("float32")
-               for _ in range(4)]
+    batches = [
+        rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 4), size=shape).astype("float32")
+        for _ in range(4)
+    ]
     for x in batches:
         y = bn(x, training=True)
     mean, var, out = torch_reference(batches, momentum, 1e-5, axis)
@@ -159,7 +171,7 @@ def test_cumulative_average_is_independent_of_batch_split(rng):
     for batch_size in (4, 6, 12):
         bn = BatchNorm(momentum=None)
         for start in range(0, 24, batch_size):
-            bn(data[start:start + batch_size], training=True)
+            bn(data[start : start + batch_size], training=True)
         means.append(bn.moving_mean.numpy())
     for m in means:
         np.testing.assert_allclose(m, data.astype(np.float64).mean(0), rtol=1e-5)
@@ -180,13 +192,19 @@ def test_conventions_convert():
 # ----------------------------------------------------------------------------------------------
 # Parity with keras.layers.BatchNormalization.
 
+
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize("axis", [-1, 1])
 @pytest.mark.parametrize("momentum,epsilon", [(0.99, 1e-3), (0.9, 1e-5)])
 def test_keras_parity(rank, axis, momentum, epsilon, rng):
     shape = (6, 3, 4, 5, 2)[:rank]
-    ours = BatchNorm(axis=axis, momentum=momentum, epsilon=epsilon,
-                     gamma_initializer="random_uniform", beta_initializer="random_normal")
+    ours = BatchNorm(
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        gamma_initializer="random_uniform",
+        beta_initializer="random_normal",
+    )
     theirs = keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=epsilon)
     ours.build(shape)
     theirs.build(shape)
@@ -205,13 +223,16 @@ def test_keras_parity(rank, axis, momentum, epsilon, rng):
         g_theirs = tape.gradient(loss_theirs, [xt] + theirs.trainable_weights)
         for a, b in zip(g_ours, g_theirs):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ours.moving_mean.numpy(), theirs.moving_mean.numpy(),
-                               rtol=LAYER_RTOL, atol=1e-6)
-    np.testing.assert_allclose(ours.moving_variance.numpy(), theirs.moving_variance.numpy(),
-                               rtol=LAYER_RTOL, atol=1e-6)
+    np.testing.assert_allclose(
+        ours.moving_mean.numpy(), theirs.moving_mean.numpy(), rtol=LAYER_RTOL, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        ours.moving_variance.numpy(), theirs.moving_variance.numpy(), rtol=LAYER_RTOL, atol=1e-6
+    )
     x = rng.normal(size=shape).astype("float32")
-    np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False),
-                               rtol=LAYER_RTOL, atol=LAYER_ATOL)
+    np.testing.assert_allclose(
+        ours(x, training=False), theirs(x, training=False), rtol=LAYER_RTOL, atol=LAYER_ATOL
+    )
 
 
 def test_masked_statistics_match_keras(rng):
@@ -230,7 +251,9 @@ def test_masked_statistics_match_keras(rng):
 
 
 def test_trainable_false_runs_in_inference_mode(rng):
-    bn = BatchNorm(moving_mean_initializer="ones", moving_variance_initializer=keras.initializers.Constant(4.0))
+    bn = BatchNorm(
+        moving_mean_initializer="ones", moving_variance_initializer=keras.initializers.Constant(4.0)
+    )
     bn.trainable = False
     x = rng.normal(size=(8, 3)).astype("float32")
     y = bn(x, training=True)
@@ -240,6 +263,7 @@ def test_trainable_false_runs_in_inference_mode(rng):
 
 # ----------------------------------------------------------------------------------------------
 # Numerics: precision, mixed precision, epsilon, NaN/Inf.
+
 
 @pytest.mark.parametrize(
     "shape,kwargs,rtol",
@@ -257,7 +281,7 @@ def test_variance_large_mean_small_spread(shape, kwargs, rtol, rng):
     reference = flat.var(0)
     # E[x^2] - E[x]^2 in float32 has no correct digit here.
     x32 = np.moveaxis(x, axis, -1).reshape(-1, 4)
-    naive = (x32 ** 2).mean(0) - x32.mean(0) ** 2
+    naive = (x32**2).mean(0) - x32.mean(0) ** 2
     assert np.all(np.abs(naive - reference) > 0.5 * reference)
     bn = BatchNorm(momentum=0.0, **kwargs)
     y = np.moveaxis(np.asarray(bn(x, training=True)), axis, -1).reshape(-1, 4)
@@ -296,8 +320,11 @@ def test_epsilon_below_fused_minimum_is_honoured(shape, rng):
         y_inf = np.asarray(bn(x, training=False)).reshape(-1, 3)
         np.testing.assert_allclose(y_inf, expected, rtol=1e-3, atol=1e-3)
     # The fused kernel would have used 1.001e-5 there: outputs differ by ~30%.
-    assert not np.allclose((flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6),
-                           (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1.001e-5), rtol=0.1)
+    assert not np.allclose(
+        (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6),
+        (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1.001e-5),
+        rtol=0.1,
+    )
 
 
 def test_fused_path_is_taken_only_where_exact():
@@ -344,21 +371,28 @@ def test_nan_batch_skips_update_with_warning(shape, momentum, rng):
 # ----------------------------------------------------------------------------------------------
 # Batch of one.
 
+
 def test_batch_of_one_raises_static_and_at_run_time():
     bn = BatchNorm()
     one = np.ones((1, 3), np.float32)
-    with pytest.raises(KerasBNError, match=r"Expected more than 1 value per channel when training, "
-                                          r"got input shape \(1, 3\)"):
+    with pytest.raises(
+        KerasBNError,
+        match=r"Expected more than 1 value per channel when training, "
+        r"got input shape \(1, 3\)",
+    ):
         bn(one, training=True)
     # Spatial dimensions give more than one value per channel: fine.
     bn4 = BatchNorm()
     bn4(np.random.rand(1, 2, 2, 3).astype("float32"), training=True)
     # Unknown batch size while tracing: the same message at run time.
-    step = tf.function(lambda x: bn(x, training=True),
-                       input_signature=[tf.TensorSpec((None, 3), tf.float32)])
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"Expected more than 1 value per channel when training, "
-                             r"got input shape \(None, 3\)"):
+    step = tf.function(
+        lambda x: bn(x, training=True), input_signature=[tf.TensorSpec((None, 3), tf.float32)]
+    )
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"Expected more than 1 value per channel when training, "
+        r"got input shape \(None, 3\)",
+    ):
         step(tf.constant(one))
     step(tf.ones((2, 3)))
     # Through model.fit.
@@ -374,20 +408,30 @@ def test_batch_of_one_raises_static_and_at_run_time():
 # ----------------------------------------------------------------------------------------------
 # Bad arguments.
 
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"momentum": 1.5}, r"Invalid `momentum`\. Expected: a number in \[0, 1\], or None for a "
-                            r"cumulative average\. Received: momentum=1\.5\."),
+        (
+            {"momentum": 1.5},
+            r"Invalid `momentum`\. Expected: a number in \[0, 1\], or None for a "
+            r"cumulative average\. Received: momentum=1\.5\.",
+        ),
         ({"momentum": -0.1}, r"Received: momentum=-0\.1\."),
         ({"momentum": float("nan")}, r"Received: momentum=nan\."),
         ({"momentum": "0.9"}, r"Received: momentum='0\.9'\."),
-        ({"epsilon": 0.0}, r"Invalid `epsilon`\. Expected: a finite number > 0\. Received: epsilon=0\.0\."),
+        (
+            {"epsilon": 0.0},
+            r"Invalid `epsilon`\. Expected: a finite number > 0\. Received: epsilon=0\.0\.",
+        ),
         ({"epsilon": -1e-3}, r"Received: epsilon=-0\.001\."),
         ({"epsilon": float("inf")}, r"Received: epsilon=inf\."),
         ({"axis": 1.0}, r"Invalid `axis`\. Expected: an integer .*Received: axis=1\.0\."),
         ({"axis": [1, 2]}, r"Received: axis=\[1, 2\]\."),
-        ({"center": "yes"}, r"Invalid `center`\. Expected: True or False\. Received: center='yes'\."),
+        (
+            {"center": "yes"},
+            r"Invalid `center`\. Expected: True or False\. Received: center='yes'\.",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -410,6 +454,7 @@ def test_bad_shapes():
 # ----------------------------------------------------------------------------------------------
 # Serialization.
 
+
 def test_keras_file_round_trip_and_saved_model(tmp_path, rng):
     inputs = keras.Input((4, 4, 3))
     x = keras.layers.Conv2D(5, 3, use_bias=False)(inputs)
@@ -428,17 +473,24 @@ def test_keras_file_round_trip_and_saved_model(tmp_path, rng):
         np.save({str(tmp_path / "y.npy")!r}, m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
     """)
     np.save(tmp_path / "x.npy", data)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=os.getcwd(), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=os.getcwd(),
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-4:] == ["None", "True", "1e-05", "1"]
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(data, verbose=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), model.predict(data, verbose=0), rtol=1e-6
+    )
     # SavedModel export serves the inference path.
     model.export(str(tmp_path / "saved"), verbose=False)
     served = tf.saved_model.load(str(tmp_path / "saved"))
-    np.testing.assert_allclose(served.serve(data), model.predict(data, verbose=0), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        served.serve(data), model.predict(data, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,8 +538,13 @@ SYNC_SCRIPT = textwrap.dedent("""
 
 
 def test_synchronized_matches_single_global_batch():
-    out = subprocess.run([sys.executable, "-c", SYNC_SCRIPT], capture_output=True, text=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=os.getcwd())
+    out = subprocess.run(
+        [sys.executable, "-c", SYNC_SCRIPT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=os.getcwd(),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     sync, local, plain = result["True"], result["False"], result["plain"]
@@ -505,6 +562,7 @@ def test_synchronized_matches_single_global_batch():
 # ----------------------------------------------------------------------------------------------
 # Where users run it: XLA-compiled fit, every dtype, masks on any axis, empty batches.
 
+
 def _fit_twin(make_norm, x, y, jit_compile):
     keras.utils.set_random_seed(0)
     inputs = keras.Input(x.shape[1:])
@@ -521,8 +579,9 @@ def test_fit_with_xla_matches_keras(rng):
     x = rng.normal(2.0, 3.0, size=(64, 6, 6, 3)).astype("float32")
     y = rng.normal(size=(64, 5)).astype("float32")
     ours, loss_ours = _fit_twin(lambda: BatchNorm(momentum=0.9), x, y, jit_compile=True)
-    theirs, loss_theirs = _fit_twin(lambda: keras.layers.BatchNormalization(momentum=0.9), x, y,
-                                    jit_compile=True)
+    theirs, loss_theirs = _fit_twin(
+        lambda: keras.layers.BatchNormalization(momentum=0.9), x, y, jit_compile=True
+    )
     np.testing.assert_allclose(loss_ours, loss_theirs, rtol=1e-5)
     for a, b in zip(ours.layers[2].weights, theirs.layers[2].weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
@@ -540,20 +599,31 @@ def test_nan_batch_under_xla_is_counted_and_reported_by_the_callback(rng):
     mean = bn.moving_mean.numpy().copy()
     bad = x.copy()
     bad[0, 0] = np.nan  # first batch of 4 has a NaN, the second is clean
-    with pytest.warns(RuntimeWarning, match=r"epoch 1: keras_bn\.BatchNorm skipped .*"
-                                            r"\('batch_norm(_\d+)?' 1\)"):
-        model.fit(bad, bad, batch_size=4, epochs=1, verbose=0, shuffle=False,
-                  callbacks=[keras_bn.SkippedUpdatesWarning()])
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"epoch 1: keras_bn\.BatchNorm skipped .*"
+        r"\('batch_norm(_\d+)?' 1\)",
+    ):
+        model.fit(
+            bad,
+            bad,
+            batch_size=4,
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+            callbacks=[keras_bn.SkippedUpdatesWarning()],
+        )
     assert bn.skipped_updates == 1
     # Only the clean batch updated: momentum 0.5 from `mean` toward its batch mean.
-    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * mean + 0.5 * x[4:].mean(0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * mean + 0.5 * x[4:].mean(0), rtol=1e-5)
     # Negative case: a clean epoch warns nothing.
     import warnings as _warnings
+
     with _warnings.catch_warnings():
         _warnings.simplefilter("error")
-        model.fit(x, x, batch_size=4, epochs=1, verbose=0,
-                  callbacks=[keras_bn.SkippedUpdatesWarning()])
+        model.fit(
+            x, x, batch_size=4, epochs=1, verbose=0, callbacks=[keras_bn.SkippedUpdatesWarning()]
+        )
     assert bn.skipped_updates == 1
 
 
@@ -562,8 +632,11 @@ def test_batch_of_one_under_xla_is_nan_not_a_silent_answer(rng):
     # are NaN instead of a finite beta, and the moving statistics are left alone.
     bn = BatchNorm(momentum=0.5)
     bn.build((None, 3))
-    step = tf.function(lambda x: bn(x, training=True), jit_compile=True,
-                       input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    step = tf.function(
+        lambda x: bn(x, training=True),
+        jit_compile=True,
+        input_signature=[tf.TensorSpec((None, 3), tf.float32)],
+    )
     y = step(tf.constant([[1.0, 2.0, 3.0]]))
     assert np.all(np.isnan(y.numpy()))
     np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(3))
@@ -571,15 +644,17 @@ def test_batch_of_one_under_xla_is_nan_not_a_silent_answer(rng):
     assert bn.skipped_updates == 1
     # Two samples: a normal step, finite outputs (x - mean) / sqrt(var + eps) = -+1 / sqrt(1.001).
     y = step(tf.constant([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]))
-    np.testing.assert_allclose(y.numpy()[:, 0], [-1 / np.sqrt(1.001), 1 / np.sqrt(1.001)],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        y.numpy()[:, 0], [-1 / np.sqrt(1.001), 1 / np.sqrt(1.001)], rtol=1e-6
+    )
     np.testing.assert_allclose(bn.moving_mean.numpy(), [1.0, 1.5, 2.0], rtol=1e-6)
     # Through model.fit with XLA: a last partial batch of one makes the loss NaN.
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2)(BatchNorm()(inputs)))
     model.compile("sgd", "mse", jit_compile=True)
-    history = model.fit(np.ones((5, 3), np.float32), np.ones((5, 2), np.float32), batch_size=4,
-                        epochs=1, verbose=0)
+    history = model.fit(
+        np.ones((5, 3), np.float32), np.ones((5, 2), np.float32), batch_size=4, epochs=1, verbose=0
+    )
     assert np.isnan(history.history["loss"][-1])
 
 
@@ -590,8 +665,9 @@ def test_mask_on_any_axis_matches_keras(axis, shape, rng):
     mask = rng.random(shape[:-1]) > 0.3
     ours = BatchNorm(axis=axis, momentum=0.5)
     theirs = keras.layers.BatchNormalization(axis=axis, momentum=0.5)
-    np.testing.assert_allclose(ours(x, training=True, mask=mask),
-                               theirs(x, training=True, mask=mask), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ours(x, training=True, mask=mask), theirs(x, training=True, mask=mask), rtol=1e-4, atol=1e-4
+    )
     # NumPy: the mask broadcast over the last axis selects the values of each channel.
     weights = np.broadcast_to(mask[..., None], shape)
     channel = axis % len(shape)
@@ -613,16 +689,23 @@ def test_pure_dtype_layers_match_keras_and_numpy(dtype, shape, rng):
     expected = ((flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-3)).reshape(shape)
     tol = 1e-9 if dtype == "float64" else 2e-3
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(y, np.float64),
-                               np.asarray(theirs(x, training=True), np.float64),
-                               rtol=max(tol, 1e-9), atol=max(tol, 1e-9))
-    np.testing.assert_allclose(ours.moving_variance.numpy().astype(np.float64),
-                               0.5 + 0.5 * flat.var(0), rtol=tol)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float64),
+        np.asarray(theirs(x, training=True), np.float64),
+        rtol=max(tol, 1e-9),
+        atol=max(tol, 1e-9),
+    )
+    np.testing.assert_allclose(
+        ours.moving_variance.numpy().astype(np.float64), 0.5 + 0.5 * flat.var(0), rtol=tol
+    )
     y_inf = ours(x, training=False)
     assert y_inf.dtype == dtype
-    np.testing.assert_allclose(np.asarray(y_inf, np.float64),
-                               np.asarray(theirs(x, training=False), np.float64),
-                               rtol=max(tol, 1e-9), atol=max(tol, 1e-9))
+    np.testing.assert_allclose(
+        np.asarray(y_inf, np.float64),
+        np.asarray(theirs(x, training=False), np.float64),
+        rtol=max(tol, 1e-9),
+        atol=max(tol, 1e-9),
+    )
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (0, 4, 4, 3)])
@@ -631,22 +714,28 @@ def test_empty_batch_returns_empty_and_leaves_statistics(shape):
     bn.build((None, *shape[1:]))
     y = bn(np.zeros(shape, np.float32), training=True)
     assert tuple(y.shape) == shape
-    step = tf.function(lambda x: bn(x, training=True),
-                       input_signature=[tf.TensorSpec((None, *shape[1:]), tf.float32)])
+    step = tf.function(
+        lambda x: bn(x, training=True),
+        input_signature=[tf.TensorSpec((None, *shape[1:]), tf.float32)],
+    )
     assert tuple(step(tf.zeros(shape)).shape) == shape
     np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(3))
     np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(3))
     assert int(bn.num_batches_tracked.numpy()) == 0 and bn.skipped_updates == 0
 
 
-@pytest.mark.parametrize("kwargs,shape", [({"epsilon": 1e-6}, (6, 3)),
-                                          ({"axis": 1, "epsilon": 1e-6}, (6, 3, 2, 2)),
-                                          ({}, (6, 2, 2, 3))])
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [({"epsilon": 1e-6}, (6, 3)), ({"axis": 1, "epsilon": 1e-6}, (6, 3, 2, 2)), ({}, (6, 2, 2, 3))],
+)
 def test_inference_with_large_mean_small_variance_is_exact(kwargs, shape, rng):
     # mean 1e4, variance 1e-4: x*inv + (beta - mean*inv) cancels two numbers of ~1e6 in float32
     # (error 0.057 on outputs of ~2.4); (x - mean)*inv + beta keeps the digits.
-    bn = BatchNorm(moving_mean_initializer=keras.initializers.Constant(1e4),
-                   moving_variance_initializer=keras.initializers.Constant(1e-4), **kwargs)
+    bn = BatchNorm(
+        moving_mean_initializer=keras.initializers.Constant(1e4),
+        moving_variance_initializer=keras.initializers.Constant(1e-4),
+        **kwargs,
+    )
     x = (1e4 + 0.024 * rng.standard_normal(shape)).astype("float32")
     y = np.asarray(bn(x, training=False), np.float64)
     expected = (x.astype(np.float64) - 1e4) / np.sqrt(1e-4 + bn.epsilon)

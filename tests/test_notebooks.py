@@ -10,15 +10,22 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
-NAMES = ["01_batchnorm_ten_years_on.ipynb", "02_training_with_batchnorm.ipynb",
-         "03_fold_and_export.ipynb"]
+NAMES = [
+    "01_batchnorm_ten_years_on.ipynb",
+    "02_training_with_batchnorm.ipynb",
+    "03_fold_and_export.ipynb",
+]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS.parent)}}).execute()
+    NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS.parent)}},
+    ).execute()
     code_cells = [c for c in notebook.cells if c.cell_type == "code"]
     assert code_cells and all(c.execution_count for c in code_cells)
     assert not any(o.get("output_type") == "error" for c in code_cells for o in c.outputs)
