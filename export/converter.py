@@ -64,19 +64,19 @@ NCHW_KEY = "keras_bn.nchw_inputs"
 class VerifyReport:
     """Keras (inference mode) vs onnxruntime, per output, input set and optimization level."""
 
-    rows: list = dataclasses.field(default_factory=list)
-    atol: float = None
-    rtol: float = None
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    atol: float | None = None
+    rtol: float | None = None
 
     @property
-    def passed(self):
+    def passed(self) -> bool:
         return all(r["passed"] for r in self.rows)
 
     @property
-    def max_abs_error(self):
+    def max_abs_error(self) -> float:
         return max((r["max_abs_error"] for r in self.rows), default=0.0)
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {
             "passed": self.passed,
             "atol": self.atol,
@@ -106,13 +106,13 @@ class VerifyReport:
 @dataclasses.dataclass
 class ExportReport:
     path: str
-    op_counts: dict
-    fold: object  # keras_bn.FoldReport or None
+    op_counts: dict[str, int]
+    fold: keras_bn.FoldReport | None
     verification: VerifyReport
-    timings: dict
+    timings: dict[str, float]
     opset: int
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {
             "path": self.path,
             "opset": self.opset,
@@ -292,7 +292,7 @@ MIN_OPSET = 7
 MAX_OPSET = max(tf2onnx.constants.OPSET_TO_IR_VERSION)
 
 
-def check_opset(opset):
+def check_opset(opset) -> int | None:
     """Returns `opset` (None: tf2onnx's default) or raises KerasBNError naming the range."""
     if opset is None:
         return None

@@ -10,6 +10,8 @@
 | normalization var | biased                                  | biased                                    | biased                  |
 """
 
+from __future__ import annotations
+
 import math
 
 from keras_bn.errors import KerasBNError, expected
@@ -40,7 +42,7 @@ def _check_momentum(momentum, name):
     return float(momentum)
 
 
-def torch_momentum_to_keras(momentum):
+def torch_momentum_to_keras(momentum: float | None) -> float | None:
     """PyTorch momentum (weight of the new value) -> Keras momentum (weight of the old value).
 
     `keras = 1 - torch`; `None` (cumulative average) stays `None`.
@@ -49,7 +51,7 @@ def torch_momentum_to_keras(momentum):
     return None if momentum is None else 1.0 - momentum
 
 
-def keras_momentum_to_torch(momentum):
+def keras_momentum_to_torch(momentum: float | None) -> float | None:
     """Keras momentum (weight of the old value) -> PyTorch momentum (weight of the new value).
 
     `torch = 1 - keras`; `None` (cumulative average) stays `None`.

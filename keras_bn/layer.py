@@ -1,5 +1,7 @@
 """`keras_bn.BatchNorm`: a Keras 3 BatchNorm layer with explicit, convertible conventions."""
 
+from __future__ import annotations
+
 import math
 import warnings
 
@@ -140,13 +142,13 @@ class BatchNorm(keras.layers.Layer):
 
     def __init__(
         self,
-        axis=-1,
-        momentum=KERAS_MOMENTUM,
-        epsilon=KERAS_EPSILON,
-        center=True,
-        scale=True,
-        unbiased_variance=False,
-        synchronized=False,
+        axis: int = -1,
+        momentum: float | None = KERAS_MOMENTUM,
+        epsilon: float = KERAS_EPSILON,
+        center: bool = True,
+        scale: bool = True,
+        unbiased_variance: bool = False,
+        synchronized: bool = False,
         beta_initializer="zeros",
         gamma_initializer="ones",
         moving_mean_initializer="zeros",
@@ -210,7 +212,13 @@ class BatchNorm(keras.layers.Layer):
         self._skipped = None
 
     @classmethod
-    def from_torch(cls, momentum=TORCH_MOMENTUM, eps=TORCH_EPSILON, affine=True, **kwargs):
+    def from_torch(
+        cls,
+        momentum: float | None = TORCH_MOMENTUM,
+        eps: float = TORCH_EPSILON,
+        affine: bool = True,
+        **kwargs,
+    ) -> BatchNorm:
         """Builds a layer with PyTorch's `BatchNorm*d` semantics.
 
         `momentum` is PyTorch's (weight of the NEW batch value), converted to Keras's
@@ -334,7 +342,7 @@ class BatchNorm(keras.layers.Layer):
         return shape
 
     @property
-    def skipped_updates(self):
+    def skipped_updates(self) -> int:
         """Training batches that did not update the moving statistics (see the class docstring)."""
         return 0 if self._skipped is None else int(self._skipped.variable.numpy())
 

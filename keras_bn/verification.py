@@ -11,6 +11,8 @@ model cannot agree to float32 digits, because a fold or a conversion changes the
 of every layer after it by about one unit in the last place (2**-10 relative, 2**-7 for bfloat16).
 """
 
+from __future__ import annotations
+
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -29,7 +31,7 @@ class Tolerance:
     rtol: float  # relative to the largest |value| of the output being compared
     atol: float
 
-    def accepts(self, max_abs, scale):
+    def accepts(self, max_abs: float, scale: float) -> bool:
         return bool(np.isfinite(max_abs) and max_abs <= self.atol + self.rtol * scale)
 
 
@@ -44,7 +46,7 @@ TOLERANCES = {
 _PRECISION_ORDER = ["bfloat16", "float16", "float32", "float64"]
 
 
-def compute_dtype(model):
+def compute_dtype(model: keras.Model) -> str:
     """The lowest-precision compute dtype of the model's layers ('float32' when none is set)."""
     found = {getattr(layer, "compute_dtype", None) for layer in internals.all_layers(model)}
     for dtype in _PRECISION_ORDER:
@@ -53,7 +55,9 @@ def compute_dtype(model):
     return "float32"
 
 
-def tolerance_for(model, rtol=None, atol=None):
+def tolerance_for(
+    model: keras.Model, rtol: float | None = None, atol: float | None = None
+) -> Tolerance:
     """The model's default `Tolerance` (by `compute_dtype`), with `rtol`/`atol` overriding it."""
     default = TOLERANCES[compute_dtype(model)]
     for name, value in (("rtol", rtol), ("atol", atol)):
@@ -85,7 +89,7 @@ class Comparison:
     scale: float  # largest finite |reference value|
 
 
-def compare(reference, candidate):
+def compare(reference, candidate) -> Comparison:
     """Compares ONE output. Positions where the reference is NaN/Inf agree only with the same
     value in the candidate; anywhere else a NaN/Inf in the candidate is an infinite error."""
     r = np.asarray(reference, np.float64)
@@ -102,7 +106,7 @@ def compare(reference, candidate):
     return Comparison(max_abs, max_abs / scale if scale > 0 else max_abs, scale)
 
 
-def output_names(model):
+def output_names(model: keras.Model) -> list[str]:
     """The model's output names. Keras 3.15's Sequential has no `output_names`: there the name is
     that of the layer making each output."""
     names = getattr(model, "output_names", None)
@@ -111,7 +115,7 @@ def output_names(model):
     return list(internals.graph_model(model).output_names)
 
 
-def synthetic_inputs(model, batch_size=4, seed=0):
+def synthetic_inputs(model: keras.Model, batch_size: int = 4, seed: int = 0) -> list[np.ndarray]:
     """Deterministic inputs for a model: N(0, 1) floats, None dimensions set to 16."""
     rng = np.random.default_rng(seed)
     arrays = []
@@ -127,7 +131,7 @@ def synthetic_inputs(model, batch_size=4, seed=0):
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def plain_text(text):
+def plain_text(text) -> str:
     """`text` without terminal escape codes (Keras colours some of its messages)."""
     return _ANSI.sub("", str(text))
 
@@ -136,7 +140,7 @@ def _describe(array):
     return f"shape {tuple(array.shape)}, dtype {array.dtype}"
 
 
-def check_samples(model, samples):
+def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
     """Returns `samples` as a list of arrays, one per model input in `model.inputs` order, or
     raises `KerasBNError` naming what was expected. Checked before any work: the number of
     arrays, the keys of a dict, each array's rank and known dimensions, one batch size, and the
