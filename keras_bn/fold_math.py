@@ -148,13 +148,13 @@ def overflow_reason(value, dtype):
     A folded weight past the dtype's largest finite value (float32: 3.4e38, float16: 65504) would
     be written as inf; such a fold is declined instead."""
     value = np.asarray(value, np.float64)
-    if not np.all(np.isfinite(value)):
+    largest = float(np.max(np.abs(value))) if value.size else 0.0  # NaN propagates: one pass
+    if not np.isfinite(largest):
         return "is not finite"
     dtype = _numpy_dtype(dtype)
     if dtype.kind != "f" and dtype != ml_dtypes.bfloat16:
         return None
     limit = float(ml_dtypes.finfo(dtype).max)
-    largest = float(np.abs(value).max()) if value.size else 0.0
     if largest > limit:
         return f"reaches {largest:.4g}, beyond {dtype.name}'s largest value {limit:.4g}"
     return None

@@ -13,7 +13,7 @@ import keras_bn
 from keras_bn import export
 from keras_bn.export import converter
 from tests.test_fold import randomize_bn
-from tests.tolerances import ORT_ATOL
+from tests.tolerances import FOLD_RTOL, ORT_ATOL
 
 L = keras.layers
 
@@ -90,7 +90,7 @@ def test_pattern_suite(name, tmp_path, rng):
     ref = np.asarray(model(x, training=False))
     for optimized in (False, True):
         np.testing.assert_allclose(
-            ort_run(str(path), x, optimized), ref, atol=ORT_ATOL + 1e-5 * np.abs(ref).max()
+            ort_run(str(path), x, optimized), ref, atol=ORT_ATOL + FOLD_RTOL * np.abs(ref).max()
         )
     # Names: Keras input/output names, dynamic batch dimension.
     assert [i.name for i in graph.graph.input] == [model.inputs[0].name]
