@@ -61,20 +61,41 @@ NCHW_KEY = "keras_bn.nchw_inputs"
 
 
 @dataclasses.dataclass
+class VerifyRow:
+    """One output of one input set at one onnxruntime optimization level."""
+
+    output: str
+    input_set: str  # "synthetic" or "samples"
+    batch: int
+    first_sample_only: bool  # the dynamic-batch check: the set's first sample at batch 1
+    optimization: str  # "disabled" or "enabled"
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+
+    @property
+    def inputs(self) -> str:
+        return f"{self.input_set}, batch {self.batch}"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "inputs": self.inputs}
+
+
+@dataclasses.dataclass
 class VerifyReport:
     """Keras (inference mode) vs onnxruntime, per output, input set and optimization level."""
 
-    rows: list[dict] = dataclasses.field(default_factory=list)
+    rows: list[VerifyRow] = dataclasses.field(default_factory=list)
     atol: float | None = None
     rtol: float | None = None
 
     @property
     def passed(self) -> bool:
-        return all(r["passed"] for r in self.rows)
+        return all(r.passed for r in self.rows)
 
     @property
     def max_abs_error(self) -> float:
-        return max((r["max_abs_error"] for r in self.rows), default=0.0)
+        return max((r.max_abs_error for r in self.rows), default=0.0)
 
     def to_dict(self) -> dict:
         return {
@@ -82,7 +103,7 @@ class VerifyReport:
             "atol": self.atol,
             "rtol": self.rtol,
             "max_abs_error": self.max_abs_error,
-            "rows": self.rows,
+            "rows": [r.to_dict() for r in self.rows],
         }
 
     def __str__(self):
@@ -92,9 +113,9 @@ class VerifyReport:
         ]
         for r in self.rows:
             lines.append(
-                f"{r['output']:<20} {r['inputs']:<26} {r['optimization']:<18} "
-                f"{r['max_abs_error']:>12.3g} {r['max_rel_error']:>12.3g}  "
-                f"{'yes' if r['passed'] else 'NO'}"
+                f"{r.output:<20} {r.inputs:<26} {r.optimization:<18} "
+                f"{r.max_abs_error:>12.3g} {r.max_rel_error:>12.3g}  "
+                f"{'yes' if r.passed else 'NO'}"
             )
         lines.append(
             f"verification {'passed' if self.passed else 'FAILED'} "
@@ -448,26 +469,26 @@ def _verify_proto(model, model_bytes, nchw, references, tolerance):
     names = [i.name for i in sessions["disabled"].get_inputs()]
     names_out = output_names(model)
     for label, arrays, reference in references:
-        batches = [(f"batch {len(arrays[0])}", slice(None))]
+        batches = [(False, slice(None))]
         if label == "synthetic":
-            batches.insert(0, ("batch 1", slice(0, 1)))
-        for batch, rows in batches:
+            batches.insert(0, (True, slice(0, 1)))
+        for first_only, rows in batches:
             feed = _feed(names, [a[rows] for a in arrays], nchw)
             for level, session in sessions.items():
                 outputs = session.run(None, feed)
                 for name, ref, out in zip(names_out, reference, outputs):
                     result = compare(ref[rows], out)
                     report.rows.append(
-                        {
-                            "output": name,
-                            "inputs": f"{label}, {batch}",
-                            "input_set": label,
-                            "rows": "first" if rows.stop == 1 else "all",
-                            "optimization": level,
-                            "max_abs_error": result.max_abs,
-                            "max_rel_error": result.max_rel,
-                            "passed": tolerance.accepts(result.max_abs, result.scale),
-                        }
+                        VerifyRow(
+                            output=name,
+                            input_set=label,
+                            batch=1 if first_only else len(arrays[0]),
+                            first_sample_only=first_only,
+                            optimization=level,
+                            max_abs_error=result.max_abs,
+                            max_rel_error=result.max_rel,
+                            passed=tolerance.accepts(result.max_abs, result.scale),
+                        )
                     )
     return report
 
@@ -645,27 +666,25 @@ def to_onnx(
     verification = _verify_proto(model, model_bytes, nchw_inputs, references, tolerance)
     timings["verify"] = time.perf_counter() - start
     if not verification.passed:
-        worst = max(
-            (r for r in verification.rows if not r["passed"]), key=lambda r: r["max_abs_error"]
-        )
-        arrays = dict(input_sets)[worst["input_set"]]
-        if worst["rows"] == "first":
+        worst = max((r for r in verification.rows if not r.passed), key=lambda r: r.max_abs_error)
+        arrays = dict(input_sets)[worst.input_set]
+        if worst.first_sample_only:
             arrays = [a[:1] for a in arrays]
         where = _first_divergence(
             model,
             exported,
             arrays,
-            worst["optimization"] == "enabled",
+            worst.optimization == "enabled",
             opset,
             nchw_inputs,
             tolerance,
         )
         raise VerificationError(
             expected(
-                f"onnxruntime output '{worst['output']}' differs from Keras on {worst['inputs']} "
-                f"(optimizations {worst['optimization']}); nothing was written",
+                f"onnxruntime output '{worst.output}' differs from Keras on {worst.inputs} "
+                f"(optimizations {worst.optimization}); nothing was written",
                 f"max abs error <= {tolerance.atol:g} + {tolerance.rtol:g} x max|that output|",
-                f"{worst['max_abs_error']:.4g}",
+                f"{worst.max_abs_error:.4g}",
                 where,
             )
         )

@@ -347,12 +347,12 @@ def test_verify_reports_a_mismatch(tmp_path, rng):
     path = tmp_path / "m.onnx"
     export.to_onnx(model, path)
     good = export.verify(model, path, samples=rng.normal(size=(7, 6)).astype("float32"))
-    assert good.passed and {r["inputs"] for r in good.rows} == {
+    assert good.passed and {r.inputs for r in good.rows} == {
         "synthetic, batch 1",
         "synthetic, batch 4",
         "samples, batch 7",
     }
-    assert {r["optimization"] for r in good.rows} == {"disabled", "enabled"}
+    assert {r.optimization for r in good.rows} == {"disabled", "enabled"}
     bad = export.verify(other, path)
     assert not bad.passed and bad.max_abs_error > 1e-3
     assert "verification FAILED" in str(bad)
@@ -485,5 +485,5 @@ def test_each_output_is_judged_against_its_own_scale(tmp_path, rng):
     # 1e-3 off on an output of magnitude ~4 while the other output is ~4e3: a shared scale
     # (atol + rtol * 4e3 = 0.04) would accept it.
     report = export.verify(build(1e-3), path)
-    failed = {r["output"] for r in report.rows if not r["passed"]}
+    failed = {r.output for r in report.rows if not r.passed}
     assert failed == {"small"}
