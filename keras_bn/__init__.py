@@ -6,6 +6,7 @@ from keras_bn.conventions import keras_momentum_to_torch, torch_momentum_to_kera
 from keras_bn.errors import KerasBNError, VerificationError
 from keras_bn.fold import FoldReport, fold_bn
 from keras_bn.layer import BatchNorm
+from keras_bn.recalibrate import RecalibrationReport, recalibrate
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,8 @@ __all__ = [
     "KerasBNError",
     "SkippedUpdatesWarning",
     "VerificationError",
+    "RecalibrationReport",
+    "recalibrate",
     "keras_momentum_to_torch",
     "torch_momentum_to_keras",
 ]

@@ -76,3 +76,21 @@ def save_keras_to_file_object(model, handle):
     from keras.src.saving import saving_lib
 
     saving_lib.save_model(model, handle)
+
+
+def keras_mask(tensor):
+    """The Keras mask a tensor carries (set by the layer that made it), or None. A function that
+    stands in for a layer in `run_through_graph` is not handed it by Keras."""
+    from keras.src import backend
+
+    return backend.get_keras_mask(tensor)
+
+
+def set_keras_mask(tensor, mask):
+    """Attaches `mask` to `tensor`, as Layer.__call__ does, so the layers after a stand-in
+    function still see it."""
+    from keras.src import backend
+
+    if mask is not None:
+        backend.set_keras_mask(tensor, mask)
+    return tensor

@@ -1,0 +1,486 @@
+"""`recalibrate`: precise BatchNorm statistics for Keras 3 (fvcore's PreciseBN, PyTorch's
+`update_bn`), computed from data after training.
+
+The moving statistics a BatchNorm keeps during training are an exponential average of batch
+statistics taken while the weights were still moving. With Keras's momentum 0.99 they forget their
+initial value (mean 0, variance 1) only after about 460 updates (0.99**460 ~ 0.01), so short runs
+and small data sets ship stale statistics: good in training, bad at inference. Recalibration runs
+the trained model over data and replaces them with statistics of the final weights.
+
+How statistics are collected: each BatchNorm normalizes with the statistics of its batch, as in
+training, so the layers after it see what they saw in training; every other layer runs in
+inference mode (Dropout and noise layers do not fire, unlike `update_bn`, which calls
+`model.train()`). Nothing is assigned while the data runs: the per-batch sums are returned by one
+`tf.function` and merged in float64 on the host.
+
+Estimators (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021, section 3: "population
+statistics"; fvcore `fvcore.nn.precise_bn`):
+
+- "population": the mean and variance of every value the layer saw, over all batches, weighted by
+  sample count. Batches are merged with the parallel-variance update of Chan, Golub & LeVeque
+  (1979): for partial results (n_a, mean_a, M2_a), (n_b, mean_b, M2_b),
+  `delta = mean_b - mean_a`, `mean = mean_a + delta * n_b / n`, `M2 = M2_a + M2_b +
+  delta**2 * n_a * n_b / n`, so no E[x^2] - E[x]^2 and no stored activations. The variance is
+  `M2 / n`, or `M2 / (n - 1)` for a layer with `unbiased_variance=True` (PyTorch's running_var).
+- "batch_mean": the equal-weight average of the per-batch means and variances, fvcore's
+  `update_bn_stats` and PyTorch's `torch.optim.swa_utils.update_bn` (which sets momentum=None, a
+  cumulative average). Per-batch variances are biased, or unbiased with `unbiased_variance=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_bn import _keras_internals as internals
+from keras_bn.errors import KerasBNError, expected
+from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
+from keras_bn.layer import BatchNorm
+
+ESTIMATORS = ("population", "batch_mean")
+
+
+@dataclasses.dataclass
+class RecalibrationRow:
+    """One BatchNorm: how far its statistics moved, in units of the new standard deviation
+    `sqrt(var_new + eps)` (max over channels), and how many values per channel it saw."""
+
+    name: str
+    values_per_channel: int
+    batches: int
+    mean_shift: float  # max |mean_new - mean_old| / sqrt(var_new + eps)
+    std_change: float  # max |sqrt(var_old + eps) - sqrt(var_new + eps)| / sqrt(var_new + eps)
+    skipped: str | None = None  # why it was left alone (only_trainable=True)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RecalibrationReport:
+    estimator: str
+    batches: int
+    rows: list[RecalibrationRow] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "estimator": self.estimator,
+            "batches": self.batches,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+    def __str__(self):
+        width = max([len(r.name) for r in self.rows] + [9])
+        lines = [
+            f"{'BatchNorm':<{width}}  {'values/channel':>14}  {'mean shift':>10}  "
+            f"{'std change':>10}  (in new standard deviations)"
+        ]
+        for r in self.rows:
+            if r.skipped:
+                lines.append(f"{r.name:<{width}}  {'-':>14}  {'-':>10}  {'-':>10}  {r.skipped}")
+            else:
+                lines.append(
+                    f"{r.name:<{width}}  {r.values_per_channel:>14}  "
+                    f"{r.mean_shift:>10.3g}  {r.std_change:>10.3g}"
+                )
+        lines.append(
+            f"{len(self.rows)} BatchNorm(s) recalibrated over {self.batches} batches "
+            f"({self.estimator} statistics)"
+        )
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _as_input_list(model, x):
+    """One batch `x` (array, list/tuple of arrays, or dict by input name) as a list of tensors in
+    `model.inputs` order."""
+    inputs = keras.tree.flatten(model.inputs)
+    names = [t.name for t in inputs]
+    if isinstance(x, dict):
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise KerasBNError(
+                expected("A batch lacks model inputs", f"keys {names}", f"keys {sorted(x)}")
+            )
+        arrays = [x[n] for n in names]
+    elif isinstance(x, (list, tuple)):
+        arrays = list(x)
+    else:
+        arrays = [x]
+    if len(arrays) != len(inputs):
+        raise KerasBNError(
+            expected(
+                "A batch does not match the model's inputs",
+                f"{len(inputs)} array(s), one per input {names}",
+                f"{len(arrays)} array(s)",
+            )
+        )
+    batch = []
+    for name, spec, array in zip(names, inputs, arrays):
+        tensor = tf.convert_to_tensor(array)
+        want = tuple(spec.shape)
+        got = tuple(tensor.shape)
+        if len(got) != len(want) or any(
+            d is not None and d != g for d, g in zip(want[1:], got[1:])
+        ):
+            raise KerasBNError(
+                expected(
+                    f"Data for input '{name}' has the wrong shape",
+                    f"(batch, {', '.join(str(d) for d in want[1:])})",
+                    f"shape {got}",
+                )
+            )
+        if not (tensor.dtype.is_floating or tensor.dtype.is_integer):
+            raise KerasBNError(
+                expected(
+                    f"Data for input '{name}' is not numeric",
+                    f"numbers castable to {spec.dtype}",
+                    f"dtype {tensor.dtype.name}",
+                )
+            )
+        batch.append(tf.cast(tensor, spec.dtype))
+    return batch
+
+
+def _strip_labels(element):
+    """`(x, y)` or `(x, y, sample_weight)` -> x, as Keras's fit takes them; labels are ignored."""
+    if isinstance(element, tuple) and 2 <= len(element) <= 3:
+        return element[0]
+    return element
+
+
+def _batches(model, data, batch_size):
+    """Yields batches of model inputs from `data`: arrays (and lists/dicts of arrays, and `(x, y)`)
+    are cut into `batch_size` rows; a `tf.data.Dataset`, a `keras.utils.PyDataset` or any
+    iterable yields its own batches."""
+    if isinstance(data, tf.data.Dataset) or isinstance(data, keras.utils.PyDataset):
+        source = data if isinstance(data, tf.data.Dataset) else (data[i] for i in range(len(data)))
+        for element in source:
+            yield _as_input_list(model, _strip_labels(element))
+        return
+    x = _strip_labels(data) if isinstance(data, tuple) else data
+    arrays = None
+    if isinstance(x, np.ndarray) or (
+        isinstance(x, (list, dict))
+        and x
+        and all(isinstance(a, np.ndarray) for a in (x.values() if isinstance(x, dict) else x))
+    ):
+        arrays = x
+    if arrays is None:
+        if not hasattr(data, "__iter__"):
+            raise KerasBNError(
+                expected(
+                    "Unusable data",
+                    "an array, (x, y), a list or dict of "
+                    "arrays, a tf.data.Dataset, a keras.utils.PyDataset or an "
+                    "iterable of batches",
+                    type(data).__name__,
+                )
+            )
+        for element in data:
+            yield _as_input_list(model, _strip_labels(element))
+        return
+    flat = (
+        list(arrays.values())
+        if isinstance(arrays, dict)
+        else (list(arrays) if isinstance(arrays, list) else [arrays])
+    )
+    total = len(flat[0])
+    if any(len(a) != total for a in flat):
+        raise KerasBNError(
+            expected(
+                "The data arrays need one length",
+                "equal first dimensions",
+                f"lengths {[len(a) for a in flat]}",
+            )
+        )
+    for start in range(0, total, batch_size):
+        if isinstance(arrays, dict):
+            chunk = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        elif isinstance(arrays, list):
+            chunk = [a[start : start + batch_size] for a in arrays]
+        else:
+            chunk = arrays[start : start + batch_size]
+        yield _as_input_list(model, chunk)
+
+
+def _known_batch_count(data, batch_size):
+    """The number of batches `_batches` will yield, when it is known without iterating."""
+    x = _strip_labels(data) if isinstance(data, tuple) else data
+    if isinstance(x, np.ndarray):
+        return math.ceil(len(x) / batch_size)
+    if isinstance(x, (list, dict)) and x:
+        first = next(iter(x.values())) if isinstance(x, dict) else x[0]
+        if isinstance(first, np.ndarray):
+            return math.ceil(len(first) / batch_size)
+    if isinstance(data, keras.utils.PyDataset):
+        return len(data)
+    if isinstance(data, tf.data.Dataset):
+        n = int(data.cardinality())
+        return n if n >= 0 else None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Collection
+
+
+def _moments(bn, x, mask):
+    """Per-channel (count, mean, M2) of one BatchNorm's batch input, and the training-mode output
+    normalized with them. The sums run in float64 on the input shifted by its first sample: a
+    float32 sum over a large batch loses about 1e-6 relative, which is what precise statistics
+    are meant to avoid, and the shift keeps a large mean with a small spread exact."""
+    rank = len(x.shape)
+    axis = bn.axis % rank
+    axes = [i for i in range(rank) if i != axis]
+    shape = [1] * rank
+    shape[axis] = -1
+    x64 = tf.cast(x, tf.float64)
+    first = tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))
+    if mask is None:
+        pivot = tf.reduce_sum(x64[first], axis=axes, keepdims=True)
+        centered_in = x64 - pivot
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x64), axes)), tf.float64)
+        count = tf.fill(tf.shape(pivot)[axis : axis + 1], count)
+        shifted_mean = tf.math.divide_no_nan(tf.reduce_sum(centered_in, axes), count)
+        centered = centered_in - tf.reshape(shifted_mean, shape)
+        m2 = tf.reduce_sum(tf.square(centered), axes)
+    else:  # Keras's mask lacks the last axis; masked values may be padding: no shift
+        weights = tf.broadcast_to(tf.expand_dims(tf.cast(mask, tf.float64), -1), tf.shape(x64))
+        pivot = tf.zeros_like(tf.reduce_sum(x64[first], axis=axes, keepdims=True))
+        count = tf.reduce_sum(weights, axes)
+        shifted_mean = tf.math.divide_no_nan(tf.reduce_sum(x64 * weights, axes), count)
+        centered = x64 - tf.reshape(shifted_mean, shape)
+        m2 = tf.reduce_sum(tf.square(centered) * weights, axes)
+    variance = tf.math.divide_no_nan(m2, count)
+    gamma = tf.cast(bn.gamma, tf.float64) if bn.scale else tf.ones_like(variance)
+    beta = tf.cast(bn.beta, tf.float64) if bn.center else tf.zeros_like(variance)
+    inv = gamma * tf.math.rsqrt(variance + bn.epsilon)
+    outputs = centered * tf.reshape(inv, shape) + tf.reshape(beta, shape)
+    mean = shifted_mean + tf.reshape(pivot, [-1])
+    return (count, mean, m2), tf.cast(outputs, x.dtype)
+
+
+def _collector(model, targets):
+    """A `tf.function` of one batch returning {layer id: (count, mean, M2)} for `targets` (the
+    BatchNorms to recalibrate), running them on batch statistics and everything else in inference
+    mode. Target BatchNorms shared between calls are refused by the caller."""
+    graph = internals.graph_model(model)
+
+    def operation_fn(op):
+        if isinstance(op, keras.Model) and internals.graph_model(op) is not None:
+            inner = internals.graph_model(op)
+            return lambda *args, **kwargs: internals.run_through_graph(inner, args[0], operation_fn)
+        if id(op) in targets:
+
+            def call(x, *args, mask=None, **kwargs):
+                if mask is None:
+                    mask = internals.keras_mask(x)
+                stats, outputs = _moments(op, x, mask)
+                collected[id(op)] = stats
+                return internals.set_keras_mask(outputs, mask)
+
+            return call
+        if isinstance(op, keras.layers.Layer) and internals.call_has_training_arg(op):
+            return lambda *args, **kwargs: op(*args, **{**kwargs, "training": False})
+        return op
+
+    collected = {}
+
+    signature = [
+        [tf.TensorSpec((None, *x.shape[1:]), x.dtype) for x in keras.tree.flatten(model.inputs)]
+    ]
+
+    @tf.function(input_signature=signature)
+    def step(inputs):
+        collected.clear()
+        internals.run_through_graph(
+            graph, keras.tree.pack_sequence_as(internals.inputs_struct(graph), inputs), operation_fn
+        )
+        return dict((str(k), v) for k, v in collected.items())
+
+    return step
+
+
+class _Population:
+    """Chan et al.'s parallel merge of (count, mean, M2) per channel, in float64."""
+
+    def __init__(self):
+        self.n = self.mean = self.m2 = None
+        self.batches = 0
+
+    def add(self, count, mean, m2):
+        count, mean, m2 = (np.asarray(v, np.float64) for v in (count, mean, m2))
+        self.batches += 1
+        if self.n is None:
+            self.n, self.mean, self.m2 = count, mean, m2
+            return
+        n = self.n + count
+        delta = mean - self.mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight = np.where(n > 0, count / n, 0.0)
+            self.mean = self.mean + delta * weight
+            self.m2 = self.m2 + m2 + np.where(n > 0, delta**2 * self.n * count / n, 0.0)
+        self.n = n
+
+    def result(self, unbiased):
+        denominator = self.n - 1 if unbiased else self.n
+        return self.mean, self.m2 / denominator
+
+
+class _BatchMean:
+    """Equal-weight average of per-batch means and variances (fvcore / `update_bn`)."""
+
+    def __init__(self):
+        self.sum_mean = self.sum_var = None
+        self.n = None
+        self.batches = 0
+        self.unbiased = False
+
+    def add(self, count, mean, m2):
+        count, mean, m2 = (np.asarray(v, np.float64) for v in (count, mean, m2))
+        var = m2 / (count - 1 if self.unbiased else count)
+        self.batches += 1
+        if self.sum_mean is None:
+            self.sum_mean, self.sum_var, self.n = mean, var, count
+        else:
+            self.sum_mean, self.sum_var, self.n = (
+                self.sum_mean + mean,
+                self.sum_var + var,
+                self.n + count,
+            )
+
+    def result(self, unbiased):
+        return self.sum_mean / self.batches, self.sum_var / self.batches
+
+
+def recalibrate(
+    model: keras.Model,
+    data,
+    *,
+    batch_size: int = 32,
+    batches: int | None = None,
+    estimator: str = "population",
+    only_trainable: bool = False,
+    progress: bool = True,
+) -> tuple[keras.Model, RecalibrationReport]:
+    """Returns `(new_model, report)`: a copy of `model` whose BatchNorms (`keras_bn.BatchNorm`
+    and `keras.layers.BatchNormalization`, nested models included) hold moving statistics
+    estimated from `data`. The caller's model is not changed.
+
+    Args:
+        model: A Sequential or Functional model with at least one BatchNorm.
+        data: An array, `(x, y)` (labels are ignored), a list or dict of arrays (one per input),
+            a `tf.data.Dataset` or `keras.utils.PyDataset` of batches, or an iterable of batches.
+        batch_size: Rows per batch when `data` is arrays. BatchNorms normalize with the statistics
+            of their batch while the statistics of the layers after them are collected, as in
+            training: use the training batch size.
+        batches: Use at most this many batches (None: all).
+        estimator: "population" (every value weighted equally, Wu & Johnson 2021) or
+            "batch_mean" (the average of per-batch statistics, fvcore / `update_bn`); see the
+            module docstring for the formulas.
+        only_trainable: Leave BatchNorms with `trainable=False` alone. By default they are
+            recalibrated too: freezing a BatchNorm for fine-tuning keeps its statistics from the
+            old data, and stale statistics are exactly what this function is for.
+        progress: Show a Keras progress bar.
+
+    Raises:
+        KerasBNError: no BatchNorm, unusable data (wrong shape or dtype, no batch), or statistics
+            that are not finite (NaN in the data); the caller's model is unchanged and nothing is
+            returned.
+    """
+    _check_foldable(model)
+    if estimator not in ESTIMATORS:
+        raise KerasBNError(
+            expected("Unknown `estimator`", "'population' or 'batch_mean'", repr(estimator))
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise KerasBNError(expected("Invalid `batch_size`", "an integer >= 1", repr(batch_size)))
+    bns = [layer for layer in internals.all_layers(model) if isinstance(layer, BATCHNORM_TYPES)]
+    if not bns:
+        raise KerasBNError(
+            expected(
+                "The model has no BatchNorm to recalibrate",
+                "a model with keras_bn.BatchNorm or keras.layers.BatchNormalization layers",
+                f"model '{model.name}' without one",
+            )
+        )
+    targets = {id(bn): bn for bn in bns if bn.trainable or not only_trainable}
+    step = _collector(model, targets)
+    accumulators = {}
+    total = _known_batch_count(data, batch_size)
+    if batches is not None:
+        total = batches if total is None else min(total, batches)
+    bar = keras.utils.Progbar(total, verbose=1 if progress else 0, unit_name="batch")
+    seen = 0
+    for inputs in _batches(model, data, batch_size):
+        if batches is not None and seen >= batches:
+            break
+        stats = step(inputs)
+        for key, (count, mean, m2) in stats.items():
+            accumulator = accumulators.get(key)
+            if accumulator is None:
+                accumulator = _Population() if estimator == "population" else _BatchMean()
+                accumulator.unbiased = getattr(targets[int(key)], "unbiased_variance", False)
+                accumulators[key] = accumulator
+            accumulator.add(count.numpy(), mean.numpy(), m2.numpy())
+        seen += 1
+        bar.update(seen)
+    if seen == 0:
+        raise KerasBNError(expected("The data gave no batch", "at least one batch", "none"))
+
+    new_stats = {}
+    for key, accumulator in accumulators.items():
+        bn = targets[int(key)]
+        mean, var = accumulator.result(getattr(bn, "unbiased_variance", False))
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+            raise KerasBNError(
+                expected(
+                    f"BatchNorm '{bn.name}' got statistics that are not finite",
+                    "finite data",
+                    "NaN or Inf in its inputs",
+                    "Check the data for NaN/Inf; the model is unchanged.",
+                )
+            )
+        new_stats[id(bn)] = (mean, var, accumulator)
+
+    # The copy: same architecture and weights, then the new statistics.
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    report = RecalibrationReport(estimator=estimator, batches=seen)
+    copies = [layer for layer in internals.all_layers(copy) if isinstance(layer, BATCHNORM_TYPES)]
+    for old, new in zip(bns, copies):
+        if id(old) not in new_stats:
+            report.rows.append(
+                RecalibrationRow(
+                    old.name, 0, 0, 0.0, 0.0, skipped="trainable=False (only_trainable=True)"
+                )
+            )
+            continue
+        mean, var, accumulator = new_stats[id(old)]
+        old_mean = np.asarray(old.moving_mean, np.float64)
+        old_var = np.asarray(old.moving_variance, np.float64)
+        new_std = np.sqrt(var + old.epsilon)
+        new.moving_mean.assign(mean.astype(new.moving_mean.dtype))
+        new.moving_variance.assign(var.astype(new.moving_variance.dtype))
+        if isinstance(new, BatchNorm) and new.momentum is None:
+            new.num_batches_tracked.assign(accumulator.batches)
+        report.rows.append(
+            RecalibrationRow(
+                name=old.name,
+                values_per_channel=int(np.min(accumulator.n)),
+                batches=accumulator.batches,
+                mean_shift=float(np.max(np.abs(mean - old_mean) / new_std)),
+                std_change=float(
+                    np.max(np.abs(np.sqrt(old_var + old.epsilon) - new_std) / new_std)
+                ),
+            )
+        )
+    return copy, report

@@ -1,0 +1,190 @@
+"""keras_bn.recalibrate: precise statistics against NumPy over the layers' real inputs."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_bn
+from keras_bn import KerasBNError
+
+L = keras.layers
+
+
+def two_branch_model():
+    """Two BatchNorms whose inputs do not depend on another BatchNorm's batch statistics, one
+    with PyTorch's unbiased moving variance; Dropout that must not fire."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    a = L.BatchNormalization(name="bn_a")(L.Conv2D(4, 3, name="conv")(inputs))
+    b = keras_bn.BatchNorm(name="bn_b", unbiased_variance=True)(L.Dense(5, name="dense")(inputs))
+    a = L.Dropout(0.5)(L.GlobalAveragePooling2D()(a))
+    return keras.Model(inputs, L.Concatenate()([a, L.GlobalAveragePooling2D()(b)]))
+
+
+def activations(model, layer_name, x):
+    """The inputs of a BatchNorm, from a sub-model ending at its producer, as (values, channels)
+    in float64: the independent reference."""
+    sub = keras.Model(model.inputs, model.get_layer(layer_name).output)
+    out = sub.predict(x, verbose=0)
+    return out.reshape(-1, out.shape[-1]).astype(np.float64)
+
+
+@pytest.fixture
+def data(rng):
+    return rng.normal(2.0, 3.0, size=(300, 8, 8, 3)).astype("float32")
+
+
+def test_population_statistics_equal_numpy_whatever_the_batch_size(data):
+    model = two_branch_model()
+    conv, dense = activations(model, "conv", data), activations(model, "dense", data)
+    results = []
+    for batch_size in (7, 32, 256):
+        new, report = keras_bn.recalibrate(model, data, batch_size=batch_size, progress=False)
+        a, b = new.get_layer("bn_a"), new.get_layer("bn_b")
+        # Means to 1e-6 of the spread (float32 batch sums), variances to 1e-6 relative.
+        np.testing.assert_allclose(a.moving_mean.numpy(), conv.mean(0), atol=1e-6 * conv.std())
+        np.testing.assert_allclose(a.moving_variance.numpy(), conv.var(0), rtol=1e-6)
+        np.testing.assert_allclose(b.moving_mean.numpy(), dense.mean(0), atol=1e-6 * dense.std())
+        np.testing.assert_allclose(b.moving_variance.numpy(), dense.var(0, ddof=1), rtol=1e-6)
+        assert report.batches == -(-300 // batch_size)
+        assert [r.values_per_channel for r in report.rows] == [300 * 36, 300 * 64]
+        results.append(a.moving_variance.numpy())
+    np.testing.assert_allclose(results[0], results[2], rtol=1e-6)
+
+
+def test_downstream_batchnorm_sees_batch_normalized_inputs(rng):
+    # conv1 -> BN1 -> conv2 -> BN2, one batch of all the data: BN2's statistics are those of
+    # conv2 over BN1 in training mode (batch statistics), computed here by Keras itself.
+    inputs = keras.Input((6, 6, 3))
+    x = L.BatchNormalization(name="bn1")(L.Conv2D(4, 3, name="conv1")(inputs))
+    x = L.BatchNormalization(name="bn2")(L.Conv2D(5, 1, name="conv2")(x))
+    model = keras.Model(inputs, x)
+    model.get_layer("bn1").set_weights([np.full(4, 2.0), np.full(4, 0.5), np.zeros(4), np.ones(4)])
+    data = rng.normal(1.0, 2.0, size=(40, 6, 6, 3)).astype("float32")
+    new, _ = keras_bn.recalibrate(model, data, batch_size=40, progress=False)
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    conv2 = keras.Model(reference.inputs, reference.get_layer("conv2").output)(data, training=True)
+    conv2 = np.asarray(conv2, np.float64).reshape(-1, 5)
+    np.testing.assert_allclose(new.get_layer("bn2").moving_mean.numpy(), conv2.mean(0), atol=1e-5)
+    np.testing.assert_allclose(new.get_layer("bn2").moving_variance.numpy(), conv2.var(0), rtol=1e-5)
+
+
+def update_bn_reference(batches, unbiased):
+    """NumPy transcription of torch.optim.swa_utils.update_bn: momentum=None, so the running
+    statistics are the cumulative (equal-weight) average of the per-batch mean and variance
+    (PyTorch's per-batch running_var is unbiased)."""
+    means, variances = [], []
+    for values in batches:
+        means.append(values.mean(0))
+        variances.append(values.var(0, ddof=1 if unbiased else 0))
+    return np.mean(means, 0), np.mean(variances, 0)
+
+
+def test_batch_mean_matches_update_bn(data):
+    model = two_branch_model()
+    new, report = keras_bn.recalibrate(model, data, batch_size=64, estimator="batch_mean",
+                                       progress=False)
+    conv = [activations(model, "conv", data[i:i + 64]) for i in range(0, 300, 64)]
+    dense = [activations(model, "dense", data[i:i + 64]) for i in range(0, 300, 64)]
+    mean, var = update_bn_reference(conv, unbiased=False)
+    np.testing.assert_allclose(new.get_layer("bn_a").moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.get_layer("bn_a").moving_variance.numpy(), var, rtol=1e-5)
+    mean, var = update_bn_reference(dense, unbiased=True)
+    np.testing.assert_allclose(new.get_layer("bn_b").moving_variance.numpy(), var, rtol=1e-5)
+    # The last batch has 44 rows: population and batch_mean differ there.
+    population, _ = keras_bn.recalibrate(model, data, batch_size=64, progress=False)
+    assert not np.allclose(population.get_layer("bn_a").moving_variance.numpy(),
+                           new.get_layer("bn_a").moving_variance.numpy(), rtol=1e-7, atol=0)
+    assert report.estimator == "batch_mean"
+
+
+def test_dropout_never_fires_and_the_caller_model_is_unchanged(data):
+    model = two_branch_model()
+    before = [np.array(w) for w in model.weights]
+    first, _ = keras_bn.recalibrate(model, data, progress=False)
+    second, _ = keras_bn.recalibrate(model, data, progress=False)
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(np.asarray(w), b)
+    assert first is not model
+
+
+def test_trainable_false_is_recalibrated_unless_only_trainable(data):
+    model = two_branch_model()
+    model.get_layer("bn_a").trainable = False
+    new, _ = keras_bn.recalibrate(model, data, progress=False)
+    assert not np.allclose(new.get_layer("bn_a").moving_variance.numpy(), 1.0)
+    kept, report = keras_bn.recalibrate(model, data, only_trainable=True, progress=False)
+    np.testing.assert_array_equal(kept.get_layer("bn_a").moving_variance.numpy(), np.ones(4))
+    assert report.rows[0].skipped.startswith("trainable=False")
+
+
+def test_masked_values_are_left_out(rng):
+    inputs = keras.Input((6, 3))
+    x = L.Masking(mask_value=0.0)(inputs)
+    x = L.BatchNormalization(name="bn")(L.Dense(4, name="dense")(x))
+    model = keras.Model(inputs, x)
+    data = rng.normal(3.0, 1.0, size=(20, 6, 3)).astype("float32")
+    data[:, 4:] = 0.0  # padding: masked
+    new, _ = keras_bn.recalibrate(model, data, batch_size=6, progress=False)
+    dense = keras.Model(inputs, model.get_layer("dense").output).predict(data, verbose=0)
+    kept = dense[:, :4].reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(new.get_layer("bn").moving_mean.numpy(), kept.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(new.get_layer("bn").moving_variance.numpy(), kept.var(0), rtol=1e-5)
+
+
+def test_data_forms_sequential_nested_and_mixed_precision(data, mixed_policy):
+    model = two_branch_model()
+    reference, _ = keras_bn.recalibrate(model, data, batch_size=50, progress=False)
+    expected = reference.get_layer("bn_a").moving_variance.numpy()
+    labels = np.zeros(300)
+    forms = {
+        "(x, y)": (data, labels),
+        "dataset": tf.data.Dataset.from_tensor_slices((data, labels)).batch(50),
+        "generator": (data[i:i + 50] for i in range(0, 300, 50)),
+        "dict": {"image": data},
+    }
+    for name, form in forms.items():
+        new, _ = keras_bn.recalibrate(model, form, batch_size=50, progress=False)
+        np.testing.assert_allclose(new.get_layer("bn_a").moving_variance.numpy(), expected,
+                                   rtol=1e-6, err_msg=name)
+    # Nested in a classifier, Sequential outside.
+    outer = keras.Sequential([keras.Input((8, 8, 3)), model, L.Dense(2)])
+    new, report = keras_bn.recalibrate(outer, data, batch_size=50, progress=False)
+    nested_bn = new.layers[0].get_layer("bn_a")
+    np.testing.assert_allclose(nested_bn.moving_variance.numpy(), expected, rtol=1e-6)
+    assert sorted(r.name for r in report.rows) == ["bn_a", "bn_b"]
+    # Mixed precision: float16 compute, statistics kept in float32.
+    mixed_policy("mixed_float16")
+    mixed = two_branch_model()
+    mixed.set_weights(model.get_weights())
+    new, _ = keras_bn.recalibrate(mixed, data, batch_size=50, progress=False)
+    assert new.get_layer("bn_a").moving_variance.dtype == "float32"
+    np.testing.assert_allclose(new.get_layer("bn_a").moving_variance.numpy(), expected, rtol=5e-3)
+
+
+def test_bad_input_is_refused_and_nothing_changes(data):
+    model = two_branch_model()
+    before = [np.array(w) for w in model.weights]
+    with pytest.raises(KerasBNError, match=r"Data for input 'image' has the wrong shape\. "
+                                           r"Expected: \(batch, 8, 8, 3\)\. Received: shape \(7, 8, 3\)"):
+        keras_bn.recalibrate(model, data[:7, 0], progress=False)
+    with pytest.raises(KerasBNError, match=r"The data gave no batch"):
+        keras_bn.recalibrate(model, iter([]), progress=False)
+    with pytest.raises(KerasBNError, match=r"Data for input 'image' is not numeric"):
+        keras_bn.recalibrate(model, np.full((4, 8, 8, 3), "a"), progress=False)
+    bad = data.copy()
+    bad[3, 0, 0, 0] = np.nan
+    with pytest.raises(KerasBNError, match=r"BatchNorm 'bn_a' got statistics that are not finite"):
+        keras_bn.recalibrate(model, bad, progress=False)
+    with pytest.raises(KerasBNError, match=r"Unknown `estimator`\. Expected: 'population' or "
+                                           r"'batch_mean'\. Received: 'ema'"):
+        keras_bn.recalibrate(model, data, estimator="ema", progress=False)
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(np.asarray(w), b)
+    inputs = keras.Input((3,))
+    with pytest.raises(KerasBNError, match=r"The model has no BatchNorm to recalibrate"):
+        keras_bn.recalibrate(keras.Model(inputs, L.Dense(2)(inputs)), np.ones((4, 3)),
+                             progress=False)
