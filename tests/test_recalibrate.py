@@ -67,7 +67,9 @@ def test_downstream_batchnorm_sees_batch_normalized_inputs(rng):
     conv2 = keras.Model(reference.inputs, reference.get_layer("conv2").output)(data, training=True)
     conv2 = np.asarray(conv2, np.float64).reshape(-1, 5)
     np.testing.assert_allclose(new.get_layer("bn2").moving_mean.numpy(), conv2.mean(0), atol=1e-5)
-    np.testing.assert_allclose(new.get_layer("bn2").moving_variance.numpy(), conv2.var(0), rtol=1e-5)
+    np.testing.assert_allclose(
+        new.get_layer("bn2").moving_variance.numpy(), conv2.var(0), rtol=1e-5
+    )
 
 
 def update_bn_reference(batches, unbiased):
@@ -83,19 +85,26 @@ def update_bn_reference(batches, unbiased):
 
 def test_batch_mean_matches_update_bn(data):
     model = two_branch_model()
-    new, report = keras_bn.recalibrate(model, data, batch_size=64, estimator="batch_mean",
-                                       progress=False)
-    conv = [activations(model, "conv", data[i:i + 64]) for i in range(0, 300, 64)]
-    dense = [activations(model, "dense", data[i:i + 64]) for i in range(0, 300, 64)]
+    new, report = keras_bn.recalibrate(
+        model, data, batch_size=64, estimator="batch_mean", progress=False
+    )
+    conv = [activations(model, "conv", data[i : i + 64]) for i in range(0, 300, 64)]
+    dense = [activations(model, "dense", data[i : i + 64]) for i in range(0, 300, 64)]
     mean, var = update_bn_reference(conv, unbiased=False)
-    np.testing.assert_allclose(new.get_layer("bn_a").moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        new.get_layer("bn_a").moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(new.get_layer("bn_a").moving_variance.numpy(), var, rtol=1e-5)
     mean, var = update_bn_reference(dense, unbiased=True)
     np.testing.assert_allclose(new.get_layer("bn_b").moving_variance.numpy(), var, rtol=1e-5)
     # The last batch has 44 rows: population and batch_mean differ there.
     population, _ = keras_bn.recalibrate(model, data, batch_size=64, progress=False)
-    assert not np.allclose(population.get_layer("bn_a").moving_variance.numpy(),
-                           new.get_layer("bn_a").moving_variance.numpy(), rtol=1e-7, atol=0)
+    assert not np.allclose(
+        population.get_layer("bn_a").moving_variance.numpy(),
+        new.get_layer("bn_a").moving_variance.numpy(),
+        rtol=1e-7,
+        atol=0,
+    )
     assert report.estimator == "batch_mean"
 
 
@@ -143,13 +152,14 @@ def test_data_forms_sequential_nested_and_mixed_precision(data, mixed_policy):
     forms = {
         "(x, y)": (data, labels),
         "dataset": tf.data.Dataset.from_tensor_slices((data, labels)).batch(50),
-        "generator": (data[i:i + 50] for i in range(0, 300, 50)),
+        "generator": (data[i : i + 50] for i in range(0, 300, 50)),
         "dict": {"image": data},
     }
     for name, form in forms.items():
         new, _ = keras_bn.recalibrate(model, form, batch_size=50, progress=False)
-        np.testing.assert_allclose(new.get_layer("bn_a").moving_variance.numpy(), expected,
-                                   rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            new.get_layer("bn_a").moving_variance.numpy(), expected, rtol=1e-6, err_msg=name
+        )
     # Nested in a classifier, Sequential outside.
     outer = keras.Sequential([keras.Input((8, 8, 3)), model, L.Dense(2)])
     new, report = keras_bn.recalibrate(outer, data, batch_size=50, progress=False)
@@ -168,8 +178,11 @@ def test_data_forms_sequential_nested_and_mixed_precision(data, mixed_policy):
 def test_bad_input_is_refused_and_nothing_changes(data):
     model = two_branch_model()
     before = [np.array(w) for w in model.weights]
-    with pytest.raises(KerasBNError, match=r"Data for input 'image' has the wrong shape\. "
-                                           r"Expected: \(batch, 8, 8, 3\)\. Received: shape \(7, 8, 3\)"):
+    with pytest.raises(
+        KerasBNError,
+        match=r"Data for input 'image' has the wrong shape\. "
+        r"Expected: \(batch, 8, 8, 3\)\. Received: shape \(7, 8, 3\)",
+    ):
         keras_bn.recalibrate(model, data[:7, 0], progress=False)
     with pytest.raises(KerasBNError, match=r"The data gave no batch"):
         keras_bn.recalibrate(model, iter([]), progress=False)
@@ -179,12 +192,16 @@ def test_bad_input_is_refused_and_nothing_changes(data):
     bad[3, 0, 0, 0] = np.nan
     with pytest.raises(KerasBNError, match=r"BatchNorm 'bn_a' got statistics that are not finite"):
         keras_bn.recalibrate(model, bad, progress=False)
-    with pytest.raises(KerasBNError, match=r"Unknown `estimator`\. Expected: 'population' or "
-                                           r"'batch_mean'\. Received: 'ema'"):
+    with pytest.raises(
+        KerasBNError,
+        match=r"Unknown `estimator`\. Expected: 'population' or "
+        r"'batch_mean'\. Received: 'ema'",
+    ):
         keras_bn.recalibrate(model, data, estimator="ema", progress=False)
     for w, b in zip(model.weights, before):
         np.testing.assert_array_equal(np.asarray(w), b)
     inputs = keras.Input((3,))
     with pytest.raises(KerasBNError, match=r"The model has no BatchNorm to recalibrate"):
-        keras_bn.recalibrate(keras.Model(inputs, L.Dense(2)(inputs)), np.ones((4, 3)),
-                             progress=False)
+        keras_bn.recalibrate(
+            keras.Model(inputs, L.Dense(2)(inputs)), np.ones((4, 3)), progress=False
+        )
