@@ -218,6 +218,33 @@ def cmd_verify(args):
     return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
 
 
+def cmd_recalibrate(args):
+    import keras_bn
+
+    from .files import atomic_output, check_output_path, save_keras
+
+    output = check_output_path(args.output, inputs=[args.model, args.data], suffix=".keras")
+    model = _load(args)
+    data = _load_samples(args.data)
+    with _Step("recalibrating"):
+        new, report = keras_bn.recalibrate(
+            model,
+            data,
+            batch_size=args.batch_size,
+            estimator=args.estimator,
+            progress=not args.json,
+        )
+    with _Step(f"writing {output}"):
+        with atomic_output(output, ".keras") as handle:
+            save_keras(new, handle)
+    if args.json:
+        print(json.dumps({"output": output, **report.to_dict()}, indent=2))
+    else:
+        print(report)
+        print(f"wrote {output}")
+    return EXIT_OK
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -289,6 +316,15 @@ def build_parser():
     common(p)
     p.add_argument("onnx")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser(
+        "recalibrate", help="precise BatchNorm statistics from data, written to a new .keras file"
+    )
+    common(p, tolerances=False)
+    p.add_argument("--data", required=True, help="inputs: .npy, or .npz keyed by input name")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--batch-size", type=int, default=32, help="use the training batch size")
+    p.add_argument("--estimator", choices=["population", "batch_mean"], default="population")
+    p.set_defaults(func=cmd_recalibrate)
     p = sub.add_parser("demo", help="train on bundled digits, fold, export, verify")
     p.add_argument("--out", default="keras-bn-demo")
     p.add_argument("--epochs", type=int, default=8)

@@ -677,3 +677,50 @@ def test_safe_mode_refusal_says_what_keras_refused(tmp_path):
         r"a model Keras loads with safe_mode=True\. Received: .*",
     )
     assert "Lambda" not in run.stderr
+
+
+def test_recalibrate_command(files, tmp_path):
+    # Through the real console entry point: exit 0, a new file, the statistics of the data.
+    run = cli(
+        "recalibrate",
+        files / "model.keras",
+        "--data",
+        files / "samples.npy",
+        "-o",
+        tmp_path / "recal.keras",
+        "--batch-size",
+        "5",
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["estimator"] == "population" and report["batches"] == 1
+    new = keras.saving.load_model(tmp_path / "recal.keras")
+    model = keras.saving.load_model(files / "model.keras")
+    data = np.load(files / "samples.npy")
+    conv = keras.Model(model.inputs, model.get_layer("bn1").input).predict(data, verbose=0)
+    conv = conv.reshape(-1, conv.shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(new.get_layer("bn1").moving_mean.numpy(), conv.mean(0), atol=1e-5)
+    np.testing.assert_allclose(new.get_layer("bn1").moving_variance.numpy(), conv.var(0), rtol=1e-5)
+    # Bad input: exit 2, nothing written, the inputs untouched.
+    before = (files / "samples.npy").read_bytes()
+    bad = cli_in_process(
+        "recalibrate",
+        files / "model.keras",
+        "--data",
+        files / "wrong_shape.npy",
+        "-o",
+        tmp_path / "bad.keras",
+    )
+    assert bad.returncode == 2
+    one_line_error(bad, r"Data for input 'image' has the wrong shape")
+    assert not (tmp_path / "bad.keras").exists()
+    same = cli_in_process(
+        "recalibrate",
+        files / "model.keras",
+        "--data",
+        files / "samples.npy",
+        "-o",
+        files / "samples.npy",
+    )
+    assert same.returncode == 2 and (files / "samples.npy").read_bytes() == before
