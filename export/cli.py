@@ -157,10 +157,25 @@ def cmd_inspect(args):
     return EXIT_OK
 
 
+def _write_keras(model, output, report, args):
+    """Writes `model` to `output` atomically and prints `report` (or JSON with --json)."""
+    from .files import atomic_output, save_keras
+
+    with _Step(f"writing {output}"):
+        with atomic_output(output, ".keras") as handle:
+            save_keras(model, handle)
+    if args.json:
+        print(json.dumps({"output": output, **report.to_dict()}, indent=2))
+    else:
+        print(report)
+        print(f"wrote {output}")
+    return EXIT_OK
+
+
 def cmd_fold(args):
     import keras_bn
 
-    from .files import atomic_output, check_output_path, save_keras
+    from .files import check_output_path
 
     output = check_output_path(args.output, inputs=[args.model, args.samples], suffix=".keras")
     model = _load(args)
@@ -169,15 +184,7 @@ def cmd_fold(args):
         folded, report = keras_bn.fold_bn(
             model, samples=samples, rtol=args.rtol, atol=args.atol, on_bad_statistics="raise"
         )
-    with _Step(f"writing {output}"):
-        with atomic_output(output, ".keras") as handle:
-            save_keras(folded, handle)
-    if args.json:
-        print(json.dumps({"output": output, **report.to_dict()}, indent=2))
-    else:
-        print(report)
-        print(f"wrote {output}")
-    return EXIT_OK
+    return _write_keras(folded, output, report, args)
 
 
 def cmd_export(args):
@@ -221,7 +228,7 @@ def cmd_verify(args):
 def cmd_recalibrate(args):
     import keras_bn
 
-    from .files import atomic_output, check_output_path, save_keras
+    from .files import check_output_path
 
     output = check_output_path(args.output, inputs=[args.model, args.data], suffix=".keras")
     model = _load(args)
@@ -234,15 +241,7 @@ def cmd_recalibrate(args):
             estimator=args.estimator,
             progress=not args.json,
         )
-    with _Step(f"writing {output}"):
-        with atomic_output(output, ".keras") as handle:
-            save_keras(new, handle)
-    if args.json:
-        print(json.dumps({"output": output, **report.to_dict()}, indent=2))
-    else:
-        print(report)
-        print(f"wrote {output}")
-    return EXIT_OK
+    return _write_keras(new, output, report, args)
 
 
 def cmd_demo(args):

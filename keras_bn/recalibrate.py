@@ -40,6 +40,7 @@ from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
 from keras_bn.layer import BatchNorm
+from keras_bn.verification import arrays_per_input, batch_shape_text, wrong_shape
 
 ESTIMATORS = ("population", "batch_mean")
 
@@ -101,40 +102,16 @@ class RecalibrationReport:
 def _as_input_list(model, x):
     """One batch `x` (array, list/tuple of arrays, or dict by input name) as a list of tensors in
     `model.inputs` order."""
-    inputs = keras.tree.flatten(model.inputs)
-    names = [t.name for t in inputs]
-    if isinstance(x, dict):
-        missing = [n for n in names if n not in x]
-        if missing:
-            raise KerasBNError(
-                expected("A batch lacks model inputs", f"keys {names}", f"keys {sorted(x)}")
-            )
-        arrays = [x[n] for n in names]
-    elif isinstance(x, (list, tuple)):
-        arrays = list(x)
-    else:
-        arrays = [x]
-    if len(arrays) != len(inputs):
-        raise KerasBNError(
-            expected(
-                "A batch does not match the model's inputs",
-                f"{len(inputs)} array(s), one per input {names}",
-                f"{len(arrays)} array(s)",
-            )
-        )
+    names, inputs, arrays = arrays_per_input(model, x, "batch")
     batch = []
     for name, spec, array in zip(names, inputs, arrays):
         tensor = tf.convert_to_tensor(array)
-        want = tuple(spec.shape)
-        got = tuple(tensor.shape)
-        if len(got) != len(want) or any(
-            d is not None and d != g for d, g in zip(want[1:], got[1:])
-        ):
+        if wrong_shape(spec, tensor.shape):
             raise KerasBNError(
                 expected(
                     f"Data for input '{name}' has the wrong shape",
-                    f"(batch, {', '.join(str(d) for d in want[1:])})",
-                    f"shape {got}",
+                    batch_shape_text(spec),
+                    f"shape {tuple(tensor.shape)}",
                 )
             )
         if not (tensor.dtype.is_floating or tensor.dtype.is_integer):

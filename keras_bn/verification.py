@@ -140,6 +140,56 @@ def _describe(array):
     return f"shape {tuple(array.shape)}, dtype {array.dtype}"
 
 
+_SUBJECTS = {
+    "samples": (
+        "The samples' keys do not match the model inputs",
+        "The samples do not match the model's inputs",
+    ),
+    "batch": (
+        "A batch's keys do not match the model inputs",
+        "A batch does not match the model's inputs",
+    ),
+}
+
+
+def arrays_per_input(model: keras.Model, data, subject: str = "samples"):
+    """`(names, inputs, arrays)`: `data` (one array, a list/tuple with one array per input, or a
+    dict keyed by input name) split in `model.inputs` order. Raises `KerasBNError` when the keys
+    or the count do not match; `subject` ("samples" or "batch") words the message."""
+    keys_message, count_message = _SUBJECTS[subject]
+    inputs = keras.tree.flatten(model.inputs)
+    names = [x.name for x in inputs]
+    if isinstance(data, dict):
+        if set(data) != set(names):
+            raise KerasBNError(expected(keys_message, f"keys {names}", f"keys {sorted(data)}"))
+        arrays = [data[n] for n in names]
+    elif isinstance(data, (list, tuple)):
+        arrays = list(data)
+    else:
+        arrays = [data]
+    if len(arrays) != len(inputs):
+        raise KerasBNError(
+            expected(
+                count_message,
+                f"{len(inputs)} array(s), one per input {names}",
+                f"{len(arrays)} array(s)",
+            )
+        )
+    return names, inputs, arrays
+
+
+def wrong_shape(model_input, shape) -> bool:
+    """Whether `shape` cannot feed `model_input`: another rank, or a known dimension differs."""
+    want = tuple(model_input.shape)
+    got = tuple(shape)
+    return len(got) != len(want) or any(d is not None and d != g for d, g in zip(want[1:], got[1:]))
+
+
+def batch_shape_text(model_input) -> str:
+    """'(batch, 8, 8, 3)' for a model input."""
+    return f"(batch, {', '.join(str(d) for d in tuple(model_input.shape)[1:])})"
+
+
 def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
     """Returns `samples` as a list of arrays, one per model input in `model.inputs` order, or
     raises `KerasBNError` naming what was expected. Checked before any work: the number of
@@ -147,32 +197,7 @@ def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
     dtype. Floats of another precision are cast to the input's dtype (`np.save` writes float64)
     when every value stays finite; integers are cast to a float input; anything else is refused.
     """
-    inputs = keras.tree.flatten(model.inputs)
-    names = [x.name for x in inputs]
-    if isinstance(samples, dict):
-        missing = [n for n in names if n not in samples]
-        extra = sorted(set(samples) - set(names))
-        if missing or extra:
-            raise KerasBNError(
-                expected(
-                    "The samples' keys do not match the model inputs",
-                    f"keys {names}",
-                    f"keys {sorted(samples)}",
-                )
-            )
-        arrays = [samples[n] for n in names]
-    elif isinstance(samples, (list, tuple)):
-        arrays = list(samples)
-    else:
-        arrays = [samples]
-    if len(arrays) != len(inputs):
-        raise KerasBNError(
-            expected(
-                "The samples do not match the model's inputs",
-                f"{len(inputs)} array(s), one per input {names}",
-                f"{len(arrays)} array(s)",
-            )
-        )
+    names, inputs, arrays = arrays_per_input(model, samples, "samples")
     checked = []
     for name, x, array in zip(names, inputs, arrays):
         try:
@@ -185,14 +210,11 @@ def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
                     type(array).__name__,
                 )
             ) from error
-        want = tuple(x.shape)
-        if array.ndim != len(want) or any(
-            d is not None and d != a for d, a in zip(want[1:], array.shape[1:])
-        ):
+        if wrong_shape(x, array.shape):
             raise KerasBNError(
                 expected(
                     f"Samples for input '{name}' have the wrong shape",
-                    f"shape (batch, {', '.join(str(d) for d in want[1:])})",
+                    f"shape {batch_shape_text(x)}",
                     _describe(array),
                 )
             )
