@@ -515,12 +515,14 @@ class BatchNorm(keras.layers.Layer):
             count = self._values_per_channel(inputs)
             if isinstance(count, int) and count == 0:  # statically empty: nothing to learn from
                 return tf.cast(inputs, self.compute_dtype)
-            if not self._synchronized_now():  # across replicas the global count is what matters
+            # Across replicas the global count is what matters: no local one-value check.
+            if not self._synchronized_now():
                 inputs = self._check_one_value(inputs, count)
-            if not isinstance(count, int) and not self._synchronized_now():
-                # Under XLA the run-time check above is dropped: a NaN scale makes the outputs
-                # (and the loss) NaN instead of a silently wrong beta.
-                gamma = tf.where(tf.equal(count, 1), tf.constant(float("nan"), math_dtype), gamma)
+                if not isinstance(count, int):
+                    # Under XLA the run-time check above is dropped: a NaN scale makes the
+                    # outputs (and the loss) NaN instead of a silently wrong beta.
+                    nan = tf.constant(float("nan"), math_dtype)
+                    gamma = tf.where(tf.equal(count, 1), nan, gamma)
             if not self._use_fused(inputs, mask):
                 outputs, mean, variance, count = self._generic_train(inputs, mask, gamma, beta)
             else:
