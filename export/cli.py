@@ -1,6 +1,6 @@
 """`keras-bn`: inspect / fold / export / verify / demo. Parses arguments, calls the library,
-formats results. Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 70 internal
-error (a bug of keras-bn: please report it with the --debug output)."""
+formats results. Exit codes: 0 success, 1 verification failed (or, for doctor, a problem found), 2
+bad input or usage, 70 internal error (a bug of keras-bn: please report it with --debug output)."""
 
 import argparse
 import json
@@ -244,6 +244,17 @@ def cmd_recalibrate(args):
     return _write_keras(new, output, report, args)
 
 
+def cmd_doctor(args):
+    import keras_bn
+
+    model = _load(args)
+    data = _load_samples(args.data)
+    with _Step("diagnosing" + (" with data" if data is not None else "")):
+        report = keras_bn.diagnose(model, data, batch_size=args.batch_size)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return EXIT_OK if report.healthy else EXIT_VERIFY_FAILED
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -315,6 +326,13 @@ def build_parser():
     common(p)
     p.add_argument("onnx")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser(
+        "doctor", help="why a BatchNorm model is bad at inference; exit 1 when it finds a problem"
+    )
+    common(p, tolerances=False)
+    p.add_argument("--data", help="inputs like the inference data: .npy, or .npz by input name")
+    p.add_argument("--batch-size", type=int, default=32, help="use the training batch size")
+    p.set_defaults(func=cmd_doctor)
     p = sub.add_parser(
         "recalibrate", help="precise BatchNorm statistics from data, written to a new .keras file"
     )

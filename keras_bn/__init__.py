@@ -3,6 +3,7 @@
 from keras_bn.affine import ChannelAffine
 from keras_bn.callbacks import SkippedUpdatesWarning
 from keras_bn.conventions import keras_momentum_to_torch, torch_momentum_to_keras
+from keras_bn.diagnose import DiagnosisReport, diagnose
 from keras_bn.errors import KerasBNError, VerificationError
 from keras_bn.fold import FoldReport, fold_bn
 from keras_bn.layer import BatchNorm
@@ -20,6 +21,8 @@ __all__ = [
     "VerificationError",
     "RecalibrationReport",
     "recalibrate",
+    "DiagnosisReport",
+    "diagnose",
     "keras_momentum_to_torch",
     "torch_momentum_to_keras",
 ]

@@ -724,3 +724,19 @@ def test_recalibrate_command(files, tmp_path):
         files / "samples.npy",
     )
     assert same.returncode == 2 and (files / "samples.npy").read_bytes() == before
+
+
+def test_doctor_exit_codes(files, tmp_path):
+    # The fixture model's statistics are random, not 0/1, and it trains: healthy without data.
+    run = cli("doctor", files / "model.keras", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["verdict"] == "ok"
+    # Its statistics are not those of the samples: drifted, exit 1, with the action.
+    run = cli_in_process("doctor", files / "model.keras", "--data", files / "samples.npy")
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "drifted" in run.stdout and "keras_bn.recalibrate" in run.stdout
+    run = cli_in_process("doctor", files / "corrupt.keras")
+    assert run.returncode == 1 and "corrupt" in run.stdout
+    run = cli_in_process("doctor", files / "missing.keras")
+    assert run.returncode == 2
+    one_line_error(run, r"The model file does not exist")

@@ -1,0 +1,241 @@
+"""`diagnose`: why a BatchNorm model is bad at inference, without changing anything.
+
+Per BatchNorm: the mode it runs in under `fit` and why (the fine-tuning question), whether its
+statistics are still their initial values, channels whose inference scale `gamma/sqrt(var+eps)`
+is huge (noise amplifiers, float16 overflow after folding), corrupt statistics, and, given data,
+how far the moving statistics are from the data's population statistics and what that costs the
+model's outputs. Each row ends in a verdict and the action to take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import keras
+import numpy as np
+
+from keras_bn.fold import BATCHNORM_TYPES, _check_foldable, statistics_problem
+from keras_bn.recalibrate import recalibrate
+from keras_bn.verification import compare, run_inference
+
+# An inference scale gamma / sqrt(var + eps) above this amplifies noise and, folded into a
+# float16 kernel, can overflow it.
+LARGE_SCALE = 1e3
+# Drift, in population standard deviations, past which the moving statistics are wrong.
+DRIFT_LIMIT = 0.5
+
+
+class Verdict(str, enum.Enum):
+    """Worst first: the order is the severity."""
+
+    CORRUPT = "corrupt"
+    STALE = "stale"
+    DRIFTED = "drifted"
+    OK = "ok"
+
+    def __str__(self):
+        return self.value
+
+    __hash__ = str.__hash__
+
+
+_ACTIONS = {
+    Verdict.CORRUPT: "recompute the statistics: keras_bn.recalibrate(model, data)",
+    Verdict.STALE: "recalibrate with keras_bn.recalibrate, or lower momentum to 0.9 for short runs",
+    Verdict.DRIFTED: "recalibrate with keras_bn.recalibrate on data like the inference data",
+    Verdict.OK: "",
+}
+
+
+@dataclasses.dataclass
+class DiagnosisRow:
+    name: str
+    mode_under_fit: str  # "training" or "inference"
+    mode_reason: str
+    momentum: float | None
+    updates_to_forget_init: int | None  # updates until the initial value weighs < 1%
+    initial_values: bool  # moving mean all 0 and moving variance all 1
+    large_scale_channels: int
+    problem: str | None  # corrupt statistics
+    drift: float | None = None  # max |moving_mean - mean| / std over channels (with data)
+    variance_ratio: float | None = None  # max over channels of max(r, 1/r), r = moving/pop var
+    verdict: Verdict = Verdict.OK
+    action: str = ""
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "verdict": self.verdict.value}
+
+
+@dataclasses.dataclass
+class DiagnosisReport:
+    rows: list[DiagnosisRow] = dataclasses.field(default_factory=list)
+    output_error: float | None = None  # max relative output change after recalibration
+
+    @property
+    def verdict(self) -> Verdict:
+        order = list(Verdict)
+        return min((r.verdict for r in self.rows), key=order.index, default=Verdict.OK)
+
+    @property
+    def healthy(self) -> bool:
+        return self.verdict == Verdict.OK
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict.value,
+            "healthy": self.healthy,
+            "output_error": self.output_error,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+    def __str__(self):
+        width = max([len(r.name) for r in self.rows] + [9])
+        lines = [
+            f"{'BatchNorm':<{width}}  {'verdict':<8}  {'under fit':<9}  {'drift':>6}  "
+            f"{'var ratio':>9}  notes"
+        ]
+        for r in self.rows:
+            notes = [r.mode_reason]
+            if r.initial_values:
+                notes.append(
+                    f"statistics still 0/1 (momentum {r.momentum} forgets them after "
+                    f"{r.updates_to_forget_init} updates)"
+                    if r.updates_to_forget_init
+                    else "statistics still 0/1"
+                )
+            if r.large_scale_channels:
+                notes.append(
+                    f"{r.large_scale_channels} channel(s) with gamma/sqrt(var+eps) > "
+                    f"{LARGE_SCALE:g}"
+                )
+            if r.problem:
+                notes.append(r.problem)
+            drift = "-" if r.drift is None else f"{r.drift:.3g}"
+            ratio = "-" if r.variance_ratio is None else f"{r.variance_ratio:.3g}"
+            lines.append(
+                f"{r.name:<{width}}  {r.verdict.value:<8}  {r.mode_under_fit:<9}  "
+                f"{drift:>6}  {ratio:>9}  {'; '.join(n for n in notes if n)}"
+            )
+            if r.action:
+                lines.append(f"{'':<{width}}  -> {r.action}")
+        if self.output_error is not None:
+            lines.append(
+                f"outputs change by {self.output_error:.3g} (relative to their scale) "
+                "when the statistics are recalibrated on the data"
+            )
+        lines.append(f"overall: {self.verdict.value}")
+        return "\n".join(lines)
+
+
+def _walk(model, frozen_by=None):
+    """(layer, training=False call?, the frozen model containing it or None), nested included."""
+    from keras_bn import _keras_internals as internals
+
+    graph = internals.graph_model(model)
+    calls = {}
+    if graph is not None and internals.is_functional(graph):
+        for nodes in internals.nodes_by_depth(graph).values():
+            for node in nodes:
+                if node.operation is not None:
+                    kwargs = node.arguments.kwargs if node.arguments else {}
+                    calls.setdefault(id(node.operation), []).append(kwargs.get("training"))
+    for layer in model.layers:
+        inference_call = any(t is False for t in calls.get(id(layer), []))
+        if isinstance(layer, keras.Model):
+            frozen = frozen_by or (None if layer.trainable else layer.name)
+            yield from _walk(layer, frozen)
+        else:
+            yield layer, inference_call, frozen_by
+
+
+def _updates_to_forget(momentum):
+    """Updates until the initial value weighs less than 1%: momentum**n < 0.01."""
+    if momentum is None or not 0.0 < momentum < 1.0:
+        return None
+    return math.ceil(math.log(0.01) / math.log(momentum))
+
+
+def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> DiagnosisReport:
+    """Diagnoses the BatchNorms of `model` (nothing is changed) and returns a `DiagnosisReport`;
+    `report.healthy` is False when any row's verdict is not "ok".
+
+    Without `data`: the mode under `fit` (inference when the layer has `trainable=False`, is
+    called with `training=False`, or sits inside a frozen nested model), statistics still equal
+    to their initializers (0 and 1), channels with `gamma/sqrt(var+eps)` above 1e3, and corrupt
+    statistics. With `data` (any form `keras_bn.recalibrate` takes): each layer's drift from the
+    data's population statistics, in population standard deviations, the variance ratio, and how
+    much the model's outputs change when the statistics are recalibrated.
+    """
+    _check_foldable(model)
+    report = DiagnosisReport()
+    population = None
+    if data is not None:
+        recalibrated, _ = recalibrate(model, data, batch_size=batch_size, progress=False)
+        population = {
+            layer.name: layer
+            for layer, _, _ in _walk(recalibrated)
+            if isinstance(layer, BATCHNORM_TYPES)
+        }
+    for layer, inference_call, frozen_by in _walk(model):
+        if not isinstance(layer, BATCHNORM_TYPES):
+            continue
+        if frozen_by:
+            mode, why = "inference", f"inside frozen model '{frozen_by}'"
+        elif not layer.trainable:
+            mode, why = "inference", "trainable=False"
+        elif inference_call:
+            mode, why = "inference", "called with training=False"
+        else:
+            mode, why = "training", ""
+        mean = np.asarray(layer.moving_mean, np.float64)
+        var = np.asarray(layer.moving_variance, np.float64)
+        gamma = np.asarray(layer.gamma, np.float64) if layer.scale else np.ones_like(mean)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.abs(gamma) / np.sqrt(var + layer.epsilon)
+        row = DiagnosisRow(
+            name=layer.name,
+            mode_under_fit=mode,
+            mode_reason=why,
+            momentum=layer.momentum,
+            updates_to_forget_init=_updates_to_forget(layer.momentum),
+            initial_values=bool(np.all(mean == 0.0) and np.all(var == 1.0)),
+            large_scale_channels=int(np.sum(scale > LARGE_SCALE)),
+            problem=statistics_problem(layer),
+        )
+        if population is not None and row.problem is None:
+            ref = population[layer.name]
+            pop_mean = np.asarray(ref.moving_mean, np.float64)
+            pop_var = np.asarray(ref.moving_variance, np.float64)
+            std = np.sqrt(pop_var + layer.epsilon)
+            row.drift = float(np.max(np.abs(mean - pop_mean) / std))
+            ratio = (var + layer.epsilon) / (pop_var + layer.epsilon)
+            row.variance_ratio = float(np.max(np.maximum(ratio, 1.0 / ratio)))
+        if row.problem:
+            row.verdict = Verdict.CORRUPT
+        elif row.initial_values and mode == "training":
+            row.verdict = Verdict.STALE
+        elif row.drift is not None and (row.drift > DRIFT_LIMIT or row.variance_ratio > 2.0):
+            row.verdict = Verdict.DRIFTED
+        row.action = _ACTIONS[row.verdict]
+        report.rows.append(row)
+    if not report.rows:
+        from keras_bn.errors import KerasBNError, expected
+
+        raise KerasBNError(
+            expected(
+                "The model has no BatchNorm to diagnose",
+                "a model with BatchNorm layers",
+                f"model '{model.name}' without one",
+            )
+        )
+    if population is not None:
+        from keras_bn.recalibrate import _batches
+
+        first = next(_batches(model, data, batch_size), None)  # None: a spent one-shot iterator
+        if first is not None:
+            before = keras.tree.flatten(run_inference(model, first))
+            after = keras.tree.flatten(run_inference(recalibrated, first))
+            report.output_error = max(compare(b, a).max_rel for b, a in zip(before, after))
+    return report

@@ -1,0 +1,90 @@
+"""keras_bn.diagnose: each finding on a model built to have it, and a healthy negative case."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_bn
+from keras_bn.diagnose import Verdict
+
+L = keras.layers
+
+
+def small(momentum=0.99, epsilon=1e-3):
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = L.ReLU()(keras_bn.BatchNorm(momentum=momentum, epsilon=epsilon, name="bn")(x))
+    return keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+
+
+def test_untrained_statistics_are_stale_with_the_updates_needed():
+    report = keras_bn.diagnose(small())
+    row = report.rows[0]
+    assert row.verdict == Verdict.STALE and row.initial_values
+    assert row.updates_to_forget_init == 459  # 0.99**459 < 0.01 <= 0.99**458
+    assert 0.99**459 < 0.01 <= 0.99**458
+    assert not report.healthy and report.verdict == Verdict.STALE
+    assert "lower momentum to 0.9" in row.action and "459 updates" in str(report)
+
+
+def test_mode_under_fit_and_its_reason():
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, L.BatchNormalization(name="inner_bn")(inner_in), name="backbone")
+    inner.trainable = False
+    inputs = keras.Input((4,))
+    x = inner(inputs)
+    x = L.BatchNormalization(name="called_inference")(x, training=False)
+    frozen = L.BatchNormalization(name="frozen")
+    frozen.trainable = False
+    x = frozen(x)
+    x = L.BatchNormalization(name="free")(x)
+    rows = {r.name: r for r in keras_bn.diagnose(keras.Model(inputs, x)).rows}
+    assert (rows["inner_bn"].mode_under_fit, rows["inner_bn"].mode_reason) == (
+        "inference",
+        "inside frozen model 'backbone'",
+    )
+    assert rows["called_inference"].mode_reason == "called with training=False"
+    assert rows["frozen"].mode_reason == "trainable=False"
+    assert rows["free"].mode_under_fit == "training" and rows["free"].mode_reason == ""
+    # Layers that do not train are not stale: their 0/1 statistics are what they were given.
+    assert rows["frozen"].verdict == Verdict.OK and rows["free"].verdict == Verdict.STALE
+
+
+def test_large_scale_channels_and_corrupt_statistics():
+    model = small(epsilon=1e-8)
+    bn = model.get_layer("bn")
+    var = np.full(8, 0.5, np.float32)
+    var[:3] = 1e-10  # gamma / sqrt(1e-10 + 1e-8) = 9950 > 1e3
+    bn.moving_variance.assign(var)
+    bn.moving_mean.assign(np.full(8, 0.1, np.float32))
+    row = keras_bn.diagnose(model).rows[0]
+    assert row.large_scale_channels == 3 and row.verdict == Verdict.OK
+    var[4] = np.nan
+    bn.moving_variance.assign(var)
+    row = keras_bn.diagnose(model).rows[0]
+    assert row.verdict == Verdict.CORRUPT and "moving_variance has 1 non-finite" in row.problem
+
+
+def test_with_data_a_short_run_is_flagged_and_recalibration_makes_it_healthy(rng):
+    model = small()
+    x = rng.normal(0.5, 1.0, size=(256, 8, 8, 1)).astype("float32")
+    model.compile("sgd", "mse")
+    model.fit(x, rng.normal(size=(256, 3)).astype("float32"), batch_size=32, epochs=1, verbose=0)
+    before = [np.array(w) for w in model.weights]
+    report = keras_bn.diagnose(model, x)
+    row = report.rows[0]
+    assert row.verdict == Verdict.DRIFTED and not row.initial_values
+    assert row.drift > 0.5 or row.variance_ratio > 2.0
+    assert report.output_error > 0.01
+    for w, b in zip(model.weights, before):  # nothing changed
+        np.testing.assert_array_equal(np.asarray(w), b)
+    fixed, _ = keras_bn.recalibrate(model, x, progress=False)
+    healthy = keras_bn.diagnose(fixed, x)
+    assert healthy.healthy and healthy.rows[0].drift < 1e-5
+    assert healthy.output_error < 1e-5
+
+
+def test_model_without_batchnorm_is_refused():
+    inputs = keras.Input((3,))
+    with pytest.raises(keras_bn.KerasBNError, match="The model has no BatchNorm to diagnose"):
+        keras_bn.diagnose(keras.Model(inputs, L.Dense(2)(inputs)))
