@@ -211,37 +211,45 @@ def _known_batch_count(data, batch_size):
 
 def _moments(bn, x, mask):
     """Per-channel (count, mean, M2) of one BatchNorm's batch input, and the training-mode output
-    normalized with them. The sums run in float64 on the input shifted by its first sample: a
-    float32 sum over a large batch loses about 1e-6 relative, which is what precise statistics
-    are meant to avoid, and the shift keeps a large mean with a small spread exact."""
+    normalized with them.
+
+    The sums run in float64 over the input shifted by one of its samples: `S1 = sum(x - p)`,
+    `S2 = sum((x - p)**2)`, `M2 = S2 - S1**2 / n`. The shift keeps `S1` small, so the difference
+    keeps about 15 digits in float64; float32 sums over a large batch lose about 1e-6 relative,
+    which precise statistics are meant to avoid. The output is computed in float32 as
+    `(x - mean) * inv + beta` (no cancellation with a large mean)."""
     rank = len(x.shape)
     axis = bn.axis % rank
     axes = [i for i in range(rank) if i != axis]
     shape = [1] * rank
     shape[axis] = -1
-    x64 = tf.cast(x, tf.float64)
     first = tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))
+    x64 = tf.cast(x, tf.float64)
     if mask is None:
         pivot = tf.reduce_sum(x64[first], axis=axes, keepdims=True)
-        centered_in = x64 - pivot
+        shifted = x64 - pivot
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x64), axes)), tf.float64)
         count = tf.fill(tf.shape(pivot)[axis : axis + 1], count)
-        shifted_mean = tf.math.divide_no_nan(tf.reduce_sum(centered_in, axes), count)
-        centered = centered_in - tf.reshape(shifted_mean, shape)
-        m2 = tf.reduce_sum(tf.square(centered), axes)
+        s1 = tf.reduce_sum(shifted, axes)
+        s2 = tf.reduce_sum(tf.square(shifted), axes)
     else:  # Keras's mask lacks the last axis; masked values may be padding: no shift
         weights = tf.broadcast_to(tf.expand_dims(tf.cast(mask, tf.float64), -1), tf.shape(x64))
         pivot = tf.zeros_like(tf.reduce_sum(x64[first], axis=axes, keepdims=True))
         count = tf.reduce_sum(weights, axes)
-        shifted_mean = tf.math.divide_no_nan(tf.reduce_sum(x64 * weights, axes), count)
-        centered = x64 - tf.reshape(shifted_mean, shape)
-        m2 = tf.reduce_sum(tf.square(centered) * weights, axes)
+        s1 = tf.reduce_sum(x64 * weights, axes)
+        s2 = tf.reduce_sum(tf.square(x64) * weights, axes)
+    shifted_mean = tf.math.divide_no_nan(s1, count)
+    m2 = tf.maximum(s2 - s1 * shifted_mean, 0.0)
+    mean = shifted_mean + tf.reshape(pivot, [-1])
     variance = tf.math.divide_no_nan(m2, count)
     gamma = tf.cast(bn.gamma, tf.float64) if bn.scale else tf.ones_like(variance)
     beta = tf.cast(bn.beta, tf.float64) if bn.center else tf.zeros_like(variance)
     inv = gamma * tf.math.rsqrt(variance + bn.epsilon)
-    outputs = centered * tf.reshape(inv, shape) + tf.reshape(beta, shape)
-    mean = shifted_mean + tf.reshape(pivot, [-1])
+    x32 = tf.cast(x, tf.float32)
+    centered = x32 - tf.reshape(tf.cast(mean, tf.float32), shape)
+    outputs = centered * tf.reshape(tf.cast(inv, tf.float32), shape) + tf.reshape(
+        tf.cast(beta, tf.float32), shape
+    )
     return (count, mean, m2), tf.cast(outputs, x.dtype)
 
 
