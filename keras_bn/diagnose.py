@@ -10,13 +10,12 @@ model's outputs. Each row ends in a verdict and the action to take.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 
 import keras
 import numpy as np
 
-from keras_bn.fold import BATCHNORM_TYPES, _check_foldable, statistics_problem
+from keras_bn.fold import BATCHNORM_TYPES, DisplayEnum, _check_foldable, statistics_problem
 from keras_bn.recalibrate import recalibrate
 from keras_bn.verification import compare, run_inference
 
@@ -27,18 +26,13 @@ LARGE_SCALE = 1e3
 DRIFT_LIMIT = 0.5
 
 
-class Verdict(str, enum.Enum):
+class Verdict(DisplayEnum):
     """Worst first: the order is the severity."""
 
     CORRUPT = "corrupt"
     STALE = "stale"
     DRIFTED = "drifted"
     OK = "ok"
-
-    def __str__(self):
-        return self.value
-
-    __hash__ = str.__hash__
 
 
 _ACTIONS = {

@@ -44,13 +44,8 @@ from keras_bn.verification import (
 BATCHNORM_TYPES = (keras.layers.BatchNormalization, BatchNorm)
 
 
-class Action(str, enum.Enum):
-    """What happened to a BatchNorm; the value is what the report shows."""
-
-    BACKWARD = "folded backward"
-    FORWARD = "folded forward"
-    AFFINE = "replaced by affine"
-    KEPT = "left unfolded"
+class DisplayEnum(str, enum.Enum):
+    """An Enum of report values whose value is the text the report shows."""
 
     def __str__(self):
         return self.value
@@ -58,6 +53,15 @@ class Action(str, enum.Enum):
     # Equal to its display string, so hashed like it: report.counts["folded backward"] and
     # report.counts[Action.BACKWARD] find the same entry (Enum hashes by member name).
     __hash__ = str.__hash__
+
+
+class Action(DisplayEnum):
+    """What happened to a BatchNorm."""
+
+    BACKWARD = "folded backward"
+    FORWARD = "folded forward"
+    AFFINE = "replaced by affine"
+    KEPT = "left unfolded"
 
 
 BACKWARD, FORWARD, AFFINE, KEPT = Action.BACKWARD, Action.FORWARD, Action.AFFINE, Action.KEPT
