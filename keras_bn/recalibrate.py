@@ -256,7 +256,8 @@ def _moments(bn, x, mask):
 def _collector(model, targets):
     """A `tf.function` of one batch returning {layer id: (count, mean, M2)} for `targets` (the
     BatchNorms to recalibrate), running them on batch statistics and everything else in inference
-    mode. Target BatchNorms shared between calls are refused by the caller."""
+    mode. A target BatchNorm called more than once keeps the statistics of its last call
+    (not refused yet)."""
     graph = internals.graph_model(model)
 
     def operation_fn(op):
@@ -297,7 +298,8 @@ def _collector(model, targets):
 class _Population:
     """Chan et al.'s parallel merge of (count, mean, M2) per channel, in float64."""
 
-    def __init__(self):
+    def __init__(self, unbiased):
+        self.unbiased = unbiased
         self.n = self.mean = self.m2 = None
         self.batches = 0
 
@@ -315,19 +317,19 @@ class _Population:
             self.m2 = self.m2 + m2 + np.where(n > 0, delta**2 * self.n * count / n, 0.0)
         self.n = n
 
-    def result(self, unbiased):
-        denominator = self.n - 1 if unbiased else self.n
+    def result(self):
+        denominator = self.n - 1 if self.unbiased else self.n
         return self.mean, self.m2 / denominator
 
 
 class _BatchMean:
     """Equal-weight average of per-batch means and variances (fvcore / `update_bn`)."""
 
-    def __init__(self):
+    def __init__(self, unbiased):
+        self.unbiased = unbiased
         self.sum_mean = self.sum_var = None
         self.n = None
         self.batches = 0
-        self.unbiased = False
 
     def add(self, count, mean, m2):
         count, mean, m2 = (np.asarray(v, np.float64) for v in (count, mean, m2))
@@ -342,7 +344,7 @@ class _BatchMean:
                 self.n + count,
             )
 
-    def result(self, unbiased):
+    def result(self):
         return self.sum_mean / self.batches, self.sum_var / self.batches
 
 
@@ -412,9 +414,9 @@ def recalibrate(
         for key, (count, mean, m2) in stats.items():
             accumulator = accumulators.get(key)
             if accumulator is None:
-                accumulator = _Population() if estimator == "population" else _BatchMean()
-                accumulator.unbiased = getattr(targets[int(key)], "unbiased_variance", False)
-                accumulators[key] = accumulator
+                estimate = _Population if estimator == "population" else _BatchMean
+                unbiased = getattr(targets[int(key)], "unbiased_variance", False)
+                accumulator = accumulators[key] = estimate(unbiased)
             accumulator.add(count.numpy(), mean.numpy(), m2.numpy())
         seen += 1
         bar.update(seen)
@@ -424,7 +426,7 @@ def recalibrate(
     new_stats = {}
     for key, accumulator in accumulators.items():
         bn = targets[int(key)]
-        mean, var = accumulator.result(getattr(bn, "unbiased_variance", False))
+        mean, var = accumulator.result()
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
             raise KerasBNError(
                 expected(
