@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_bn
-from keras_bn.diagnose import Verdict
+from keras_bn.diagnosis import Verdict
 
 L = keras.layers
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from keras_bn.fold import BATCHNORM_TYPES, DisplayEnum, _check_foldable, statistics_problem
-from keras_bn.recalibrate import recalibrate
+from keras_bn.recalibration import recalibrate
 from keras_bn.verification import compare, run_inference
 
 # An inference scale gamma / sqrt(var + eps) above this amplifies noise and, folded into a
@@ -225,7 +225,7 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
             )
         )
     if population is not None:
-        from keras_bn.recalibrate import _batches
+        from keras_bn.recalibration import _batches
 
         first = next(_batches(model, data, batch_size), None)  # None: a spent one-shot iterator
         if first is not None:
