@@ -24,6 +24,30 @@ from keras_bn.verification import compare, run_inference
 LARGE_SCALE = 1e3
 # Drift, in population standard deviations, past which the moving statistics are wrong.
 DRIFT_LIMIT = 0.5
+# Weight of the initial 0/1 in the moving statistics past which they are stale (5%: Keras's
+# momentum 0.99 gets there after 299 updates).
+STALE_WEIGHT = 0.05
+
+
+def _initial_weight(mean, var, pop_mean, pop_var, epsilon):
+    """Least-squares w in `moving = w * initial + (1 - w) * population` (initial: mean 0,
+    variance 1), over the mean and variance of every channel, each in units of its population
+    scale (std for means, variance + eps for variances): 0 for converged statistics, 1 for
+    untouched ones; clipped to [0, 1].
+
+    None when the initial values do not explain the deviation (less than half of its squared
+    norm, cos^2 < 0.5: statistics from other data, or set by hand), or when the data's own
+    statistics are 0/1, so that there is nothing to tell apart."""
+    std = np.sqrt(pop_var + epsilon)
+    moved = np.concatenate([(mean - pop_mean) / std, (var - pop_var) / (pop_var + epsilon)])
+    initial = np.concatenate([(0.0 - pop_mean) / std, (1.0 - pop_var) / (pop_var + epsilon)])
+    norm, deviation = float(np.dot(initial, initial)), float(np.dot(moved, moved))
+    if not norm > 1e-12:
+        return None
+    projection = float(np.dot(moved, initial))
+    if deviation > 0 and projection**2 < 0.5 * norm * deviation:
+        return None
+    return float(np.clip(projection / norm, 0.0, 1.0))
 
 
 class Verdict(DisplayEnum):
@@ -55,6 +79,11 @@ class DiagnosisRow:
     problem: str | None  # corrupt statistics
     drift: float | None = None  # max |moving_mean - mean| / std over channels (with data)
     variance_ratio: float | None = None  # max over channels of max(r, 1/r), r = moving/pop var
+    # With data: the weight w the initial values (0, 1) still have in the moving statistics,
+    # moving ~ w * initial + (1 - w) * population, and the updates that leave that weight,
+    # log(w) / log(momentum).
+    initial_weight: float | None = None
+    updates_seen: int | None = None
     verdict: Verdict = Verdict.OK
     action: str = ""
 
@@ -92,6 +121,17 @@ class DiagnosisReport:
         ]
         for r in self.rows:
             notes = [r.mode_reason]
+            if r.initial_weight is not None and r.initial_weight >= STALE_WEIGHT:
+                seen = f", as after about {r.updates_seen} updates" if r.updates_seen else ""
+                needs = (
+                    f"; momentum {r.momentum} needs {r.updates_to_forget_init}"
+                    if r.updates_to_forget_init
+                    else ""
+                )
+                notes.append(
+                    f"the initial 0/1 still weighs {100 * r.initial_weight:.0f}% in the moving "
+                    f"statistics{seen}{needs}"
+                )
             if r.initial_values:
                 notes.append(
                     f"statistics still 0/1 (momentum {r.momentum} forgets them after "
@@ -159,8 +199,11 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
     called with `training=False`, or sits inside a frozen nested model), statistics still equal
     to their initializers (0 and 1), channels with `gamma/sqrt(var+eps)` above 1e3, and corrupt
     statistics. With `data` (any form `keras_bn.recalibrate` takes): each layer's drift from the
-    data's population statistics, in population standard deviations, the variance ratio, and how
-    much the model's outputs change when the statistics are recalibrated.
+    data's population statistics, in population standard deviations, the variance ratio, the
+    weight the initial 0/1 still has in the moving statistics (stale when it is 5% or more: a
+    short run whose exponential average has not forgotten its start, the usual "good in
+    training, bad at inference"), and how much the model's outputs change when the statistics
+    are recalibrated.
     """
     _check_foldable(model)
     report = DiagnosisReport()
@@ -206,9 +249,16 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
             row.drift = float(np.max(np.abs(mean - pop_mean) / std))
             ratio = (var + layer.epsilon) / (pop_var + layer.epsilon)
             row.variance_ratio = float(np.max(np.maximum(ratio, 1.0 / ratio)))
+            row.initial_weight = _initial_weight(mean, var, pop_mean, pop_var, layer.epsilon)
+            momentum = layer.momentum
+            if row.initial_weight and momentum and 0.0 < momentum < 1.0:
+                row.updates_seen = round(math.log(row.initial_weight) / math.log(momentum))
         if row.problem:
             row.verdict = Verdict.CORRUPT
-        elif row.initial_values and mode == "training":
+        elif mode == "training" and (
+            row.initial_values
+            or (row.initial_weight is not None and row.initial_weight >= STALE_WEIGHT)
+        ):
             row.verdict = Verdict.STALE
         elif row.drift is not None and (row.drift > DRIFT_LIMIT or row.variance_ratio > 2.0):
             row.verdict = Verdict.DRIFTED

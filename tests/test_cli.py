@@ -10,6 +10,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_bn
 from tests.test_fold import randomize_bn
@@ -603,11 +604,25 @@ def test_main_in_process_installs_no_signal_handler(files, capsys):
     assert "The model file does not exist" in capsys.readouterr().err
 
 
+def cpu_runs_channels_first():
+    """Whether this TensorFlow build runs an NCHW convolution on the CPU: stock TF does not;
+    with oneDNN on some CPUs (AVX-512 machines here) it does."""
+    try:
+        tf.nn.conv2d(tf.ones((1, 3, 4, 4)), tf.ones((1, 1, 3, 2)), 1, "SAME", data_format="NCHW")
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+    return True
+
+
 def test_channels_first_that_cpu_cannot_run_gets_one_line(tmp_path):
     inputs = keras.Input((3, 8, 8))
     x = L.BatchNormalization(axis=1)(L.Conv2D(4, 3, data_format="channels_first")(inputs))
     keras.Model(inputs, x).save(tmp_path / "cf.keras")
     run = cli("fold", tmp_path / "cf.keras", "-o", tmp_path / "out.keras")
+    if cpu_runs_channels_first():  # then the fold is verified like any other
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert (tmp_path / "out.keras").exists() and "folded backward" in run.stdout
+        return
     assert run.returncode == 2
     one_line_error(
         run,

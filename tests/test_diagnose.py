@@ -65,7 +65,8 @@ def test_large_scale_channels_and_corrupt_statistics():
     assert row.verdict == Verdict.CORRUPT and "moving_variance has 1 non-finite" in row.problem
 
 
-def test_with_data_a_short_run_is_flagged_and_recalibration_makes_it_healthy(rng):
+def test_with_data_a_short_run_is_stale_and_recalibration_makes_it_healthy(rng):
+    keras.utils.set_random_seed(0)
     model = small()
     x = rng.normal(0.5, 1.0, size=(256, 8, 8, 1)).astype("float32")
     model.compile("sgd", "mse")
@@ -73,7 +74,11 @@ def test_with_data_a_short_run_is_flagged_and_recalibration_makes_it_healthy(rng
     before = [np.array(w) for w in model.weights]
     report = keras_bn.diagnose(model, x)
     row = report.rows[0]
-    assert row.verdict == Verdict.DRIFTED and not row.initial_values
+    # 8 updates at momentum 0.99: the exponential average still gives its initial 0/1 the
+    # weight 0.99**8 = 0.923, and the diagnosis reads that weight back off the statistics.
+    assert row.verdict == Verdict.STALE and not row.initial_values
+    assert abs(row.initial_weight - 0.99**8) < 0.01 and row.updates_seen == 8
+    assert "still weighs 92%" in str(report) and "needs 459" in str(report)
     assert row.drift > 0.5 or row.variance_ratio > 2.0
     assert report.output_error > 0.01
     for w, b in zip(model.weights, before):  # nothing changed
@@ -81,7 +86,11 @@ def test_with_data_a_short_run_is_flagged_and_recalibration_makes_it_healthy(rng
     fixed, _ = keras_bn.recalibrate(model, x, progress=False)
     healthy = keras_bn.diagnose(fixed, x)
     assert healthy.healthy and healthy.rows[0].drift < 1e-5
-    assert healthy.output_error < 1e-5
+    assert healthy.output_error < 1e-5 and (healthy.rows[0].initial_weight or 0.0) < 1e-5
+    # Statistics that converged on other data (shifted by 1) are drifted, not stale.
+    shifted, _ = keras_bn.recalibrate(model, x + 1.0, progress=False)
+    row = keras_bn.diagnose(shifted, x).rows[0]
+    assert row.verdict == Verdict.DRIFTED and row.initial_weight is None
 
 
 def test_model_without_batchnorm_is_refused():

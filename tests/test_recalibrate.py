@@ -1,5 +1,9 @@
 """keras_bn.recalibrate: precise statistics against NumPy over the layers' real inputs."""
 
+import json
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -237,3 +241,130 @@ def test_recalibration_repairs_stale_statistics_of_a_short_run():
     assert stale < 0.5  # measured 0.10 here: the moving statistics are stale
     assert accuracy(new) > 0.95  # measured 0.99
     assert max(r.std_change for r in report.rows) > 1.0
+
+
+# Run in a fresh process: the two logical CPUs must be configured before TensorFlow starts.
+MIRRORED_SCRIPT = r"""
+import json
+import os
+import sys
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+
+import keras_bn  # noqa: E402
+
+L = keras.layers
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    x = L.BatchNormalization(name="bn1")(L.Conv2D(4, 3, name="c1")(inputs))
+    x = keras_bn.BatchNorm(name="bn2", unbiased_variance=True)(L.Conv2D(5, 1, name="c2")(x))
+    x = L.Dense(3, name="d")(L.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, L.BatchNormalization(name="bn3")(x))
+
+
+def stats(model):
+    return {
+        name: [model.get_layer(name).moving_mean.numpy().tolist(),
+               model.get_layer(name).moving_variance.numpy().tolist()]
+        for name in ("bn1", "bn2", "bn3")
+    }
+
+
+data = np.random.default_rng(0).normal(1.0, 2.0, size=(37, 6, 6, 3)).astype("float32")
+single = build()
+single.get_layer("bn1").set_weights([np.full(4, 2.0), np.full(4, 0.5), np.zeros(4), np.ones(4)])
+out = {"replicas": None}
+for estimator in ("population", "batch_mean"):
+    out[f"single/{estimator}"] = stats(
+        keras_bn.recalibrate(single, data, batch_size=8, estimator=estimator, progress=False)[0]
+    )
+    # What two unsynchronized devices would see: batches of 4.
+    out[f"halves/{estimator}"] = stats(
+        keras_bn.recalibrate(single, data, batch_size=4, estimator=estimator, progress=False)[0]
+    )
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    replicated = build()
+    replicated.set_weights(single.get_weights())
+    for estimator in ("population", "batch_mean"):
+        new, report = keras_bn.recalibrate(
+            replicated, data, batch_size=8, estimator=estimator, progress=False
+        )
+        out[f"mirrored/{estimator}"] = stats(new)
+        out[f"batches/{estimator}"] = report.batches
+    dataset = tf.data.Dataset.from_tensor_slices(data).batch(8)
+    out["mirrored-dataset/population"] = stats(
+        keras_bn.recalibrate(replicated, dataset, progress=False)[0]
+    )
+    out["replicas"] = strategy.num_replicas_in_sync
+    variable = new.get_layer("bn1").moving_mean
+    out["mirrored_variables"] = isinstance(
+        getattr(variable, "value", variable), tf.distribute.DistributedValues
+    )
+json.dump(out, sys.stdout)
+"""
+
+
+def test_mirrored_strategy_all_reduces_to_the_single_device_statistics(tmp_path):
+    # Two replicas (two logical CPUs) each see half of every global batch of 8 (the last batch
+    # has 5 rows: 3 and 2). All-reduced sums give the statistics of one device over the same
+    # batches, for both estimators and downstream of another BatchNorm (each replica normalizes
+    # with the global batch's statistics), from arrays and from a tf.data.Dataset; batches of 4
+    # on one device (what unsynchronized replicas would compute) differ.
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    assert out["replicas"] == 2 and out["mirrored_variables"]
+    assert out["batches/population"] == out["batches/batch_mean"] == 5
+
+    def std_units(a, b, reference):  # max |a - b| in units of the reference's std
+        (mean_a, var_a), (mean_b, var_b) = (
+            (np.asarray(a[0]), np.asarray(a[1])),
+            (
+                np.asarray(b[0]),
+                np.asarray(b[1]),
+            ),
+        )
+        std = np.sqrt(np.asarray(reference[1]))
+        return max(np.max(np.abs(mean_a - mean_b) / std), np.max(np.abs(var_a - var_b) / std**2))
+
+    for estimator in ("population", "batch_mean"):
+        single, mirrored = out[f"single/{estimator}"], out[f"mirrored/{estimator}"]
+        for name in ("bn1", "bn2", "bn3"):
+            assert std_units(single[name], mirrored[name], single[name]) < 1e-6, (estimator, name)
+        halves = out[f"halves/{estimator}"]
+        assert std_units(single["bn2"], halves["bn2"], single["bn2"]) > 1e-3, estimator
+    dataset = out["mirrored-dataset/population"]
+    for name in ("bn1", "bn2", "bn3"):
+        assert std_units(out["single/population"][name], dataset[name], dataset[name]) < 1e-6
+
+
+def test_shared_batchnorm_gets_the_statistics_of_all_its_calls(rng):
+    # One BatchNorm applied to two branches (a Siamese tower): its population statistics are
+    # those of every value it saw, both calls, not just the last one.
+    inputs = keras.Input((5, 5, 2))
+    shared = L.BatchNormalization(name="shared")
+    a = shared(L.Conv2D(3, 1, name="left")(inputs))
+    b = shared(L.Conv2D(3, 3, name="right")(inputs))
+    model = keras.Model(inputs, [a, b])
+    data = rng.normal(1.0, 2.0, size=(30, 5, 5, 2)).astype("float32")
+    new, report = keras_bn.recalibrate(model, data, batch_size=8, progress=False)
+    values = np.concatenate([activations(model, "left", data), activations(model, "right", data)])
+    layer = new.get_layer("shared")
+    np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), atol=1e-6 * values.std())
+    np.testing.assert_allclose(layer.moving_variance.numpy(), values.var(0), rtol=1e-6)
+    assert report.rows[0].values_per_channel == 30 * 25 + 30 * 9
