@@ -1,10 +1,15 @@
 """`keras-bn demo`: the whole package on real data that ships with scikit-learn (8x8 digits).
 
-Trains a small CNN with keras_bn.BatchNorm, folds it, exports it to ONNX, verifies the graph in
-onnxruntime and prints a summary: accuracies, errors, BatchNorms before/after, ONNX op counts and
-latencies. Writes trained.keras, folded.keras and folded.onnx to the output directory.
+Trains a small CNN with keras_bn.BatchNorm at Keras's default momentum 0.99, as most users do,
+for about 150 steps: too few for the moving statistics to forget their initial 0/1, so the model
+is good in training and bad at inference. `diagnose` says why, `recalibrate` computes precise
+statistics from the training images (no labels), and the recalibrated model is folded, exported
+to ONNX and verified in onnxruntime. Prints a summary (accuracies before and after, errors,
+BatchNorms before and after folding, ONNX op counts, latencies) and writes trained.keras,
+recalibrated.keras, folded.keras and folded.onnx to the output directory.
 """
 
+import math
 import os
 import statistics
 import time
@@ -28,17 +33,18 @@ def load_digits_split(seed=0):
     )
 
 
-def build_model(use_batchnorm=True, seed=0):
+def build_model(use_batchnorm=True, seed=0, momentum=0.9):
+    """The digits CNN. momentum 0.9 (PyTorch's 0.1) by default: with about 150 training steps,
+    Keras's default 0.99 leaves the initial 0/1 with 0.99**150 = 22% of the moving statistics,
+    and inference accuracy collapses (the demo shows it, then repairs it)."""
     import keras
 
     import keras_bn
 
     keras.utils.set_random_seed(seed)
     L = keras.layers
-    # momentum 0.9 (PyTorch's 0.1): with ~150 training steps, Keras's default 0.99 leaves the
-    # moving variance still 20% made of its initial 1.0, and inference accuracy collapses.
     norm = (
-        (lambda name: keras_bn.BatchNorm(momentum=0.9, name=name))
+        (lambda name: keras_bn.BatchNorm(momentum=momentum, name=name))
         if use_batchnorm
         else (lambda name: L.Identity(name=name))
     )
@@ -71,6 +77,7 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     import tensorflow as tf
 
     import keras_bn
+    from keras_bn import _keras_internals as internals
     from keras_bn import export
 
     from .files import atomic_output, save_keras
@@ -80,13 +87,20 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     x_train, x_test, y_train, y_test = load_digits_split()
     say(f"data: scikit-learn digits, {len(x_train)} train / {len(x_test)} test images of 8x8")
 
-    model = build_model()
+    def write(model, name):
+        path = os.path.join(out_dir, name)
+        with atomic_output(path, ".keras") as handle:
+            save_keras(model, handle)
+        return path
+
+    say("1. train with Keras's default momentum 0.99")
+    model = build_model(momentum=0.99)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(
+    history = model.fit(
         x_train,
         y_train,
         batch_size=64,
@@ -94,40 +108,59 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         validation_split=0.1,
         verbose=1 if verbose else 0,
     )
-    trained_path = os.path.join(out_dir, "trained.keras")
-    with atomic_output(trained_path, ".keras") as handle:
-        save_keras(model, handle)
+    # Keras keeps the first ceil(0.9 n) samples for training (validation_split=0.1).
+    steps = epochs * math.ceil(math.ceil(len(x_train) * 0.9) / 64)
+    trained_path = write(model, "trained.keras")
 
-    folded, fold_report = keras_bn.fold_bn(model, samples=x_test)
+    say(f"\n2. diagnose ({steps} training steps; momentum 0.99 needs 459 to forget 0/1)")
+    diagnosis = keras_bn.diagnose(model, x_train, batch_size=64)
+    say(diagnosis)
+
+    say("\n3. recalibrate on the training images (no labels)")
+    recalibrated, recalibration = keras_bn.recalibrate(
+        model, x_train, batch_size=64, progress=verbose
+    )
+    say(recalibration)
+    recalibrated_path = write(recalibrated, "recalibrated.keras")
+
+    say("\n4. fold and export the recalibrated model")
+    folded, fold_report = keras_bn.fold_bn(recalibrated, samples=x_test)
     say(fold_report)
-    folded_path = os.path.join(out_dir, "folded.keras")
-    with atomic_output(folded_path, ".keras") as handle:
-        save_keras(folded, handle)
+    folded_path = write(folded, "folded.keras")
     onnx_path = os.path.join(out_dir, "folded.onnx")
-    export_report = export.to_onnx(model, onnx_path, samples=x_test)
+    export_report = export.to_onnx(recalibrated, onnx_path, samples=x_test)
 
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     logits = {
         "trained Keras": model.predict(x_test, verbose=0),
+        "recalibrated Keras": recalibrated.predict(x_test, verbose=0),
         "folded Keras": folded.predict(x_test, verbose=0),
         "ONNX (onnxruntime)": session.run(None, {input_name: x_test})[0],
     }
     accuracy = {k: float(np.mean(np.argmax(v, 1) == y_test)) for k, v in logits.items()}
-    reference = np.argmax(logits["trained Keras"], 1)
-    identical = {k: bool(np.array_equal(np.argmax(v, 1), reference)) for k, v in logits.items()}
-    max_err = {k: float(np.max(np.abs(v - logits["trained Keras"]))) for k, v in logits.items()}
-
-    batch = x_test[:64]
-    keras_fn = tf.function(lambda x: model(x, training=False))
-    folded_fn = tf.function(lambda x: folded(x, training=False))
-    xb = tf.constant(batch)
-    latency = {
-        "trained Keras": _median_latency(lambda: keras_fn(xb).numpy()),
-        "folded Keras": _median_latency(lambda: folded_fn(xb).numpy()),
-        "ONNX (onnxruntime)": _median_latency(lambda: session.run(None, {input_name: batch})),
+    # Everything after recalibration is compared with the recalibrated model it came from.
+    deployed = {k: v for k, v in logits.items() if k != "trained Keras"}
+    reference = logits["recalibrated Keras"]
+    identical = {
+        k: bool(np.array_equal(np.argmax(v, 1), np.argmax(reference, 1)))
+        for k, v in deployed.items()
     }
-    from keras_bn import _keras_internals as internals
+    max_err = {k: float(np.max(np.abs(v - reference))) for k, v in deployed.items()}
+
+    batch = tf.constant(x_test[:64])
+    functions = {
+        name: tf.function(lambda x, m=m: m(x, training=False))
+        for name, m in (
+            ("trained Keras", model),
+            ("recalibrated Keras", recalibrated),
+            ("folded Keras", folded),
+        )
+    }
+    latency = {k: _median_latency(lambda f=f: f(batch).numpy()) for k, f in functions.items()}
+    latency["ONNX (onnxruntime)"] = _median_latency(
+        lambda: session.run(None, {input_name: x_test[:64]})
+    )
 
     def count_batchnorms(m):
         return sum(
@@ -135,6 +168,7 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         )
 
     bn_before, bn_after = count_batchnorms(model), count_batchnorms(folded)
+    train_accuracy = float(history.history["accuracy"][-1])
 
     say("")
     say(
@@ -142,10 +176,16 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         f"{'latency, batch 64 (ms)':>23}"
     )
     for k in logits:
-        say(
-            f"{k:<20} {accuracy[k]:>13.4f} {str(identical[k]):>17} {max_err[k]:>16.2e} "
-            f"{latency[k]:>23.2f}"
-        )
+        same = str(identical[k]) if k in identical else "-"
+        err = f"{max_err[k]:.2e}" if k in max_err else "-"
+        say(f"{k:<20} {accuracy[k]:>13.4f} {same:>17} {err:>16} {latency[k]:>23.2f}")
+    say(
+        f"trained with momentum 0.99 for {steps} steps: training accuracy {train_accuracy:.4f}, "
+        f"test accuracy {accuracy['trained Keras']:.4f} from its moving statistics "
+        f"(diagnosis: {diagnosis.verdict.value}), {accuracy['recalibrated Keras']:.4f} "
+        "after recalibration"
+    )
+    say("errors and same predictions: against the recalibrated Keras model")
     say(f"BatchNorms: {bn_before} before, {bn_after} after folding")
     ops = ", ".join(f"{k} {v}" for k, v in sorted(export_report.op_counts.items()))
     say(f"ONNX ops: {ops}")
@@ -153,9 +193,13 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         f"onnxruntime verification: {'passed' if export_report.verification.passed else 'FAILED'}, "
         f"max abs error {export_report.verification.max_abs_error:.2e}"
     )
-    say(f"wrote {trained_path}, {folded_path}, {onnx_path}")
+    say(f"wrote {trained_path}, {recalibrated_path}, {folded_path}, {onnx_path}")
     return {
+        "training_steps": steps,
+        "train_accuracy": train_accuracy,
         "accuracy": accuracy,
+        "diagnosis": diagnosis.to_dict(),
+        "recalibration": recalibration.to_dict(),
         "identical_predictions": identical,
         "max_abs_error": max_err,
         "latency_ms_batch64": latency,
@@ -163,5 +207,5 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         "batchnorms_after": bn_after,
         "onnx_op_counts": export_report.op_counts,
         "verification_passed": export_report.verification.passed,
-        "files": [trained_path, folded_path, onnx_path],
+        "files": [trained_path, recalibrated_path, folded_path, onnx_path],
     }

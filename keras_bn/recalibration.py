@@ -296,8 +296,8 @@ def _normalize(bn, x, mean, variance):
     Channels-last float32/float16 inputs of rank >= 3 go through one fused pass,
     FusedBatchNormV3 in inference mode (viewed as 4-D), the kernel Keras's own inference uses; it
     centers before it scales, so a large mean does not cancel. It raises an epsilon below
-    1.001e-5 to 1.001e-5: the difference goes into the variance it is given, so the sum
-    `variance + eps` is the layer's. Anything else: the same formula in plain ops."""
+    1.001e-5 to 1.001e-5, so such layers take the plain ops, as they do in `BatchNorm` itself.
+    Anything else: the same formula in plain ops."""
     rank = len(x.shape)
     axis = bn.axis % rank
     gamma = tf.cast(bn.gamma, tf.float32) if bn.scale else tf.ones(tf.shape(mean), tf.float32)
@@ -307,16 +307,16 @@ def _normalize(bn, x, mean, variance):
         and rank >= 3
         and x.dtype in (tf.float32, tf.float16)
         and (x.shape[-2] or 0) > 0
+        and bn.epsilon >= FUSED_MIN_EPSILON
     ):
-        epsilon = max(bn.epsilon, FUSED_MIN_EPSILON)
         view = x if rank == 4 else tf.reshape(x, [-1, 1, x.shape[-2], x.shape[-1]])
         outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
             view,
             gamma,
             beta,
             mean=tf.cast(mean, tf.float32),
-            variance=tf.cast(variance + (bn.epsilon - epsilon), tf.float32),
-            epsilon=epsilon,
+            variance=tf.cast(variance, tf.float32),
+            epsilon=bn.epsilon,
             is_training=False,
         )
         return outputs if rank == 4 else tf.reshape(outputs, tf.shape(x))

@@ -56,11 +56,12 @@ def test_population_statistics_equal_numpy_whatever_the_batch_size(data):
     np.testing.assert_allclose(results[0], results[2], rtol=1e-6)
 
 
-def test_downstream_batchnorm_sees_batch_normalized_inputs(rng):
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-8])  # the fused output and the plain one
+def test_downstream_batchnorm_sees_batch_normalized_inputs(rng, epsilon):
     # conv1 -> BN1 -> conv2 -> BN2, one batch of all the data: BN2's statistics are those of
     # conv2 over BN1 in training mode (batch statistics), computed here by Keras itself.
     inputs = keras.Input((6, 6, 3))
-    x = L.BatchNormalization(name="bn1")(L.Conv2D(4, 3, name="conv1")(inputs))
+    x = L.BatchNormalization(name="bn1", epsilon=epsilon)(L.Conv2D(4, 3, name="conv1")(inputs))
     x = L.BatchNormalization(name="bn2")(L.Conv2D(5, 1, name="conv2")(x))
     model = keras.Model(inputs, x)
     model.get_layer("bn1").set_weights([np.full(4, 2.0), np.full(4, 0.5), np.zeros(4), np.ones(4)])
@@ -368,3 +369,31 @@ def test_shared_batchnorm_gets_the_statistics_of_all_its_calls(rng):
     np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), atol=1e-6 * values.std())
     np.testing.assert_allclose(layer.moving_variance.numpy(), values.var(0), rtol=1e-6)
     assert report.rows[0].values_per_channel == 30 * 25 + 30 * 9
+
+
+def test_multi_input_multi_output_model_from_a_list_and_a_dict(rng):
+    # Two inputs (an image and a vector), one BatchNorm on each, two outputs; the data as a list
+    # in model.inputs order and as a dict by input name give NumPy's statistics of each branch.
+    image, vector = keras.Input((6, 6, 2), name="image"), keras.Input((5,), name="vector")
+    a = L.BatchNormalization(name="bn_image")(L.Conv2D(3, 3, name="conv")(image))
+    b = keras_bn.BatchNorm(name="bn_vector")(L.Dense(4, name="dense")(vector))
+    model = keras.Model([image, vector], [L.GlobalAveragePooling2D()(a), b])
+    x_image = rng.normal(1.0, 2.0, size=(50, 6, 6, 2)).astype("float32")
+    x_vector = rng.normal(-3.0, 0.5, size=(50, 5)).astype("float32")
+    conv = keras.Model(image, model.get_layer("conv").output).predict(x_image, verbose=0)
+    dense = keras.Model(vector, model.get_layer("dense").output).predict(x_vector, verbose=0)
+    conv, dense = conv.reshape(-1, 3).astype(np.float64), dense.astype(np.float64)
+    for form in ([x_image, x_vector], {"vector": x_vector, "image": x_image}):
+        new, report = keras_bn.recalibrate(model, form, batch_size=16, progress=False)
+        np.testing.assert_allclose(
+            new.get_layer("bn_image").moving_variance.numpy(), conv.var(0), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            new.get_layer("bn_vector").moving_mean.numpy(), dense.mean(0), atol=1e-6 * dense.std()
+        )
+        np.testing.assert_allclose(
+            new.get_layer("bn_vector").moving_variance.numpy(), dense.var(0), rtol=1e-6
+        )
+        assert report.batches == 4
+    with pytest.raises(KerasBNError, match="vector"):  # one input's data missing or misshapen
+        keras_bn.recalibrate(model, [x_image, x_vector[:, :3]], progress=False)
