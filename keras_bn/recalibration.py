@@ -210,6 +210,14 @@ def _known_batch_count(data, batch_size):
 # Collection
 
 
+def _in_rows(x, axis):
+    """Whether `x` is channels-last (`axis` its last) of rank >= 3 with a known, non-empty
+    second-to-last axis, so that it can be viewed as rows `(-1, W, C)`: the fast paths of
+    `_shift_sums` and `_normalize`."""
+    rank = len(x.shape)
+    return axis == rank - 1 and rank >= 3 and (x.shape[-2] or 0) > 0
+
+
 def _shift_sums(bn, x, mask):
     """Per-channel `(count, S1, S2, pivot)` of one BatchNorm's batch input `x`, on this device:
     `S1 = sum(x - p)`, `S2 = sum((x - p)**2)` in float64, with `p` one sample of `x`.
@@ -230,14 +238,7 @@ def _shift_sums(bn, x, mask):
     axis = bn.axis % rank
     axes = [i for i in range(rank) if i != axis]
     first = tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))
-    fast = (
-        mask is None
-        and axis == rank - 1
-        and rank >= 3
-        and x.dtype != tf.float64
-        and (x.shape[-2] or 0) > 0
-    )
-    if fast:
+    if mask is None and x.dtype != tf.float64 and _in_rows(x, axis):
         x32 = tf.cast(x, tf.float32)
         pivot = tf.reduce_sum(x32[first], axis=axes, keepdims=True)  # empty batch: 0
         rows = tf.reshape(x32 - pivot, [-1, x.shape[-2], x.shape[-1]])
@@ -303,10 +304,8 @@ def _normalize(bn, x, mean, variance):
     gamma = tf.cast(bn.gamma, tf.float32) if bn.scale else tf.ones(tf.shape(mean), tf.float32)
     beta = tf.cast(bn.beta, tf.float32) if bn.center else tf.zeros(tf.shape(mean), tf.float32)
     if (
-        axis == rank - 1
-        and rank >= 3
+        _in_rows(x, axis)
         and x.dtype in (tf.float32, tf.float16)
-        and (x.shape[-2] or 0) > 0
         and bn.epsilon >= FUSED_MIN_EPSILON
     ):
         view = x if rank == 4 else tf.reshape(x, [-1, 1, x.shape[-2], x.shape[-1]])

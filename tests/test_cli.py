@@ -58,6 +58,7 @@ def one_line_error(run, pattern):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    keras.utils.set_random_seed(0)  # the same fixture models in every run
     root = tmp_path_factory.mktemp("cli")
     inputs = keras.Input((8, 8, 3), name="image")
     x = keras_bn.BatchNorm(name="bn1", momentum=None)(L.Conv2D(4, 3, use_bias=False)(inputs))
