@@ -4,7 +4,15 @@ Depends on keras_bn; keras_bn never imports this package. Attributes load lazily
 line answers usage errors without importing TensorFlow.
 """
 
-__all__ = ["ExportReport", "VerifyReport", "VerifyRow", "load_model_file", "to_onnx", "verify"]
+__all__ = [
+    "ExportReport",
+    "QuantizationReport",
+    "VerifyReport",
+    "VerifyRow",
+    "load_model_file",
+    "to_onnx",
+    "verify",
+]
 
 
 def __getattr__(name):
@@ -12,7 +20,14 @@ def __getattr__(name):
         from .files import load_model_file
 
         return load_model_file
-    if name in ("ExportReport", "VerifyReport", "VerifyRow", "to_onnx", "verify"):
+    if name in (
+        "ExportReport",
+        "QuantizationReport",
+        "VerifyReport",
+        "VerifyRow",
+        "to_onnx",
+        "verify",
+    ):
         from . import converter
 
         return getattr(converter, name)

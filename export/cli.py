@@ -193,10 +193,16 @@ def cmd_export(args):
     from .converter import check_opset
     from .files import check_output_path
 
-    check_output_path(args.output, inputs=[args.model, args.samples], suffix=".onnx")
+    check_output_path(
+        args.output,
+        inputs=[args.model, args.samples, args.calibration, args.labels],
+        suffix=".onnx",
+    )
     check_opset(args.opset)
     model = _load(args)
     samples = _load_samples(args.samples)
+    calibration = _load_samples(args.calibration)
+    labels = _load_samples(args.labels)
     with _Steps() as steps:
         report = export.to_onnx(
             model,
@@ -209,6 +215,12 @@ def cmd_export(args):
             nchw_inputs=args.nchw,
             progress=steps,
             on_bad_statistics="raise",
+            precision=args.precision,
+            calibration=calibration,
+            calibrate_method=args.calibrate_method,
+            labels=labels,
+            min_agreement=args.min_agreement,
+            min_cosine=args.min_cosine,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
@@ -321,6 +333,23 @@ def build_parser():
         "--opset", type=int, default=None, help="ONNX opset, 7 to 18 (default: tf2onnx's, 15)"
     )
     p.add_argument("--nchw", action="store_true", help="channels-first graph inputs")
+    p.add_argument(
+        "--precision",
+        choices=["float32", "float16", "int8"],
+        default="float32",
+        help="float16 or int8 graphs are accepted by agreement with the float32 model",
+    )
+    p.add_argument("--calibration", help="int8 calibration inputs: .npy, or .npz by input name")
+    p.add_argument(
+        "--calibrate-method", choices=["minmax", "entropy", "percentile"], default="minmax"
+    )
+    p.add_argument("--labels", help=".npy of class indices for --samples (else calibration)")
+    p.add_argument(
+        "--min-agreement", type=float, default=None, help="top-1; default float16 0.99, int8 0.98"
+    )
+    p.add_argument(
+        "--min-cosine", type=float, default=None, help="default float16 0.999, int8 0.99"
+    )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")
     common(p)

@@ -125,6 +125,59 @@ class VerifyReport:
 
 
 @dataclasses.dataclass
+class QuantizationReport:
+    """A float16 or int8 export: judged by agreement with the float32 Keras model per output
+    (`keras_bn.verification.agreement`), on the samples, else the calibration data, else
+    synthetic inputs."""
+
+    precision: str
+    input_set: str
+    min_agreement: float
+    min_cosine: float
+    agreement: dict  # output name -> keras_bn.verification.Agreement
+    float32_bytes: int
+    bytes: int
+    qdq_ops: dict[str, int]
+    quantized_ops: dict[str, int]
+    float_ops: dict[str, int]
+    latency_ms: dict  # {"float32" | precision: {batch: median ms}}
+
+    def to_dict(self) -> dict:
+        return {
+            **{k: v for k, v in dataclasses.asdict(self).items() if k != "agreement"},
+            "agreement": {k: v.to_dict() for k, v in self.agreement.items()},
+        }
+
+    def __str__(self):
+        size = f"{self.bytes / 1024:.1f} KiB (float32 {self.float32_bytes / 1024:.1f} KiB)"
+        lines = [
+            f"{self.precision}: {size}; ops quantized {sum(self.quantized_ops.values())}, float "
+            f"{sum(self.float_ops.values())}, Q/DQ {sum(self.qdq_ops.values())}"
+            if self.precision == "int8"
+            else f"{self.precision}: {size}"
+        ]
+        for name, a in self.agreement.items():
+            top1 = "-" if a.top1 is None else f"{a.top1:.4f}"
+            accuracy = (
+                ""
+                if a.accuracy is None
+                else f", accuracy {a.reference_accuracy:.4f} -> {a.accuracy:.4f}"
+            )
+            lines.append(
+                f"  '{name}' on {self.input_set}: top-1 agreement {top1}, cosine {a.cosine:.6f}, "
+                f"mean/max error {a.mean_abs_rel:.2e}/{a.max_abs_rel:.2e} of scale{accuracy}"
+            )
+        for batch in sorted(self.latency_ms.get("float32", {})):
+            ms = {k: v[batch] for k, v in self.latency_ms.items()}
+            lines.append(
+                f"  onnxruntime latency, batch {batch}: float32 {ms['float32']:.3f} ms, "
+                f"{self.precision} {ms[self.precision]:.3f} ms "
+                f"({ms[self.precision] / ms['float32']:.2f}x)"
+            )
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
 class ExportReport:
     path: str
     op_counts: dict[str, int]
@@ -132,6 +185,7 @@ class ExportReport:
     verification: VerifyReport
     timings: dict[str, float]
     opset: int
+    quantization: QuantizationReport | None = None  # precision="float16" or "int8"
 
     def to_dict(self) -> dict:
         return {
@@ -142,6 +196,7 @@ class ExportReport:
             "fold": self.fold.to_dict() if self.fold else None,
             "verification": self.verification.to_dict(),
             "timings_s": self.timings,
+            "quantization": self.quantization.to_dict() if self.quantization else None,
         }
 
     def __str__(self):
@@ -154,6 +209,8 @@ class ExportReport:
                 f"{c['replaced by affine']} replaced by affine, {c['left unfolded']} kept"
             )
         lines.append(str(self.verification))
+        if self.quantization is not None:
+            lines.append(str(self.quantization))
         lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
 
@@ -610,6 +667,12 @@ def to_onnx(
     nchw_inputs: bool = False,
     progress=None,
     on_bad_statistics: str = "keep",
+    precision: str = "float32",
+    calibration=None,
+    calibrate_method: str = "minmax",
+    labels=None,
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
 ) -> ExportReport:
     """Exports `model` to ONNX at `path` and returns an `ExportReport`.
 
@@ -623,6 +686,16 @@ def to_onnx(
     each step as it starts ("folding", "converting with tf2onnx", "checking the graph",
     "verifying with onnxruntime", "writing"). `on_bad_statistics="raise"` refuses a model with
     unusable BatchNorm statistics, folded or not (see `keras_bn.fold_bn`).
+
+    `precision="float16"` or `"int8"` writes a reduced-precision graph made from the verified
+    float32 one (`keras_bn.export.quantize`): float16 with onnxruntime's own converter, int8 by
+    static QDQ quantization (per-channel symmetric int8 weights) calibrated on `calibration`
+    (required; the same forms as `samples`) with `calibrate_method` "minmax" (default),
+    "entropy" or "percentile". It is accepted by agreement with the float32 Keras model, per
+    output, on `samples`, else the calibration data, else synthetic inputs: top-1 agreement
+    >= `min_agreement` for classification-shaped outputs and cosine similarity >= `min_cosine`
+    (defaults in `keras_bn.verification.AGREEMENT`); `labels` adds the accuracy of both. Below
+    either bound `VerificationError` names the output and the value, and nothing is written.
     """
     step = progress or (lambda name: None)
     if not isinstance(model, keras.Model):
@@ -640,6 +713,9 @@ def to_onnx(
     tolerance = tolerance_for(model, rtol, atol)
     _check_exportable(model)
     input_sets = _input_sets(model, samples)  # bad samples fail here, before any conversion
+    reduced = _check_precision(
+        model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine
+    )
     timings = {}
     # Keras's reference outputs depend only on the original model: they are computed on a second
     # thread while this one folds and converts (ResNet50: 7.8 s instead of 8.6 s).
@@ -688,6 +764,14 @@ def to_onnx(
                 where,
             )
         )
+    quantization = None
+    if reduced is not None:
+        start = time.perf_counter()
+        model_bytes, quantization = _reduce_precision(
+            model, model_bytes, nchw_inputs, input_sets, reduced, step
+        )
+        proto = onnx.load_from_string(model_bytes)
+        timings[precision] = time.perf_counter() - start
     step("writing")
     with atomic_output(path, ".onnx") as handle:
         handle.write(model_bytes)
@@ -701,4 +785,162 @@ def to_onnx(
         verification=verification,
         timings=timings,
         opset=opset_used,
+        quantization=quantization,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Reduced precision
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reduced:
+    precision: str
+    calibration: list | None  # arrays per input
+    calibrate_method: str
+    labels: np.ndarray | None
+    min_agreement: float
+    min_cosine: float
+
+
+def _check_precision(
+    model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine
+):
+    """Checks the reduced-precision arguments before any work; None for a float32 export."""
+    from . import quantize
+
+    if precision not in quantize.PRECISIONS:
+        raise KerasBNError(
+            expected("Unknown `precision`", "'float32', 'float16' or 'int8'", repr(precision))
+        )
+    if precision == "float32":
+        return None
+    if compute_dtype(model) != "float32":
+        raise KerasBNError(
+            expected(
+                f"precision='{precision}' converts a float32 graph",
+                "a float32 model",
+                f"a model computing in {compute_dtype(model)}",
+                "Export it with the default precision; its graph is already reduced.",
+            )
+        )
+    if precision == "int8" and calibration is None:
+        raise KerasBNError(
+            expected(
+                "int8 export needs calibration data: static quantization measures each "
+                "activation's range on it",
+                "calibration= a few hundred representative inputs (the same forms as samples: "
+                "an array, a list or a dict by input name; CLI: --calibration calib.npy|.npz)",
+                "calibration=None",
+            )
+        )
+    if calibrate_method not in quantize.CALIBRATE_METHODS:
+        raise KerasBNError(
+            expected(
+                "Unknown `calibrate_method`",
+                "'minmax', 'entropy' or 'percentile'",
+                repr(calibrate_method),
+            )
+        )
+    arrays = None if calibration is None else check_samples(model, calibration)
+    bounds = {}
+    for name, value in (("min_agreement", min_agreement), ("min_cosine", min_cosine)):
+        if value is None:
+            value = keras_bn.verification.AGREEMENT[precision][name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise KerasBNError(expected(f"Invalid `{name}`", "a number in [0, 1]", repr(value)))
+        bounds[name] = float(value)
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise KerasBNError(
+                expected("`labels` are class indices", "integers", f"dtype {labels.dtype}")
+            )
+    return _Reduced(precision, arrays, calibrate_method, labels, **bounds)
+
+
+def _median_ms(session, feed, rounds=20):
+    session.run(None, feed)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
+    """(reduced graph bytes, QuantizationReport), or VerificationError below the bounds."""
+    from . import quantize
+
+    names = [i.name for i in _session(model_bytes, False).get_inputs()]
+    if reduced.precision == "float16":
+        step("converting to float16")
+        reduced_bytes = quantize.to_float16(model_bytes)
+    else:
+        step("calibrating and quantizing to int8")
+        feeds = quantize.batches_of(names, reduced.calibration, nchw)
+        reduced_bytes = quantize.to_int8(model_bytes, feeds, reduced.calibrate_method)
+    proto = onnx.load_from_string(reduced_bytes)
+    step(f"verifying the {reduced.precision} graph by agreement")
+    sets = dict(input_sets)
+    if "samples" in sets:
+        label, arrays = "samples", sets["samples"]
+    elif reduced.calibration is not None:
+        label, arrays = "calibration data", reduced.calibration
+    else:
+        label, arrays = "synthetic inputs (batch 4, seed 1)", sets["synthetic"]
+    labels = reduced.labels
+    if labels is not None and len(labels) != len(arrays[0]):
+        raise KerasBNError(
+            expected(
+                f"`labels` need one class per sample of the {label}",
+                f"{len(arrays[0])} labels",
+                f"{len(labels)}",
+            )
+        )
+    references = _keras_outputs(model, arrays)
+    session = _session(reduced_bytes, True)
+    outputs = session.run(None, _feed(names, arrays, nchw))
+    agreement = {}
+    for name, ref, out in zip(output_names(model), references, outputs):
+        result = keras_bn.verification.agreement(ref, out, labels)
+        agreement[name] = result
+        for measure, value, bound in (
+            ("top-1 agreement", result.top1, reduced.min_agreement),
+            ("cosine similarity", result.cosine, reduced.min_cosine),
+        ):
+            if value is not None and not value >= bound:
+                raise VerificationError(
+                    expected(
+                        f"The {reduced.precision} graph's output '{name}' disagrees with the "
+                        f"float32 Keras model on the {label}; nothing was written",
+                        f"{measure} >= {bound:g}",
+                        f"{value:.6f}",
+                        "Calibrate on more representative data, try another calibrate_method, "
+                        "or lower the bound (min_agreement=, min_cosine=).",
+                    )
+                )
+    float_session = _session(model_bytes, True)
+    latency = {"float32": {}, reduced.precision: {}}
+    for batch in (1, 32):
+        rows = [np.resize(a, (batch, *a.shape[1:])) for a in arrays]
+        feed = _feed(names, rows, nchw)
+        for _ in range(2):  # interleaved
+            for key, s in (("float32", float_session), (reduced.precision, session)):
+                latency[key][batch] = min(latency[key].get(batch, np.inf), _median_ms(s, feed))
+    qdq, quantized, floating = quantize.op_split(proto)
+    report = QuantizationReport(
+        precision=reduced.precision,
+        input_set=label,
+        min_agreement=reduced.min_agreement,
+        min_cosine=reduced.min_cosine,
+        agreement=agreement,
+        float32_bytes=len(model_bytes),
+        bytes=len(reduced_bytes),
+        qdq_ops=qdq,
+        quantized_ops=quantized,
+        float_ops=floating,
+        latency_ms=latency,
+    )
+    return reduced_bytes, report

@@ -115,6 +115,75 @@ def output_names(model: keras.Model) -> list[str]:
     return list(internals.graph_model(model).output_names)
 
 
+# Reduced-precision exports are accepted by agreement, not elementwise tolerance: the defaults
+# of `keras_bn.export.to_onnx(precision=...)` (top-1 agreement and cosine similarity with the
+# float32 Keras model, per output).
+AGREEMENT = {
+    "float16": {"min_agreement": 0.99, "min_cosine": 0.999},
+    "int8": {"min_agreement": 0.98, "min_cosine": 0.99},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """One output of a reduced-precision graph against the float32 reference, on one input set.
+    `top1` is None for outputs that are not classification-shaped (rank 2 with >= 2 classes);
+    the accuracies are None without labels."""
+
+    top1: float | None  # share of samples whose argmax is the reference's
+    cosine: float  # of the flattened outputs, in float64
+    mean_abs_rel: float  # mean |candidate - reference| / scale
+    max_abs_rel: float  # max |candidate - reference| / scale
+    reference_accuracy: float | None = None
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def agreement(reference, candidate, labels=None) -> Agreement:
+    """Compares ONE output of a quantized or float16 graph with the float32 reference: top-1
+    agreement (classification-shaped outputs), cosine similarity, mean and max absolute error
+    relative to the reference's scale (largest finite |value|), and, given integer `labels`, the
+    accuracy of both. A non-finite candidate value counts as disagreement everywhere it stands."""
+    r = np.asarray(reference, np.float64)
+    c = np.asarray(candidate, np.float64)
+    if r.shape != c.shape:
+        raise KerasBNError(
+            expected(
+                "The reduced-precision graph's output has another shape",
+                f"shape {r.shape}",
+                f"shape {c.shape}",
+                "This is a bug in keras-bn; report it with the model.",
+            )
+        )
+    finite = np.isfinite(r)
+    scale = float(np.max(np.abs(r[finite]))) if finite.any() else 0.0
+    error = np.where(np.isfinite(c), np.abs(c - r), np.inf)
+    denominator = scale if scale > 0 else 1.0
+    flat_r, flat_c = r.ravel(), np.where(np.isfinite(c), c, 0.0).ravel()
+    norms = float(np.linalg.norm(flat_r) * np.linalg.norm(flat_c))
+    cosine = float(np.dot(flat_r, flat_c) / norms) if norms > 0 else float(np.array_equal(r, c))
+    if not np.all(np.isfinite(c)):
+        cosine = min(cosine, 0.0)
+    top1 = reference_accuracy = accuracy = None
+    if r.ndim == 2 and r.shape[1] >= 2:
+        predicted, expected_class = np.argmax(flat_c.reshape(c.shape), 1), np.argmax(r, 1)
+        top1 = float(np.mean(predicted == expected_class))
+        if labels is not None:
+            y = np.asarray(labels).reshape(-1)
+            reference_accuracy = float(np.mean(expected_class == y))
+            accuracy = float(np.mean(predicted == y))
+    return Agreement(
+        top1=top1,
+        cosine=cosine,
+        mean_abs_rel=float(np.mean(error) / denominator),
+        max_abs_rel=float(np.max(error) / denominator),
+        reference_accuracy=reference_accuracy,
+        accuracy=accuracy,
+    )
+
+
 def synthetic_inputs(model: keras.Model, batch_size: int = 4, seed: int = 0) -> list[np.ndarray]:
     """Deterministic inputs for a model: N(0, 1) floats, None dimensions set to 16."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,218 @@
+"""Reduced-precision export (precision="float16" / "int8"): real onnxruntime conversion and static
+quantization, accepted by agreement with the float32 Keras model, and nothing written otherwise."""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from keras_bn import KerasBNError, VerificationError, export
+from keras_bn.export import quantize
+from keras_bn.verification import agreement
+from tests.test_export import PATTERNS
+
+L = keras.layers
+
+# The pattern suite's BatchNorm kinds: after Dense, DepthwiseConv2D, Conv2DTranspose, a grouped
+# convolution, and before a Conv (BN -> Conv).
+QUANTIZED_PATTERNS = [
+    "dense",
+    "depthwise2d",
+    "conv2d_transpose",
+    "grouped_conv2d",
+    "bn_then_valid_conv",
+]
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """A temporary directory of this test's own for tempfile (the quantizer's and onnxruntime's
+    calibration files), so that what is left there can be checked while other tests run."""
+    folder = tmp_path / "tempfile"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def left_in(folder):
+    """What is left in `folder`, less TensorFlow's autograph cache (converted code that TF keeps
+    for the life of the process, whoever traced it)."""
+    return [n for n in os.listdir(folder) if not n.startswith("__autograph_generated_file")]
+
+
+def inputs_for(model, rng, n):
+    return rng.normal(size=(n, *model.inputs[0].shape[1:])).astype("float32")
+
+
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+@pytest.mark.parametrize("name", QUANTIZED_PATTERNS)
+def test_pattern_suite_passes_its_agreement_bound(name, precision, tmp_path, rng, private_tmp):
+    model = PATTERNS[name]()
+    calibration, samples = inputs_for(model, rng, 64), inputs_for(model, rng, 32)
+    path = tmp_path / f"{name}.onnx"
+    # The dense pattern's (batch, 5) tanh output is shaped like a classifier's but is none: on
+    # random inputs its top-1 "agreement" counts near-ties (int8 measured 0.97). The cosine
+    # bound judges it; a user sets min_agreement=0 for such an output the same way.
+    bounds = {"min_agreement": 0.0} if name == "dense" else {}
+    report = export.to_onnx(
+        model, path, samples=samples, precision=precision, calibration=calibration, **bounds
+    )
+    q = report.quantization
+    assert q.precision == precision and q.input_set == "samples"
+    graph = onnx.load(path)
+    ops = [n.op_type for n in graph.graph.node]
+    assert "BatchNormalization" not in ops
+    qdq, quantized, floating = quantize.op_split(graph)
+    # No Mul/Add left from a BatchNorm: every one folded into its neighbour (the one Add is a
+    # Dense's bias, as tf2onnx writes Dense: MatMul + Add; see test_export's pattern suite).
+    assert "Mul" not in ops and ops.count("Add") <= 1, ops
+    if precision == "int8":
+        assert qdq.get("QuantizeLinear", 0) > 0 and quantized, (qdq, quantized)
+        weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        assert weights  # int8 weights stored as such
+    else:
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+        assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # Independent check of the bound: our own onnxruntime run against Keras, cosine in NumPy.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: samples})[0].astype(np.float64)
+    ref = np.asarray(model(samples, training=False), np.float64)
+    cosine = np.dot(out.ravel(), ref.ravel()) / (np.linalg.norm(out) * np.linalg.norm(ref))
+    assert cosine >= (0.999 if precision == "float16" else 0.99), cosine
+    np.testing.assert_allclose(next(iter(q.agreement.values())).cosine, cosine, rtol=1e-6)
+    assert q.bytes > 0 and q.float32_bytes > 0  # tiny graphs: sizes are reported, not compared
+    assert left_in(private_tmp) == []  # the quantizer's temporary files are gone
+
+
+def classifier():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), name="digit")
+    x = L.BatchNormalization()(L.Conv2D(8, 3, use_bias=False)(inputs))
+    x = L.GlobalAveragePooling2D()(L.ReLU()(x))
+    return keras.Model(inputs, L.Dense(10, name="logits")(L.BatchNormalization()(x)))
+
+
+def test_agreement_and_accuracy_are_reported_for_classification_outputs(tmp_path, rng):
+    model = classifier()
+    x = rng.random((256, 8, 8, 1), dtype=np.float32)
+    labels = np.argmax(np.asarray(model(x, training=False)), 1)  # the float model is "right"
+    labels[:10] = (labels[:10] + 1) % 10  # and wrong on ten
+    report = export.to_onnx(
+        model, tmp_path / "c.onnx", precision="int8", calibration=x, labels=labels
+    )
+    a = report.quantization.agreement["logits"]
+    assert report.quantization.input_set == "calibration data"
+    assert a.reference_accuracy == pytest.approx(246 / 256)
+    assert a.top1 >= 0.98 and abs(a.accuracy - a.reference_accuracy) <= 1 - a.top1 + 1e-9
+    assert set(report.quantization.latency_ms) == {"float32", "int8"}
+    assert (
+        "top-1 agreement" in str(report) and report.to_dict()["quantization"]["precision"] == "int8"
+    )
+
+
+def test_below_the_bound_nothing_is_written(tmp_path, rng, private_tmp):
+    model = classifier()
+    x = rng.random((64, 8, 8, 1), dtype=np.float32)
+    path = tmp_path / "strict.onnx"
+    # int8 never reproduces float32 exactly: a cosine of 1.0 cannot be reached.
+    with pytest.raises(
+        VerificationError,
+        match=r"The int8 graph's output 'logits' disagrees with the float32 Keras model on the "
+        r"calibration data; nothing was written\. Expected: cosine similarity >= 1\. Received: 0\.9",
+    ):
+        export.to_onnx(model, path, precision="int8", calibration=x, min_cosine=1.0)
+    assert not path.exists() and os.listdir(tmp_path) == ["tempfile"]
+    assert left_in(private_tmp) == []
+
+
+def test_bad_reduced_precision_arguments_are_refused_before_any_work(tmp_path, rng):
+    model = classifier()
+    x = rng.random((16, 8, 8, 1), dtype=np.float32)
+    path = tmp_path / "m.onnx"
+    cases = [
+        ({"precision": "int8"}, r"int8 export needs calibration data"),
+        ({"precision": "int4", "calibration": x}, r"Unknown `precision`"),
+        ({"precision": "int8", "calibration": x[:, :4]}, r"wrong shape|shape"),
+        ({"precision": "int8", "calibration": x, "calibrate_method": "kl"}, r"calibrate_method"),
+        ({"precision": "float16", "min_agreement": 1.5}, r"Invalid `min_agreement`"),
+        ({"precision": "int8", "calibration": x, "labels": np.zeros(3)}, r"integers"),
+        ({"precision": "int8", "calibration": x, "labels": np.zeros(3, int)}, r"16 labels"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(KerasBNError, match=message):
+            export.to_onnx(model, path, **kwargs)
+    assert not path.exists()
+
+
+def test_agreement_against_numpy():
+    reference = np.array([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]])
+    candidate = np.array([[0.9, 0.1, -1.0], [0.0, 0.5, 1.0]])  # second row's argmax moves
+    a = agreement(reference, candidate, labels=[0, 2])
+    assert a.top1 == 0.5 and a.reference_accuracy == 0.5 and a.accuracy == 1.0
+    cos = np.dot(reference.ravel(), candidate.ravel()) / (
+        np.linalg.norm(reference) * np.linalg.norm(candidate)
+    )
+    assert a.cosine == pytest.approx(cos)
+    assert a.max_abs_rel == pytest.approx(1.5 / 2.0) and a.mean_abs_rel == pytest.approx(
+        1.7 / 6 / 2
+    )
+    nan = agreement(reference, np.where(reference > 1, np.nan, candidate))
+    assert nan.max_abs_rel == np.inf and nan.cosine <= 0.0
+    assert agreement(np.ones((4, 3, 3)), np.ones((4, 3, 3))).top1 is None  # not a classifier
+
+
+def test_export_command_precision_exit_codes(tmp_path, rng):
+    import json
+
+    from tests.test_cli import cli_in_process, one_line_error
+
+    model = classifier()
+    model.save(tmp_path / "m.keras")
+    x = rng.random((128, 8, 8, 1), dtype=np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    np.save(tmp_path / "y.npy", np.argmax(np.asarray(model(x, training=False)), 1))
+    out = tmp_path / "m.int8.onnx"
+    run = cli_in_process(
+        "export", tmp_path / "m.keras", "-o", out, "--precision", "int8",
+        "--calibration", tmp_path / "calib.npy", "--labels", tmp_path / "y.npy", "--json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)["quantization"]
+    assert (
+        summary["precision"] == "int8"
+        and summary["agreement"]["logits"]["reference_accuracy"] == 1.0
+    )
+    assert "calibrating and quantizing to int8" in run.stderr and out.exists()
+    graph = onnx.load(out)
+    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+    # Below the bound: exit 1, the output and the value named, nothing written.
+    strict = tmp_path / "strict.onnx"
+    run = cli_in_process(
+        "export", tmp_path / "m.keras", "-o", strict, "--precision", "int8",
+        "--calibration", tmp_path / "calib.npy", "--min-cosine", "1.0",
+    )  # fmt: skip
+    assert run.returncode == 1 and not strict.exists()
+    one_line_error(
+        run, r"output 'logits' disagrees .* Expected: cosine similarity >= 1\. Received: 0\.9"
+    )
+    # Bad input: exit 2 before any work.
+    run = cli_in_process("export", tmp_path / "m.keras", "-o", strict, "--precision", "int8")
+    assert run.returncode == 2
+    one_line_error(run, r"int8 export needs calibration data")
+    np.save(tmp_path / "wrong.npy", x[:, :4])
+    run = cli_in_process(
+        "export", tmp_path / "m.keras", "-o", strict, "--precision", "int8",
+        "--calibration", tmp_path / "wrong.npy",
+    )  # fmt: skip
+    assert run.returncode == 2 and not strict.exists()
+    one_line_error(run, r"shape")
+    # The calibration file is an input: never the output.
+    run = cli_in_process(
+        "export", tmp_path / "m.keras", "-o", tmp_path / "calib.npy", "--precision", "int8",
+        "--calibration", tmp_path / "calib.npy",
+    )  # fmt: skip
+    assert run.returncode == 2 and np.array_equal(np.load(tmp_path / "calib.npy"), x)
