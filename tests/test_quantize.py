@@ -216,3 +216,36 @@ def test_export_command_precision_exit_codes(tmp_path, rng):
         "--calibration", tmp_path / "calib.npy",
     )  # fmt: skip
     assert run.returncode == 2 and np.array_equal(np.load(tmp_path / "calib.npy"), x)
+
+
+def test_keras_native_int8_after_folding_keeps_no_float_batchnorm(rng):
+    # Keras 3's own model.quantize("int8") quantizes Dense (EinsumDense, Embedding) layers and
+    # nothing else: a BatchNorm stays a float layer between them. Folded first, Dense -> BN
+    # becomes one Dense, and the quantized model has no float BatchNorm left.
+    import keras_bn
+    from keras_bn.verification import AGREEMENT
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((20,))
+    x = L.ReLU()(L.BatchNormalization()(L.Dense(64, use_bias=False)(inputs)))
+    x = L.ReLU()(L.BatchNormalization()(L.Dense(32)(x)))
+    model = keras.Model(inputs, L.Dense(10, name="logits")(x))
+    x = rng.normal(size=(512, 20)).astype("float32")
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, rng.integers(0, 10, 512), epochs=2, verbose=0)
+    reference = model.predict(x, verbose=0)
+    folded, _ = keras_bn.fold_bn(model)
+    folded.quantize("int8")
+    dense = [layer for layer in folded.layers if isinstance(layer, L.Dense)]
+    assert len(dense) == 3 and all(layer.quantization_mode == "int8" for layer in dense)
+    assert all(layer.kernel.dtype == "int8" for layer in dense)
+    assert not any(isinstance(layer, L.BatchNormalization) for layer in folded.layers)
+    a = agreement(reference, folded.predict(x, verbose=0))
+    assert a.top1 >= AGREEMENT["int8"]["min_agreement"], a  # measured 0.986
+    assert a.cosine >= AGREEMENT["int8"]["min_cosine"], a  # measured 0.99994
+    # Negative: quantized without folding, both BatchNorms stay float layers.
+    unfolded = keras.models.clone_model(model)
+    unfolded.set_weights(model.get_weights())
+    unfolded.quantize("int8")
+    kept = [layer for layer in unfolded.layers if isinstance(layer, L.BatchNormalization)]
+    assert len(kept) == 2 and all(v.dtype == "float32" for layer in kept for v in layer.weights)
