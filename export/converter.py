@@ -873,7 +873,8 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
     """(reduced graph bytes, QuantizationReport), or VerificationError below the bounds."""
     from . import quantize
 
-    names = [i.name for i in _session(model_bytes, False).get_inputs()]
+    float_session = _session(model_bytes, True)  # for the input names, then the latency
+    names = [i.name for i in float_session.get_inputs()]
     if reduced.precision == "float16":
         step("converting to float16")
         reduced_bytes = quantize.to_float16(model_bytes)
@@ -921,7 +922,6 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
                         "or lower the bound (min_agreement=, min_cosine=).",
                     )
                 )
-    float_session = _session(model_bytes, True)
     latency = {"float32": {}, reduced.precision: {}}
     for batch in (1, 32):
         rows = [np.resize(a, (batch, *a.shape[1:])) for a in arrays]
