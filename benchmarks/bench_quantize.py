@@ -116,7 +116,8 @@ def main():
     for name, model, calibration, samples, labels in (digits(), mobilenet(rng)):
         reference = np.asarray(model(samples, training=False))
         raw32 = raw_onnx(model)
-        feeds = quantize.batches_of([session(raw32).get_inputs()[0].name], [calibration], False)
+        input_name = session(raw32).get_inputs()[0].name
+        feeds = [{input_name: calibration[i : i + 32]} for i in range(0, len(calibration), 32)]
         graphs = {
             ("raw", "float32"): raw32,
             ("raw", "float16"): quantize.to_float16(raw32),

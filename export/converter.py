@@ -880,7 +880,11 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
         reduced_bytes = quantize.to_float16(model_bytes)
     else:
         step("calibrating and quantizing to int8")
-        feeds = quantize.batches_of(names, reduced.calibration, nchw)
+        rows = len(reduced.calibration[0])
+        feeds = [
+            _feed(names, [a[start : start + 32] for a in reduced.calibration], nchw)
+            for start in range(0, rows, 32)
+        ]
         reduced_bytes = quantize.to_int8(model_bytes, feeds, reduced.calibrate_method)
     proto = onnx.load_from_string(reduced_bytes)
     step(f"verifying the {reduced.precision} graph by agreement")

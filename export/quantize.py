@@ -19,7 +19,6 @@ import collections
 import os
 import tempfile
 
-import numpy as np
 import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -97,16 +96,3 @@ def op_split(proto) -> tuple[dict, dict, dict]:
         else:
             floating[node.op_type] += 1
     return dict(qdq), dict(quantized), dict(floating)
-
-
-def batches_of(names, arrays, nchw, batch_size=32):
-    """{input name: array} batches of `batch_size` rows (channels-first where the graph is)."""
-    total = len(arrays[0])
-    feeds = []
-    for start in range(0, total, batch_size):
-        feed = {}
-        for name, array in zip(names, arrays):
-            chunk = np.ascontiguousarray(array[start : start + batch_size])
-            feed[name] = np.moveaxis(chunk, -1, 1) if nchw and chunk.ndim > 2 else chunk
-        feeds.append(feed)
-    return feeds

@@ -148,6 +148,19 @@ def test_bad_reduced_precision_arguments_are_refused_before_any_work(tmp_path, r
     assert not path.exists()
 
 
+def test_reduced_precision_of_a_mixed_precision_model_is_refused(tmp_path, rng, mixed_policy):
+    mixed_policy("mixed_float16")
+    model = classifier()
+    x = rng.random((16, 8, 8, 1), dtype=np.float32)
+    with pytest.raises(
+        KerasBNError,
+        match=r"precision='int8' converts a float32 graph\. Expected: a float32 model\. "
+        r"Received: a model computing in float16",
+    ):
+        export.to_onnx(model, tmp_path / "m.onnx", precision="int8", calibration=x)
+    assert os.listdir(tmp_path) == []
+
+
 def test_agreement_against_numpy():
     reference = np.array([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]])
     candidate = np.array([[0.9, 0.1, -1.0], [0.0, 0.5, 1.0]])  # second row's argmax moves
