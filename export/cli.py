@@ -221,6 +221,7 @@ def cmd_export(args):
             labels=labels,
             min_agreement=args.min_agreement,
             min_cosine=args.min_cosine,
+            keep_float=args.keep_float,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
@@ -349,6 +350,13 @@ def build_parser():
     )
     p.add_argument(
         "--min-cosine", type=float, default=None, help="default float16 0.999, int8 0.99"
+    )
+    p.add_argument(
+        "--keep-float",
+        action="append",
+        default=[],
+        metavar="LAYER",
+        help="int8: leave this layer in float32 (repeat for several)",
     )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")

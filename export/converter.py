@@ -141,6 +141,11 @@ class QuantizationReport:
     quantized_ops: dict[str, int]
     float_ops: dict[str, int]
     latency_ms: dict  # {"float32" | precision: {batch: median ms}}
+    # int8: what onnxruntime runs after fusing Q/DQ (quantize.runtime_split): its integer kernels,
+    # and the ops it runs in float on dequantized tensors. Empty for float16.
+    runtime_int8_ops: dict[str, int] = dataclasses.field(default_factory=dict)
+    runtime_float_ops: dict[str, int] = dataclasses.field(default_factory=dict)
+    kept_float: list = dataclasses.field(default_factory=list)  # the keep_float layers
 
     def to_dict(self) -> dict:
         return {
@@ -156,6 +161,14 @@ class QuantizationReport:
             if self.precision == "int8"
             else f"{self.precision}: {size}"
         ]
+        if self.precision == "int8":
+            left = ", ".join(f"{op} {n}" for op, n in sorted(self.runtime_float_ops.items()))
+            lines.append(
+                f"  onnxruntime runs {sum(self.runtime_int8_ops.values())} int8 kernels and "
+                f"{sum(self.runtime_float_ops.values())} float ops on dequantized tensors"
+                + (f" ({left})" if left else "")
+                + (f"; kept float32: {', '.join(self.kept_float)}" if self.kept_float else "")
+            )
         for name, a in self.agreement.items():
             top1 = "-" if a.top1 is None else f"{a.top1:.4f}"
             accuracy = (
@@ -673,6 +686,7 @@ def to_onnx(
     labels=None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
+    keep_float=(),
 ) -> ExportReport:
     """Exports `model` to ONNX at `path` and returns an `ExportReport`.
 
@@ -696,6 +710,9 @@ def to_onnx(
     >= `min_agreement` for classification-shaped outputs and cosine similarity >= `min_cosine`
     (defaults in `keras_bn.verification.AGREEMENT`); `labels` adds the accuracy of both. Below
     either bound `VerificationError` names the output and the value, and nothing is written.
+    `keep_float` (int8 only) names layers whose ops stay float32 (onnxruntime's
+    `nodes_to_exclude`), for a layer that int8 makes slower or less accurate, such as a first
+    Conv with one input channel.
     """
     step = progress or (lambda name: None)
     if not isinstance(model, keras.Model):
@@ -714,8 +731,9 @@ def to_onnx(
     _check_exportable(model)
     input_sets = _input_sets(model, samples)  # bad samples fail here, before any conversion
     reduced = _check_precision(
-        model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine
-    )
+        model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine,
+        keep_float,
+    )  # fmt: skip
     timings = {}
     # Keras's reference outputs depend only on the original model: they are computed on a second
     # thread while this one folds and converts (ResNet50: 7.8 s instead of 8.6 s).
@@ -801,10 +819,11 @@ class _Reduced:
     labels: np.ndarray | None
     min_agreement: float
     min_cosine: float
+    keep_float: tuple = ()  # layer names whose ops stay float32 in int8
 
 
 def _check_precision(
-    model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine
+    model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine, keep_float
 ):
     """Checks the reduced-precision arguments before any work; None for a float32 export."""
     from . import quantize
@@ -812,6 +831,15 @@ def _check_precision(
     if precision not in quantize.PRECISIONS:
         raise KerasBNError(
             expected("Unknown `precision`", "'float32', 'float16' or 'int8'", repr(precision))
+        )
+    keep_float = (keep_float,) if isinstance(keep_float, str) else tuple(keep_float or ())
+    if keep_float and precision != "int8":
+        raise KerasBNError(
+            expected(
+                "`keep_float` names layers to leave out of int8 quantization",
+                "precision='int8'",
+                f"precision={precision!r} with keep_float={list(keep_float)}",
+            )
         )
     if precision == "float32":
         return None
@@ -856,7 +884,17 @@ def _check_precision(
             raise KerasBNError(
                 expected("`labels` are class indices", "integers", f"dtype {labels.dtype}")
             )
-    return _Reduced(precision, arrays, calibrate_method, labels, **bounds)
+    known = {layer.name for layer in internals.all_layers(model)}
+    unknown = [name for name in keep_float if name not in known]
+    if unknown:
+        raise KerasBNError(
+            expected(
+                "`keep_float` names layers of the model",
+                f"some of {sorted(known)}",
+                f"{unknown}",
+            )
+        )
+    return _Reduced(precision, arrays, calibrate_method, labels, **bounds, keep_float=keep_float)
 
 
 def _median_ms(session, feed, rounds=20):
@@ -885,7 +923,9 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
             _feed(names, [a[start : start + 32] for a in reduced.calibration], nchw)
             for start in range(0, rows, 32)
         ]
-        reduced_bytes = quantize.to_int8(model_bytes, feeds, reduced.calibrate_method)
+        reduced_bytes = quantize.to_int8(
+            model_bytes, feeds, reduced.calibrate_method, reduced.keep_float
+        )
     proto = onnx.load_from_string(reduced_bytes)
     step(f"verifying the {reduced.precision} graph by agreement")
     sets = dict(input_sets)
@@ -934,6 +974,9 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
             for key, s in (("float32", float_session), (reduced.precision, session)):
                 latency[key][batch] = min(latency[key].get(batch, np.inf), _median_ms(s, feed))
     qdq, quantized, floating = quantize.op_split(proto)
+    runtime_int8, runtime_float = (
+        quantize.runtime_split(reduced_bytes) if reduced.precision == "int8" else ({}, {})
+    )
     report = QuantizationReport(
         precision=reduced.precision,
         input_set=label,
@@ -946,5 +989,8 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
         quantized_ops=quantized,
         float_ops=floating,
         latency_ms=latency,
+        runtime_int8_ops=runtime_int8,
+        runtime_float_ops=runtime_float,
+        kept_float=list(reduced.keep_float),
     )
     return reduced_bytes, report

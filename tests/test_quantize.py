@@ -74,6 +74,16 @@ def test_pattern_suite_passes_its_agreement_bound(name, precision, tmp_path, rng
         assert qdq.get("QuantizeLinear", 0) > 0 and quantized, (qdq, quantized)
         weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
         assert weights  # int8 weights stored as such
+        # What onnxruntime runs: each layer one int8 kernel, but ConvTranspose, for which its CPU
+        # provider has none (it runs in float between DequantizeLinear and QuantizeLinear). The
+        # final tanh (which onnxruntime's quantizer leaves unquantized) runs on the dequantized
+        # output.
+        kernel = {"dense": "QGemm", "conv2d_transpose": None}.get(name, "QLinearConv")
+        assert q.runtime_int8_ops == ({kernel: 1} if kernel else {}), q.runtime_int8_ops
+        left = {"ConvTranspose": 1} if name == "conv2d_transpose" else {}
+        if "Tanh" in ops:
+            left["Tanh"] = 1
+        assert q.runtime_float_ops == left, q.runtime_float_ops
     else:
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
         assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -86,6 +96,58 @@ def test_pattern_suite_passes_its_agreement_bound(name, precision, tmp_path, rng
     np.testing.assert_allclose(next(iter(q.agreement.values())).cosine, cosine, rtol=1e-6)
     assert q.bytes > 0 and q.float32_bytes > 0  # tiny graphs: sizes are reported, not compared
     assert left_in(private_tmp) == []  # the quantizer's temporary files are gone
+
+
+def inverted_residual():
+    """MobileNetV2's block: 1x1 expand -> BN -> ReLU6, depthwise 3x3 -> BN -> ReLU6, 1x1 project
+    -> BN, added to the input; then a 1x1 Conv reading the sum."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 8))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(inputs)))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same")(x)))
+    x = L.Add()([inputs, L.BatchNormalization()(L.Conv2D(8, 1, use_bias=False)(x))])
+    model = keras.Model(inputs, L.Conv2D(16, 1)(x))
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.3, c))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
+    return model
+
+
+def test_int8_inverted_residual_runs_in_int8_kernels_only(tmp_path, rng):
+    model = inverted_residual()
+    x = rng.normal(size=(64, 12, 12, 8)).astype("float32")
+    report = export.to_onnx(model, tmp_path / "r.onnx", precision="int8", calibration=x)
+    q = report.quantization
+    # Four Convs and one Add in the model, each one onnxruntime int8 kernel; nothing float.
+    assert q.runtime_int8_ops == {"QLinearConv": 4, "QLinearAdd": 1}, q.runtime_int8_ops
+    assert q.runtime_float_ops == {}
+    assert "onnxruntime runs 5 int8 kernels and 0 float ops on dequantized tensors" in str(report)
+    # Why the activations are uint8: the same float32 graph quantized with onnxruntime's int8
+    # activations (its default) leaves the residual Add, the Conv after it and a Transpose between
+    # them in float.
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float32 = tmp_path / "f.onnx"
+    export.to_onnx(model, float32, samples=x)
+    name = ort.InferenceSession(str(float32)).get_inputs()[0].name
+    quant_pre_process(str(float32), str(tmp_path / "prepared.onnx"))
+    quantize_static(
+        str(tmp_path / "prepared.onnx"),
+        str(tmp_path / "s8.onnx"),
+        quantize._Feeds([{name: x}]),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8,
+        extra_options={"WeightSymmetric": True},
+    )
+    int8, floating = quantize.runtime_split((tmp_path / "s8.onnx").read_bytes())
+    assert int8 == {"QLinearConv": 3}, int8
+    assert floating == {"Add": 1, "Conv": 1, "Transpose": 1}, floating
 
 
 def classifier():
@@ -112,6 +174,39 @@ def test_agreement_and_accuracy_are_reported_for_classification_outputs(tmp_path
     assert (
         "top-1 agreement" in str(report) and report.to_dict()["quantization"]["precision"] == "int8"
     )
+    assert report.quantization.runtime_int8_ops == {
+        "QLinearConv": 1,
+        "QLinearGlobalAveragePool": 1,
+        "QLinearMatMul": 1,
+    }
+    assert report.to_dict()["quantization"]["runtime_float_ops"] == {}
+
+
+def test_keep_float_leaves_the_named_layer_in_float32(tmp_path, rng):
+    model = classifier()
+    conv = next(layer.name for layer in model.layers if isinstance(layer, L.Conv2D))
+    x = rng.random((128, 8, 8, 1), dtype=np.float32)
+    path = tmp_path / "k.onnx"
+    report = export.to_onnx(model, path, precision="int8", calibration=x, keep_float=[conv])
+    q = report.quantization
+    assert q.kept_float == [conv] and f"kept float32: {conv}" in str(report)
+    # The Conv is a float Conv with float32 weights; the rest is still int8.
+    assert q.runtime_int8_ops == {"QLinearGlobalAveragePool": 1, "QLinearMatMul": 1}
+    graph = onnx.load(path)
+    floats = {i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1 and convs[0].input[1] in floats and f"/{conv}" in convs[0].name
+    # Negative cases, each before any quantization: a name that is no layer, a BatchNorm that
+    # folding removes, keep_float without int8.
+    bn = next(layer.name for layer in model.layers if isinstance(layer, L.BatchNormalization))
+    for kwargs, message in (
+        ({"precision": "int8", "keep_float": ["nope"]}, r"`keep_float` names layers of the model"),
+        ({"precision": "int8", "keep_float": [bn]}, r"it was folded or fused into a neighbour"),
+        ({"precision": "float16", "keep_float": [conv]}, r"Expected: precision='int8'"),
+    ):
+        with pytest.raises(KerasBNError, match=message):
+            export.to_onnx(model, tmp_path / "bad.onnx", calibration=x, **kwargs)
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_below_the_bound_nothing_is_written(tmp_path, rng, private_tmp):
@@ -216,6 +311,12 @@ def test_export_command_precision_exit_codes(tmp_path, rng):
     run = cli_in_process("export", tmp_path / "m.keras", "-o", strict, "--precision", "int8")
     assert run.returncode == 2
     one_line_error(run, r"int8 export needs calibration data")
+    run = cli_in_process(
+        "export", tmp_path / "m.keras", "-o", strict, "--precision", "int8",
+        "--calibration", tmp_path / "calib.npy", "--keep-float", "nope",
+    )  # fmt: skip
+    assert run.returncode == 2 and not strict.exists()
+    one_line_error(run, r"`keep_float` names layers of the model")
     np.save(tmp_path / "wrong.npy", x[:, :4])
     run = cli_in_process(
         "export", tmp_path / "m.keras", "-o", strict, "--precision", "int8",
