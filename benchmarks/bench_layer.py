@@ -1,11 +1,13 @@
 """keras_bn.BatchNorm vs keras.layers.BatchNormalization, side by side in one process.
 
-Measures a training step (forward, backward, moving-statistics update) and an inference step,
-each a tf.function, for NHWC (32, 56, 56, 64) and 2-D (256, 1024) float32 inputs. Runs are
-interleaved (ours, Keras, ours, Keras, ...) and the reported ratio is the median of per-round
-ratios, so machine noise hits both sides alike.
+Measures a training step (forward, backward, moving-statistics update) and an inference step
+for NHWC (32, 56, 56, 64) and 2-D (256, 1024) float32 inputs, compiled as each backend compiles
+a step: a tf.function on TensorFlow, jax.jit of the layers' stateless call with jax.grad on JAX,
+eager autograd on PyTorch (Keras's default there). Runs are interleaved (ours, Keras, ours,
+Keras, ...) and the reported ratio is the median of per-round ratios, so machine noise hits both
+sides alike.
 
-    python benchmarks/bench_layer.py [--rounds 15] [--json]
+    python benchmarks/bench_layer.py [--backend tensorflow|jax|torch] [--rounds 15] [--json]
 """
 
 import argparse
@@ -17,15 +19,74 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
+def _backend_from_argv():
+    """--backend must be known before Keras is imported: Keras reads KERAS_BACKEND once."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=None)
+    known, _ = parser.parse_known_args()
+    if known.backend:
+        os.environ["KERAS_BACKEND"] = known.backend
+
+
+_backend_from_argv()
+
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_bn  # noqa: E402
+
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
 
 CASES = {"NHWC (32,56,56,64)": (32, 56, 56, 64), "2-D (256,1024)": (256, 1024)}
 
 
 def make_steps(layer, shape):
+    return {"tensorflow": tf_steps, "jax": jax_steps, "torch": torch_steps}[BACKEND](layer, shape)
+
+
+def jax_steps(layer, shape):
+    import jax
+    import jax.numpy as jnp
+
+    layer.build(shape)
+    x = 1.0 + 2.0 * jax.random.normal(jax.random.key(1), shape)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable, non_trainable, x):
+        y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
+        return jnp.sum(y * y), updated
+
+    train = jax.jit(jax.value_and_grad(loss, argnums=(0, 2), has_aux=True))
+    infer = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=False)[0])
+    return {
+        "train": lambda: train(trainable, non_trainable, x),
+        "infer": lambda: infer(trainable, non_trainable, x),
+    }
+
+
+def torch_steps(layer, shape):
+    import torch
+
+    layer.build(shape)
+    torch.manual_seed(1)
+    x = (1.0 + 2.0 * torch.randn(shape)).requires_grad_(True)
+    weights = [w.value for w in layer.trainable_weights]
+
+    def train_step():
+        y = layer(x, training=True)
+        return torch.autograd.grad((y * y).sum(), [x, *weights])
+
+    def infer_step():
+        with torch.no_grad():
+            return layer(x, training=False)
+
+    return {"train": train_step, "infer": infer_step}
+
+
+def tf_steps(layer, shape):
     layer.build(shape)
     x = tf.random.normal(shape, 1.0, 2.0, seed=1)
 
@@ -49,7 +110,7 @@ def time_call(fn, repeats):
     start = time.perf_counter()
     for _ in range(repeats):
         out = fn()
-    tf.nest.map_structure(lambda t: t.numpy(), out)
+    keras.tree.map_structure(lambda t: keras.ops.convert_to_numpy(t), out)  # wait for it
     return (time.perf_counter() - start) / repeats
 
 
@@ -58,6 +119,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--backend", choices=["tensorflow", "jax", "torch"], default=None, help="KERAS_BACKEND"
+    )
     args = parser.parse_args()
     rows = []
     for case, shape in CASES.items():
@@ -80,7 +144,11 @@ def main():
                     "ratio": statistics.median(ratios),
                 }
             )
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}, Keras {keras.__version__}"
+    library = __import__(BACKEND)
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, backend {BACKEND} "
+        f"{library.__version__}, Keras {keras.__version__}"
+    )
     if args.json:
         print(json.dumps({"machine": machine, "rows": rows}, indent=2))
         return

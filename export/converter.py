@@ -522,7 +522,7 @@ def _input_sets(model, samples):
 
 
 def _keras_outputs(model, arrays):
-    return [np.asarray(y) for y in keras.tree.flatten(run_inference(model, arrays))]
+    return [np.asarray(y) for y in keras.tree.flatten(run_inference(model, arrays, as_numpy=True))]
 
 
 def _references(model, input_sets):
@@ -618,7 +618,12 @@ def _first_divergence(model, exported, arrays, optimized, opset, nchw, tolerance
 
 
 def _check_exportable(model):
-    """Refuses, before any work, what onnxruntime cannot run."""
+    """Refuses, before any work, what onnxruntime cannot run, and another Keras backend: tf2onnx
+    converts TensorFlow graphs."""
+    internals.require_tensorflow(
+        "ONNX export (tf2onnx converts TensorFlow graphs)",
+        "keras-bn export model.keras -o model.onnx",
+    )
     if compute_dtype(model) == "bfloat16":
         raise KerasBNError(
             expected(

@@ -94,3 +94,74 @@ def set_keras_mask(tensor, mask):
     if mask is not None:
         backend.set_keras_mask(tensor, mask)
     return tensor
+
+
+def traced_by_jax(x) -> bool:
+    """True while jax.jit (or jax.grad) traces `x`. Keras has no public test for a tracer."""
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
+def concrete_bool(flag):
+    """The value of `flag` (a scalar boolean tensor) as a Python bool when it has one now, or None
+    while a compiled step traces it (tf.function or XLA, jax.jit, torch.compile), where reading
+    it would be a host callback or an error. No public Keras API says whether a tensor is
+    concrete."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(flag) if tf.executing_eagerly() else None
+    if backend == "jax":
+        return None if traced_by_jax(flag) else bool(flag)
+    if backend == "torch":
+        import torch
+
+        return None if torch.compiler.is_compiling() else bool(flag)
+    return bool(flag)
+
+
+def refuse_unsynchronizable_distribution(name) -> None:
+    """`synchronized=True` on JAX or PyTorch: accepted on one device, where local statistics are
+    the global ones; refused under a multi-device distribution, where this version does not yet
+    combine the replicas' statistics (the TensorFlow backend does, through tf.distribute)."""
+    from keras_bn.errors import KerasBNError, expected
+
+    backend = keras.backend.backend()
+    replicas = 1
+    if backend == "jax":
+        distribution = keras.distribution.distribution()
+        if distribution is not None:
+            replicas = max(1, len(distribution.device_mesh.devices.reshape(-1)))
+    elif backend == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            replicas = dist.get_world_size()
+    if replicas > 1:
+        raise KerasBNError(
+            expected(
+                f"BatchNorm '{name}': synchronized=True combines the replicas' batch "
+                f"statistics on the TensorFlow backend only in this version",
+                "KERAS_BACKEND=tensorflow with a tf.distribute strategy, or synchronized=False",
+                f"the {backend} backend with {replicas} replicas",
+            )
+        )
+
+
+def require_tensorflow(what: str, command: str) -> None:
+    """Refuses `what` on another Keras backend, naming the command that works."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    from keras_bn.errors import KerasBNError, expected
+
+    raise KerasBNError(
+        expected(
+            f"{what} runs on the TensorFlow backend in this version",
+            "KERAS_BACKEND=tensorflow",
+            f"KERAS_BACKEND={backend}",
+            f"Run it there: `KERAS_BACKEND=tensorflow {command}`.",
+        )
+    )

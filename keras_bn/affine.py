@@ -1,7 +1,7 @@
 """`ChannelAffine`: y = x * scale + offset per channel, what an unfoldable BatchNorm becomes."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -36,9 +36,9 @@ class ChannelAffine(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         shape = [1] * len(inputs.shape)
         shape[self._axis] = -1
-        x = tf.cast(inputs, self.scale.dtype)
-        outputs = x * tf.reshape(self.scale, shape) + tf.reshape(self.offset, shape)
-        return tf.cast(outputs, self.compute_dtype)
+        x = ops.cast(inputs, self.scale.dtype)
+        outputs = x * ops.reshape(self.scale, shape) + ops.reshape(self.offset, shape)
+        return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -284,7 +284,7 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
 
         first = next(_batches(model, data, batch_size), None)  # None: a spent one-shot iterator
         if first is not None:
-            before = keras.tree.flatten(run_inference(model, first))
-            after = keras.tree.flatten(run_inference(recalibrated, first))
+            before = keras.tree.flatten(run_inference(model, first, as_numpy=True))
+            after = keras.tree.flatten(run_inference(recalibrated, first, as_numpy=True))
             report.output_error = max(compare(b, a).max_rel for b, a in zip(before, after))
     return report

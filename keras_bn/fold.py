@@ -634,11 +634,13 @@ def fold_bn(
         checks.append(("samples", check_samples(model, samples)))
     # The original model's outputs are computed on a second thread while this one folds (TF
     # runs its kernels without the GIL; ResNet50: see README "Benchmarks").
-    with in_background(lambda: [run_inference(model, x) for _, x in checks]) as pending:
+    with in_background(
+        lambda: [run_inference(model, x, as_numpy=True) for _, x in checks]
+    ) as pending:
         folded = _fold_model(model, report, "", replace_leftovers)
     names = output_names(model)
     for (label, inputs), reference in zip(checks, pending.result()):
-        candidate = keras.tree.flatten(run_inference(folded, inputs))
+        candidate = keras.tree.flatten(run_inference(folded, inputs, as_numpy=True))
         for name, ref, out in zip(names, keras.tree.flatten(reference), candidate):
             result = compare(ref, out)
             report.verification.append(

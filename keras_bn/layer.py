@@ -6,9 +6,9 @@ import math
 import warnings
 
 import keras
-import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import constraints, initializers, ops, regularizers
 
+from keras_bn import _keras_internals as internals
 from keras_bn.conventions import (
     KERAS_EPSILON,
     KERAS_MOMENTUM,
@@ -19,11 +19,15 @@ from keras_bn.conventions import (
 )
 from keras_bn.errors import KerasBNError, expected
 
+# The TensorFlow backend keeps its own path (FusedBatchNormV3, tf.distribute, run-time checks
+# for unknown shapes); JAX and PyTorch take the backend-neutral keras.ops path below.
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
 # cuDNN, and with it tf.nn.fused_batch_norm, raises any epsilon below this to this value without a
 # word. The fast path is only taken when the user's epsilon is at least this, so it is never changed.
 FUSED_MIN_EPSILON = 1.001e-5
-
-_LOW_PRECISION = (tf.float16, tf.bfloat16)
 
 
 def _batch_of_one_message(shape):
@@ -497,7 +501,6 @@ class BatchNorm(keras.layers.Layer):
         return gamma, beta
 
     def call(self, inputs, training=None, mask=None):
-        inputs = tf.convert_to_tensor(inputs)
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise KerasBNError(
                 expected(
@@ -506,6 +509,11 @@ class BatchNorm(keras.layers.Layer):
                     f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}",
                 )
             )
+        if BACKEND == "tensorflow":
+            return self._tf_call(tf.convert_to_tensor(inputs), training, mask)
+        return self._ops_call(ops.convert_to_tensor(inputs), training, mask)
+
+    def _tf_call(self, inputs, training, mask):
         # BatchNorm overflows in float16: statistics and the affine map run in float32, or in
         # float64 for float64 inputs.
         math_dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
@@ -599,6 +607,125 @@ class BatchNorm(keras.layers.Layer):
             is_training=training,
         )
         return outputs, mean, variance
+
+    # ---------------------------------------------------------------------------------------
+    # JAX and PyTorch: the same statistics in keras.ops. Shapes are static on both (jax.jit
+    # traces with concrete shapes, torch runs eagerly or under torch.compile with known sizes),
+    # so the one-value check is a Python error and there is no run-time assert to drop.
+
+    def _ops_call(self, inputs, training, mask):
+        if self.synchronized:
+            internals.refuse_unsynchronizable_distribution(self.name)
+        math_dtype = (
+            "float64" if keras.backend.standardize_dtype(inputs.dtype) == "float64" else "float32"
+        )
+        channels = inputs.shape[self._axis]
+        shape = self._broadcast_shape(len(inputs.shape))
+        gamma = (
+            ops.cast(self.gamma, math_dtype) if self.scale else ops.ones((channels,), math_dtype)
+        )
+        beta = (
+            ops.cast(self.beta, math_dtype) if self.center else ops.zeros((channels,), math_dtype)
+        )
+        x = ops.cast(inputs, math_dtype)
+        epsilon = ops.convert_to_tensor(self.epsilon, dtype=math_dtype)  # not via float32
+        if training and self.trainable:
+            count = math.prod(int(inputs.shape[i]) for i in self._reduction_axes)
+            if count == 0:  # nothing to learn from
+                return ops.cast(inputs, self.compute_dtype)
+            if count == 1:
+                if not (BACKEND == "jax" and internals.traced_by_jax(inputs)):
+                    raise KerasBNError(_batch_of_one_message(tuple(inputs.shape)))
+                # Inside jax.jit, as under XLA on TensorFlow: an exception raised while Keras's
+                # JAX trainer traces its step leaves the model's variables purged (measured:
+                # predict then fails). NaN outputs make the loss NaN instead of a silently wrong
+                # beta, and the moving statistics are left alone (one value: no update).
+                gamma = gamma * float("nan")
+            centered, mean, variance, count = self._ops_moments(x, mask)
+            inv = gamma * ops.rsqrt(variance + epsilon)
+            outputs = centered * ops.reshape(inv, shape) + ops.reshape(beta, shape)
+            self._ops_update_moving(mean, variance, count)
+            return ops.cast(outputs, self.compute_dtype)
+        # (x - mean) * inv + beta, as on TensorFlow: no cancellation of two large numbers.
+        mean = ops.cast(self.moving_mean, math_dtype)
+        inv = gamma * ops.rsqrt(ops.cast(self.moving_variance, math_dtype) + epsilon)
+        outputs = (x - ops.reshape(mean, shape)) * ops.reshape(inv, shape) + ops.reshape(
+            beta, shape
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _ops_moments(self, x, mask):
+        """`_batch_moments` in keras.ops: shifted by one sample, two passes, biased variance."""
+        axes = self._reduction_axes
+        shape = self._broadcast_shape(len(x.shape))
+        if mask is None:
+            first = tuple(
+                slice(None) if i == self._axis else slice(0, 1) for i in range(len(x.shape))
+            )
+            pivot = ops.stop_gradient(ops.sum(x[first], axis=axes, keepdims=True))
+            shifted = x - pivot
+            # Sums over n, not ops.mean: Keras 3.15's torch `mean` computes float64 in float32
+            # (measured: 1e-7 error on float64 data).
+            n = math.prod(x.shape[i] for i in axes)
+            shifted_mean = ops.sum(shifted, axis=axes) / n
+            centered = shifted - ops.reshape(shifted_mean, shape)
+            variance = ops.sum(ops.square(centered), axis=axes) / n
+            count = ops.full_like(shifted_mean, n)
+            return centered, shifted_mean + ops.reshape(pivot, (-1,)), variance, count
+        # A masked-out first sample may hold padding far from the data: no shift then.
+        weights = ops.broadcast_to(ops.expand_dims(ops.cast(mask, x.dtype), -1), ops.shape(x))
+        count = ops.sum(weights, axis=axes)
+        safe = ops.maximum(count, 1.0)  # an all-masked channel: mean 0, and no update below
+        mean = ops.where(count > 0, ops.sum(x * weights, axis=axes) / safe, 0.0)
+        centered = x - ops.reshape(mean, shape)
+        variance = ops.where(
+            count > 0, ops.sum(ops.square(centered) * weights, axis=axes) / safe, 0.0
+        )
+        return centered, mean, variance, count
+
+    def _ops_update_moving(self, mean, variance, count):
+        """`_update_moving` in keras.ops: the same skip rules, no host op (jax.jit and
+        torch.compile run it inside the compiled step)."""
+        dtype = mean.dtype
+        mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
+        count = ops.cast(count, dtype)
+        if self.unbiased_variance:
+            variance = variance * ops.where(count > 1.0, count / ops.maximum(count - 1.0, 1.0), 0.0)
+        finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(variance)))
+        update = ops.logical_and(finite, ops.all(count > 1.0))
+        if self.momentum is None:
+            weight_new = 1.0 / (ops.cast(self.num_batches_tracked, dtype) + 1.0)
+        else:
+            weight_new = 1.0 - self.momentum
+        old_mean = ops.cast(self.moving_mean, dtype)
+        old_variance = ops.cast(self.moving_variance, dtype)
+        new_mean = old_mean * (1.0 - weight_new) + mean * weight_new
+        new_variance = old_variance * (1.0 - weight_new) + variance * weight_new
+        self.moving_mean.assign(
+            ops.cast(ops.where(update, new_mean, old_mean), self.moving_mean.dtype)
+        )
+        self.moving_variance.assign(
+            ops.cast(ops.where(update, new_variance, old_variance), self.moving_variance.dtype)
+        )
+        if self.momentum is None:
+            tracked = self.num_batches_tracked
+            tracked.assign(tracked + ops.cast(update, tracked.dtype))
+        skipped = ops.logical_and(ops.logical_not(update), ops.any(count > 0.0))
+        counter = self._skipped.variable
+        if BACKEND == "jax":
+            # JAX's compiled step carries only the model's own variables in and out: the counter,
+            # kept out of them (see _Counter), counts the batches it sees outside jax.jit.
+            if internals.concrete_bool(skipped):
+                counter.assign(counter.value + 1)
+        else:
+            counter.assign(counter + ops.cast(skipped, counter.dtype))
+        if internals.concrete_bool(finite) is False:
+            warnings.warn(
+                f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
+                "the moving statistics were not updated for this batch.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def get_config(self):
         base_config = super().get_config()

@@ -35,7 +35,9 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+if keras.backend.backend() == "tensorflow":  # the collection step is TensorFlow's (see README)
+    import tensorflow as tf
 
 from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
@@ -494,6 +496,9 @@ def recalibrate(
             that are not finite (NaN in the data); the caller's model is unchanged and nothing is
             returned.
     """
+    internals.require_tensorflow(
+        "recalibrate", "keras-bn recalibrate model.keras --data x.npy -o recalibrated.keras"
+    )
     _check_foldable(model)
     if estimator not in ESTIMATORS:
         raise KerasBNError(

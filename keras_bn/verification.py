@@ -20,7 +20,6 @@ import re
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
@@ -323,11 +322,17 @@ def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
     return checked
 
 
-def run_inference(model, inputs):
-    """`model` in inference mode on `inputs`, a list of arrays (one per model input)."""
+def run_inference(model, inputs, as_numpy=False):
+    """`model` in inference mode on `inputs`, a list of arrays (one per model input); with
+    `as_numpy`, the outputs as NumPy arrays (a torch output that requires grad included)."""
     try:
-        return model(inputs[0] if len(inputs) == 1 else inputs, training=False)
-    except tf.errors.UnimplementedError as error:
+        outputs = model(inputs[0] if len(inputs) == 1 else inputs, training=False)
+        if as_numpy:
+            return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
+        return outputs
+    except Exception as error:
+        if type(error).__name__ != "UnimplementedError":  # TensorFlow's, without importing it
+            raise
         text = plain_text(error)
         if "NHWC" in text or "NDHWC" in text or "channels_first" in text.lower():
             raise KerasBNError(
@@ -355,6 +360,10 @@ def in_background(fn):
 def on_callers_device(fn):
     """`fn` wrapped to run under the calling thread's TF device scope (`with tf.device(...)`),
     which TF keeps per thread, when it runs on another thread."""
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
     device = internals.current_tf_device()
 
     def run():

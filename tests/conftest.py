@@ -21,3 +21,9 @@ def mixed_policy():
 
     yield _set
     keras.config.set_dtype_policy("float32")
+
+
+def pytest_collection_modifyitems(items):
+    """The backend subprocess tests (minutes each) first, so that the two xdist workers start
+    them at once and the short tests fill in around them instead of waiting behind them."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_backends.py") else 1)

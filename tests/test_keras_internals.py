@@ -95,3 +95,26 @@ def test_save_keras_to_file_object(nested):
     assert "config.json" in zipfile.ZipFile(io.BytesIO(handle.getvalue())).namelist(), _fail(
         "save_keras_to_file_object"
     )
+
+
+def test_concrete_bool_is_none_while_a_step_traces():
+    assert internals.concrete_bool(tf.constant(False)) is False, _fail("concrete_bool")
+    seen = []
+    tf.function(lambda x: seen.append(internals.concrete_bool(x)) or x)(tf.constant(True))
+    assert seen == [None], _fail("concrete_bool")
+
+
+def test_traced_by_jax_tells_a_tracer_from_an_array():
+    jax = pytest.importorskip("jax", reason='JAX not installed: pip install -e ".[jax]"')
+    import jax.numpy as jnp
+
+    seen = []
+    jax.jit(lambda x: seen.append(internals.traced_by_jax(x)) or x)(jnp.ones(2))
+    assert seen == [True] and not internals.traced_by_jax(jnp.ones(2)), _fail("traced_by_jax")
+
+
+def test_backend_guards_pass_on_tensorflow():
+    # The refusals on JAX and PyTorch are checked there (tests/test_backends.py); here, on the
+    # backend that supports both, neither refuses.
+    internals.require_tensorflow("x", "y")
+    internals.refuse_unsynchronizable_distribution("bn")

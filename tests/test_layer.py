@@ -1,4 +1,10 @@
-"""keras_bn.BatchNorm: layer contract, golden values, parity sweeps, bad input."""
+"""keras_bn.BatchNorm: layer contract, golden values, parity sweeps, bad input.
+
+The file runs on every Keras backend: in-process on TensorFlow (the suite's backend), and whole,
+in a subprocess with KERAS_BACKEND=jax and =torch, from tests/test_backends.py. Tests of
+TensorFlow machinery (FusedBatchNormV3, tf.function with unknown shapes, tf.distribute,
+SavedModel) are marked `tf_only`, and their counterparts on the other backends say what differs.
+"""
 
 import json
 import os
@@ -9,17 +15,63 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_bn
 from keras_bn import BatchNorm, KerasBNError
 from tests.tolerances import LAYER_ATOL, LAYER_RTOL
 
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow machinery")
+
+
+def to_np(x, dtype=None):
+    """A backend tensor as NumPy (a torch tensor that requires grad included); low-precision
+    floats through float32, which NumPy lacks for bfloat16."""
+    if keras.backend.standardize_dtype(x.dtype) == "bfloat16":
+        x = keras.ops.cast(x, "float32")
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype)
+
+
+def dtype_of(x):
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def train_with_input_gradient(layer, x):
+    """(training-mode output, d/dx sum(output * sin(x))) with one update of the statistics, on
+    the backend's own autodiff."""
+    if BACKEND == "tensorflow":
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt, training=True)
+            loss = tf.reduce_sum(y * tf.sin(xt))
+        return y, tape.gradient(loss, xt)
+    if BACKEND == "torch":
+        import torch
+
+        xt = torch.tensor(x, requires_grad=True)
+        y = layer(xt, training=True)
+        (grad,) = torch.autograd.grad((y * torch.sin(xt)).sum(), xt)
+        return y, grad
+    import jax
+    import jax.numpy as jnp
+
+    y = layer(x, training=True)
+
+    def loss(xt):
+        with keras.StatelessScope():  # the update above is the one that counts
+            return jnp.sum(layer(xt, training=True) * jnp.sin(xt))
+
+    return y, jax.grad(loss)(jnp.asarray(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # Layer contract helper, in the spirit of keras' own `run_layer_test`.
 
 
-def run_layer_contract(make_layer, input_shape, rng):
+def run_layer_contract(make_layer, input_shape, rng, jit_compile=True):
     layer = make_layer()
     # 1. config round trip, including through the serialization registry.
     config = layer.get_config()
@@ -36,15 +88,15 @@ def run_layer_contract(make_layer, input_shape, rng):
 
     # 3. eager call in both modes.
     x = rng.normal(2.0, 3.0, size=input_shape).astype("float32")
-    y_infer = np.asarray(layer(x, training=False))
+    y_infer = to_np(layer(x, training=False))
     assert y_infer.shape == x.shape and np.all(np.isfinite(y_infer))
 
     # 4. a training step through model.fit: trainable weights and moving statistics move.
     #    With jit_compile=True, as Keras does by default on every GPU: XLA (on CPU here too)
     #    rejects host ops such as PrintV2 in the step.
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)
-    before = [np.array(w) for w in layer.weights]
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit_compile)
+    before = [w.numpy().copy() for w in layer.weights]
     model.fit(
         x,
         rng.normal(size=input_shape).astype("float32"),
@@ -52,7 +104,7 @@ def run_layer_contract(make_layer, input_shape, rng):
         epochs=1,
         verbose=0,
     )
-    after = [np.array(w) for w in layer.weights]
+    after = [w.numpy().copy() for w in layer.weights]
     for w, b, a in zip(layer.weights, before, after):
         if w.name == "num_batches_tracked":
             assert a == b + 1
@@ -64,9 +116,9 @@ def run_layer_contract(make_layer, input_shape, rng):
     mp_layer = make_layer()
     mp_layer.dtype_policy = keras.dtype_policies.DTypePolicy("mixed_float16")
     y16 = mp_layer(x.astype("float16"), training=True)
-    assert y16.dtype == tf.float16
+    assert dtype_of(y16) == "float16"
     assert mp_layer.moving_mean.dtype == "float32"
-    assert np.all(np.isfinite(np.asarray(y16, dtype=np.float32)))
+    assert np.all(np.isfinite(to_np(y16, np.float32)))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +133,10 @@ def run_layer_contract(make_layer, input_shape, rng):
     ],
 )
 def test_layer_contract(kwargs, input_shape, rng):
-    run_layer_contract(lambda: BatchNorm(**kwargs), input_shape, rng)
+    # torch.compile costs 5 to 30 s a shape on CPU: on torch the contract trains eagerly, and
+    # test_fit_with_xla_matches_keras and the NaN and batch-of-one fits compile.
+    jit_compile = BACKEND != "torch"
+    run_layer_contract(lambda: BatchNorm(**kwargs), input_shape, rng, jit_compile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +154,7 @@ def test_seed_post_golden_values():
         np.testing.assert_allclose(bn.moving_variance.numpy(), [var], rtol=1e-6)
     # (3 - 1.897) / sqrt(0.729 + 1e-5) = 1.2918403 (PyTorch prints this)
     out = bn(np.array([[3.0]], np.float32), training=False)
-    np.testing.assert_allclose(np.asarray(out), [[1.2918403]], rtol=1e-6)
+    np.testing.assert_allclose(to_np(out), [[1.2918403]], rtol=1e-6)
     with pytest.raises(
         ValueError,
         match=r"Expected more than 1 value per channel when training, "
@@ -115,9 +170,7 @@ def test_unbiased_variance_golden():
     np.testing.assert_allclose(bn.moving_variance.numpy(), [2.0], rtol=1e-7)
     np.testing.assert_allclose(bn.moving_mean.numpy(), [2.0], rtol=1e-7)
     # Normalization uses the biased variance 1: (1-2)/sqrt(1+1e-3), (3-2)/sqrt(1+1e-3).
-    np.testing.assert_allclose(
-        np.asarray(y), [[-1 / np.sqrt(1.001)], [1 / np.sqrt(1.001)]], rtol=1e-6
-    )
+    np.testing.assert_allclose(to_np(y), [[-1 / np.sqrt(1.001)], [1 / np.sqrt(1.001)]], rtol=1e-6)
     biased = BatchNorm(momentum=0.0)
     biased(np.array([[1.0], [3.0]], np.float32), training=True)
     np.testing.assert_allclose(biased.moving_variance.numpy(), [1.0], rtol=1e-7)
@@ -159,7 +212,7 @@ def test_torch_convention_sweep(momentum, shape, axis, rng):
     mean, var, out = torch_reference(batches, momentum, 1e-5, axis)
     np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(y), out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(to_np(y), out, rtol=1e-4, atol=1e-5)
     if momentum is None:
         assert int(bn.num_batches_tracked.numpy()) == 4
 
@@ -195,7 +248,11 @@ def test_conventions_convert():
 
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize("axis", [-1, 1])
-@pytest.mark.parametrize("momentum,epsilon", [(0.99, 1e-3), (0.9, 1e-5)])
+# (0.9, 1e-5) is there for FusedBatchNormV3's epsilon bound (1.001e-5), TensorFlow's alone: the
+# other backends run the sweep once, at Keras's defaults (JAX compiles each eager op per shape).
+@pytest.mark.parametrize(
+    "momentum,epsilon", [(0.99, 1e-3), (0.9, 1e-5)] if BACKEND == "tensorflow" else [(0.99, 1e-3)]
+)
 def test_keras_parity(rank, axis, momentum, epsilon, rng):
     shape = (6, 3, 4, 5, 2)[:rank]
     ours = BatchNorm(
@@ -209,20 +266,25 @@ def test_keras_parity(rank, axis, momentum, epsilon, rng):
     ours.build(shape)
     theirs.build(shape)
     theirs.set_weights(ours.get_weights())
-    for _ in range(4):
+    for step in range(4):
         x = rng.normal(1.5, 2.5, size=shape).astype("float32")
-        with tf.GradientTape(persistent=True) as tape:
-            xt = tf.constant(x)
-            tape.watch(xt)
-            y_ours = ours(xt, training=True)
-            y_theirs = theirs(xt, training=True)
-            loss_ours = tf.reduce_sum(y_ours * tf.sin(xt))
-            loss_theirs = tf.reduce_sum(y_theirs * tf.sin(xt))
-        np.testing.assert_allclose(y_ours, y_theirs, rtol=LAYER_RTOL, atol=LAYER_ATOL)
-        g_ours = tape.gradient(loss_ours, [xt] + ours.trainable_weights)
-        g_theirs = tape.gradient(loss_theirs, [xt] + theirs.trainable_weights)
-        for a, b in zip(g_ours, g_theirs):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        if step < 3:  # training steps; the input gradient is compared on the last one
+            y_ours, y_theirs = ours(x, training=True), theirs(x, training=True)
+        else:
+            y_ours, g_ours = train_with_input_gradient(ours, x)
+            y_theirs, g_theirs = train_with_input_gradient(theirs, x)
+            np.testing.assert_allclose(to_np(g_ours), to_np(g_theirs), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(to_np(y_ours), to_np(y_theirs), rtol=LAYER_RTOL, atol=LAYER_ATOL)
+        if BACKEND == "tensorflow":  # and the weights' gradients
+            with tf.GradientTape(persistent=True) as tape:
+                xt = tf.constant(x)
+                loss_ours = tf.reduce_sum(ours(xt, training=True) * tf.sin(xt))
+                loss_theirs = tf.reduce_sum(theirs(xt, training=True) * tf.sin(xt))
+            for a, b in zip(
+                tape.gradient(loss_ours, ours.trainable_weights),
+                tape.gradient(loss_theirs, theirs.trainable_weights),
+            ):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
         ours.moving_mean.numpy(), theirs.moving_mean.numpy(), rtol=LAYER_RTOL, atol=1e-6
     )
@@ -231,7 +293,10 @@ def test_keras_parity(rank, axis, momentum, epsilon, rng):
     )
     x = rng.normal(size=shape).astype("float32")
     np.testing.assert_allclose(
-        ours(x, training=False), theirs(x, training=False), rtol=LAYER_RTOL, atol=LAYER_ATOL
+        to_np(ours(x, training=False)),
+        to_np(theirs(x, training=False)),
+        rtol=LAYER_RTOL,
+        atol=LAYER_ATOL,
     )
 
 
@@ -241,7 +306,7 @@ def test_masked_statistics_match_keras(rng):
     ours, theirs = BatchNorm(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
     y_ours = ours(x, training=True, mask=mask)
     y_theirs = theirs(x, training=True, mask=mask)
-    np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_np(y_ours), to_np(y_theirs), rtol=1e-4, atol=1e-4)
     # The statistics come from unmasked entries only (NumPy reference).
     kept = x[mask]
     np.testing.assert_allclose(ours.moving_mean.numpy(), 0.5 * kept.mean(0), rtol=1e-5)
@@ -257,7 +322,7 @@ def test_trainable_false_runs_in_inference_mode(rng):
     bn.trainable = False
     x = rng.normal(size=(8, 3)).astype("float32")
     y = bn(x, training=True)
-    np.testing.assert_allclose(y, (x - 1.0) / np.sqrt(4.0 + 1e-3), rtol=1e-6)
+    np.testing.assert_allclose(to_np(y), (x - 1.0) / np.sqrt(4.0 + 1e-3), rtol=1e-6)
     np.testing.assert_allclose(bn.moving_mean.numpy(), np.ones(3))
 
 
@@ -284,7 +349,7 @@ def test_variance_large_mean_small_spread(shape, kwargs, rtol, rng):
     naive = (x32**2).mean(0) - x32.mean(0) ** 2
     assert np.all(np.abs(naive - reference) > 0.5 * reference)
     bn = BatchNorm(momentum=0.0, **kwargs)
-    y = np.moveaxis(np.asarray(bn(x, training=True)), axis, -1).reshape(-1, 4)
+    y = np.moveaxis(to_np(bn(x, training=True)), axis, -1).reshape(-1, 4)
     np.testing.assert_allclose(bn.moving_variance.numpy(), reference, rtol=rtol)
     eps = kwargs.get("epsilon", 1e-3)
     expected = (flat - flat.mean(0)) / np.sqrt(reference + eps)
@@ -297,15 +362,18 @@ def test_mixed_precision_near_float16_limit(policy, shape, mixed_policy, rng):
     mixed_policy(policy)
     bn = BatchNorm(momentum=0.0)
     x = rng.uniform(-60000, 60000, size=shape).astype("float32")
-    x16 = x.astype("float16" if policy == "mixed_float16" else tf.bfloat16.as_numpy_dtype)
-    y = bn(x16, training=True)
-    assert y.dtype == (tf.float16 if policy == "mixed_float16" else tf.bfloat16)
+    import ml_dtypes
+
+    x16 = x.astype("float16" if policy == "mixed_float16" else ml_dtypes.bfloat16)
+    # float32 values that the layer's autocast turns into x16 exactly.
+    y = bn(x16.astype("float32"), training=True)
+    assert dtype_of(y) == policy.removeprefix("mixed_")
     assert bn.moving_variance.dtype == "float32" and bn.gamma.dtype == "float32"
     xr = x16.astype(np.float64).reshape(-1, shape[-1])
     assert np.all(np.isfinite(bn.moving_variance.numpy()))
     np.testing.assert_allclose(bn.moving_variance.numpy(), xr.var(0), rtol=1e-3)
     expected = ((xr - xr.mean(0)) / np.sqrt(xr.var(0) + 1e-3)).reshape(shape)
-    np.testing.assert_allclose(np.asarray(y, dtype=np.float32), expected, atol=0.05)
+    np.testing.assert_allclose(to_np(y, np.float32), expected, atol=0.05)
 
 
 @pytest.mark.parametrize("shape", [(16, 4, 4, 3), (64, 3)])
@@ -314,10 +382,10 @@ def test_epsilon_below_fused_minimum_is_honoured(shape, rng):
     flat = x.astype(np.float64).reshape(-1, 3)
     for eps in (1e-6, 2e-5):
         bn = BatchNorm(epsilon=eps, momentum=0.0)
-        y = np.asarray(bn(x, training=True)).reshape(-1, 3)
+        y = to_np(bn(x, training=True)).reshape(-1, 3)
         expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + eps)
         np.testing.assert_allclose(y, expected, rtol=1e-3, atol=1e-3)
-        y_inf = np.asarray(bn(x, training=False)).reshape(-1, 3)
+        y_inf = to_np(bn(x, training=False)).reshape(-1, 3)
         np.testing.assert_allclose(y_inf, expected, rtol=1e-3, atol=1e-3)
     # The fused kernel would have used 1.001e-5 there: outputs differ by ~30%.
     assert not np.allclose(
@@ -327,6 +395,7 @@ def test_epsilon_below_fused_minimum_is_honoured(shape, rng):
     )
 
 
+@tf_only
 def test_fused_path_is_taken_only_where_exact():
     bn = BatchNorm()
     bn.build((None, 4, 4, 3))
@@ -344,6 +413,36 @@ def test_fused_path_is_taken_only_where_exact():
     assert not cf._use_fused(tf.zeros((2, 3, 4, 4)), None)
 
 
+def compiled_training_step(layer):
+    """`layer(x, training=True)` compiled as the backend compiles a training step: tf.function
+    on TensorFlow, jax.jit over the layer's stateless call on JAX (its variables in and out, as
+    Keras's JAX trainer does), torch.compile on PyTorch."""
+    if BACKEND == "tensorflow":
+        step = tf.function(lambda x: layer(x, training=True))
+        return lambda x: step(tf.constant(x))
+    if BACKEND == "jax":
+        import jax
+
+        @jax.jit
+        def stateless(trainable, non_trainable, x):
+            y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
+            return y, updated
+
+        def step(x):
+            trainable = [v.value for v in layer.trainable_variables]
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+            y, updated = stateless(trainable, non_trainable, x)
+            for variable, value in zip(layer.non_trainable_variables, updated):
+                variable.assign(value)
+            return y
+
+        return step
+    import torch
+
+    step = torch.compile(lambda x: layer(x, training=True), fullgraph=False)
+    return lambda x: step(torch.tensor(x))
+
+
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 3, 3)])
 @pytest.mark.parametrize("momentum", [0.9, None])
 def test_nan_batch_skips_update_with_warning(shape, momentum, rng):
@@ -358,13 +457,14 @@ def test_nan_batch_skips_update_with_warning(shape, momentum, rng):
         bn(bad, training=True)
     np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
     np.testing.assert_array_equal(bn.moving_variance.numpy(), var)
-    # Inside tf.function (model.fit's path) the update is skipped too.
-    step = tf.function(lambda x: bn(x, training=True))
-    step(tf.constant(bad))
+    assert bn.skipped_updates == 1
+    # Inside the backend's compiled step (model.fit's path) the update is skipped too.
+    step = compiled_training_step(bn)
+    step(bad)
     np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
     if momentum is None:
         assert int(bn.num_batches_tracked.numpy()) == 1
-    step(tf.constant(good + 1.0))
+    step(good + 1.0)
     assert not np.array_equal(bn.moving_mean.numpy(), mean)
 
 
@@ -384,23 +484,31 @@ def test_batch_of_one_raises_static_and_at_run_time():
     # Spatial dimensions give more than one value per channel: fine.
     bn4 = BatchNorm()
     bn4(np.random.rand(1, 2, 2, 3).astype("float32"), training=True)
-    # Unknown batch size while tracing: the same message at run time.
-    step = tf.function(
-        lambda x: bn(x, training=True), input_signature=[tf.TensorSpec((None, 3), tf.float32)]
-    )
-    with pytest.raises(
-        tf.errors.InvalidArgumentError,
-        match=r"Expected more than 1 value per channel when training, "
-        r"got input shape \(None, 3\)",
-    ):
-        step(tf.constant(one))
-    step(tf.ones((2, 3)))
+    if BACKEND == "tensorflow":
+        # Unknown batch size while tracing: the same message at run time. (jax.jit and
+        # torch trace with the batch's own shape: the static error above is raised there.)
+        step = tf.function(
+            lambda x: bn(x, training=True), input_signature=[tf.TensorSpec((None, 3), tf.float32)]
+        )
+        with pytest.raises(
+            tf.errors.InvalidArgumentError,
+            match=r"Expected more than 1 value per channel when training, "
+            r"got input shape \(None, 3\)",
+        ):
+            step(tf.constant(one))
+        step(tf.ones((2, 3)))
     # Through model.fit.
     inputs = keras.Input((3,))
     model = keras.Model(inputs, BatchNorm()(inputs))
     model.compile("sgd", "mse")
-    with pytest.raises(Exception, match="Expected more than 1 value per channel"):
-        model.fit(one, one, batch_size=1, verbose=0)
+    if BACKEND == "jax":  # compiled by default: NaN, see test_partial_batch_of_one_...
+        trained = keras.models.clone_model(model)
+        trained.compile("sgd", "mse")
+        assert np.isnan(trained.fit(one, one, batch_size=1, verbose=0).history["loss"][-1])
+        np.testing.assert_array_equal(trained.layers[1].moving_mean.numpy(), np.zeros(3))
+    else:
+        with pytest.raises(Exception, match="Expected more than 1 value per channel"):
+            model.fit(one, one, batch_size=1, verbose=0)
     # Inference on one sample works.
     np.testing.assert_allclose(model.predict(one, verbose=0), one / np.sqrt(1 + 1e-3), rtol=1e-6)
 
@@ -485,6 +593,8 @@ def test_keras_file_round_trip_and_saved_model(tmp_path, rng):
     np.testing.assert_allclose(
         np.load(tmp_path / "y.npy"), model.predict(data, verbose=0), rtol=1e-6
     )
+    if BACKEND != "tensorflow":
+        return  # SavedModel is TensorFlow's format
     # SavedModel export serves the inference path.
     model.export(str(tmp_path / "saved"), verbose=False)
     served = tf.saved_model.load(str(tmp_path / "saved"))
@@ -537,6 +647,7 @@ SYNC_SCRIPT = textwrap.dedent("""
 """)
 
 
+@tf_only
 def test_synchronized_matches_single_global_batch():
     out = subprocess.run(
         [sys.executable, "-c", SYNC_SCRIPT],
@@ -579,8 +690,10 @@ def test_fit_with_xla_matches_keras(rng):
     x = rng.normal(2.0, 3.0, size=(64, 6, 6, 3)).astype("float32")
     y = rng.normal(size=(64, 5)).astype("float32")
     ours, loss_ours = _fit_twin(lambda: BatchNorm(momentum=0.9), x, y, jit_compile=True)
+    # Keras's own layer compiled too, but on torch eagerly: torch.compile of a second model
+    # costs 15 s here, and the arithmetic compared is the same.
     theirs, loss_theirs = _fit_twin(
-        lambda: keras.layers.BatchNormalization(momentum=0.9), x, y, jit_compile=True
+        lambda: keras.layers.BatchNormalization(momentum=0.9), x, y, jit_compile=BACKEND != "torch"
     )
     np.testing.assert_allclose(loss_ours, loss_theirs, rtol=1e-5)
     for a, b in zip(ours.layers[2].weights, theirs.layers[2].weights):
@@ -599,34 +712,42 @@ def test_nan_batch_under_xla_is_counted_and_reported_by_the_callback(rng):
     mean = bn.moving_mean.numpy().copy()
     bad = x.copy()
     bad[0, 0] = np.nan  # first batch of 4 has a NaN, the second is clean
-    with pytest.warns(
-        RuntimeWarning,
-        match=r"epoch 1: keras_bn\.BatchNorm skipped .*"
-        r"\('batch_norm(_\d+)?' 1\)",
-    ):
-        model.fit(
-            bad,
-            bad,
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            shuffle=False,
-            callbacks=[keras_bn.SkippedUpdatesWarning()],
-        )
-    assert bn.skipped_updates == 1
+    fit_bad = dict(
+        x=bad,
+        y=bad,
+        batch_size=4,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[keras_bn.SkippedUpdatesWarning()],
+    )
+    if BACKEND == "jax":
+        # Keras's JAX step carries only the model's variables through jax.jit, and the skip
+        # counter is kept out of them (get_weights and .keras files stay Keras's four): under
+        # jax.jit the skip is made but not counted. Counted in eager calls (the NaN test above).
+        model.fit(**fit_bad)
+        assert bn.skipped_updates == 0
+    else:
+        with pytest.warns(
+            RuntimeWarning,
+            match=r"epoch 1: keras_bn\.BatchNorm skipped .*\('batch_norm(_\d+)?' 1\)",
+        ):
+            model.fit(**fit_bad)
+        assert bn.skipped_updates == 1
     # Only the clean batch updated: momentum 0.5 from `mean` toward its batch mean.
     np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * mean + 0.5 * x[4:].mean(0), rtol=1e-5)
     # Negative case: a clean epoch warns nothing.
     import warnings as _warnings
 
     with _warnings.catch_warnings():
-        _warnings.simplefilter("error")
+        _warnings.simplefilter("error", RuntimeWarning)  # ours; not Keras's own DeprecationWarnings
         model.fit(
             x, x, batch_size=4, epochs=1, verbose=0, callbacks=[keras_bn.SkippedUpdatesWarning()]
         )
-    assert bn.skipped_updates == 1
+    assert bn.skipped_updates == (0 if BACKEND == "jax" else 1)
 
 
+@tf_only
 def test_batch_of_one_under_xla_is_nan_not_a_silent_answer(rng):
     # XLA drops the run-time check (it cannot raise from inside the step): the batch's outputs
     # are NaN instead of a finite beta, and the moving statistics are left alone.
@@ -658,6 +779,27 @@ def test_batch_of_one_under_xla_is_nan_not_a_silent_answer(rng):
     assert np.isnan(history.history["loss"][-1])
 
 
+def test_partial_batch_of_one_in_compiled_fit(rng):
+    # PyTorch raises at once. XLA on TensorFlow cannot raise inside the step, and JAX cannot
+    # either: an exception while Keras's JAX trainer traces leaves the model's variables purged
+    # (predict fails afterwards). There the outputs are NaN (so is the loss), the statistics are
+    # untouched, and the model is still usable.
+    inputs = keras.Input((3,))
+    bn = BatchNorm()
+    model = keras.Model(inputs, keras.layers.Dense(2)(bn(inputs)))
+    model.compile("sgd", "mse", jit_compile=True)
+    x, y = np.ones((5, 3), np.float32), np.ones((5, 2), np.float32)
+    if BACKEND in ("jax", "tensorflow"):
+        history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        assert np.isnan(history.history["loss"][-1])
+        assert np.all(np.isfinite(bn.moving_mean.numpy()))
+        assert np.all(np.isfinite(bn.moving_variance.numpy()))
+        assert model.predict(x, verbose=0).shape == (5, 2)
+    else:
+        with pytest.raises(Exception, match="Expected more than 1 value per channel"):
+            model.fit(x, y, batch_size=4, verbose=0)
+
+
 @pytest.mark.parametrize("axis,shape", [(1, (5, 2, 3)), (1, (4, 3, 5, 2)), (-2, (5, 4, 3))])
 def test_mask_on_any_axis_matches_keras(axis, shape, rng):
     # Keras's mask lacks the LAST axis whatever the channel axis is.
@@ -666,7 +808,10 @@ def test_mask_on_any_axis_matches_keras(axis, shape, rng):
     ours = BatchNorm(axis=axis, momentum=0.5)
     theirs = keras.layers.BatchNormalization(axis=axis, momentum=0.5)
     np.testing.assert_allclose(
-        ours(x, training=True, mask=mask), theirs(x, training=True, mask=mask), rtol=1e-4, atol=1e-4
+        to_np(ours(x, training=True, mask=mask)),
+        to_np(theirs(x, training=True, mask=mask)),
+        rtol=1e-4,
+        atol=1e-4,
     )
     # NumPy: the mask broadcast over the last axis selects the values of each channel.
     weights = np.broadcast_to(mask[..., None], shape)
@@ -680,31 +825,39 @@ def test_mask_on_any_axis_matches_keras(axis, shape, rng):
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
 @pytest.mark.parametrize("shape", [(8, 3), (6, 4, 4, 3)])
 def test_pure_dtype_layers_match_keras_and_numpy(dtype, shape, rng):
+    if dtype == "float64" and BACKEND == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("JAX has no float64 without jax_enable_x64")
     x = rng.normal(2.0, 1.5, size=shape).astype(dtype)
     ours = BatchNorm(dtype=dtype, momentum=0.5)
     theirs = keras.layers.BatchNormalization(dtype=dtype, momentum=0.5)
     y = ours(x, training=True)
-    assert y.dtype == dtype and ours.moving_mean.dtype == dtype
+    assert dtype_of(y) == dtype and ours.moving_mean.dtype == dtype
     flat = x.astype(np.float64).reshape(-1, 3)
     expected = ((flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-3)).reshape(shape)
     tol = 1e-9 if dtype == "float64" else 2e-3
-    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=tol, atol=tol)
+    np.testing.assert_allclose(to_np(y, np.float64), expected, rtol=tol, atol=tol)
+    # Keras 3.15's own BatchNorm on torch is float32-precise only in float64 (its torch `mean`
+    # computes in float32: measured 5e-7 from NumPy, where ours is within 1e-9).
+    keras_tol = 1e-6 if BACKEND == "torch" and dtype == "float64" else max(tol, 1e-9)
     np.testing.assert_allclose(
-        np.asarray(y, np.float64),
-        np.asarray(theirs(x, training=True), np.float64),
-        rtol=max(tol, 1e-9),
-        atol=max(tol, 1e-9),
+        to_np(y, np.float64),
+        to_np(theirs(x, training=True), np.float64),
+        rtol=keras_tol,
+        atol=keras_tol,
     )
     np.testing.assert_allclose(
         ours.moving_variance.numpy().astype(np.float64), 0.5 + 0.5 * flat.var(0), rtol=tol
     )
     y_inf = ours(x, training=False)
-    assert y_inf.dtype == dtype
+    assert dtype_of(y_inf) == dtype
     np.testing.assert_allclose(
-        np.asarray(y_inf, np.float64),
-        np.asarray(theirs(x, training=False), np.float64),
-        rtol=max(tol, 1e-9),
-        atol=max(tol, 1e-9),
+        to_np(y_inf, np.float64),
+        to_np(theirs(x, training=False), np.float64),
+        rtol=keras_tol,
+        atol=keras_tol,
     )
 
 
@@ -714,11 +867,12 @@ def test_empty_batch_returns_empty_and_leaves_statistics(shape):
     bn.build((None, *shape[1:]))
     y = bn(np.zeros(shape, np.float32), training=True)
     assert tuple(y.shape) == shape
-    step = tf.function(
-        lambda x: bn(x, training=True),
-        input_signature=[tf.TensorSpec((None, *shape[1:]), tf.float32)],
-    )
-    assert tuple(step(tf.zeros(shape)).shape) == shape
+    if BACKEND == "tensorflow":  # an empty batch behind an unknown batch size
+        step = tf.function(
+            lambda x: bn(x, training=True),
+            input_signature=[tf.TensorSpec((None, *shape[1:]), tf.float32)],
+        )
+        assert tuple(step(tf.zeros(shape)).shape) == shape
     np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(3))
     np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(3))
     assert int(bn.num_batches_tracked.numpy()) == 0 and bn.skipped_updates == 0
@@ -737,7 +891,7 @@ def test_inference_with_large_mean_small_variance_is_exact(kwargs, shape, rng):
         **kwargs,
     )
     x = (1e4 + 0.024 * rng.standard_normal(shape)).astype("float32")
-    y = np.asarray(bn(x, training=False), np.float64)
+    y = to_np(bn(x, training=False), np.float64)
     expected = (x.astype(np.float64) - 1e4) / np.sqrt(1e-4 + bn.epsilon)
     assert np.abs(expected).max() > 1.0
     np.testing.assert_allclose(y, expected, atol=1e-5)
