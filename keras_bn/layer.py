@@ -496,8 +496,10 @@ class BatchNorm(keras.layers.Layer):
         )
 
     def _gamma_beta(self, channels, dtype):
-        gamma = tf.cast(self.gamma, dtype) if self.scale else tf.ones((channels,), dtype)
-        beta = tf.cast(self.beta, dtype) if self.center else tf.zeros((channels,), dtype)
+        """gamma and beta in the math dtype, ones and zeros for a layer without them (every
+        backend)."""
+        gamma = ops.cast(self.gamma, dtype) if self.scale else ops.ones((channels,), dtype)
+        beta = ops.cast(self.beta, dtype) if self.center else ops.zeros((channels,), dtype)
         return gamma, beta
 
     def call(self, inputs, training=None, mask=None):
@@ -621,12 +623,7 @@ class BatchNorm(keras.layers.Layer):
         )
         channels = inputs.shape[self._axis]
         shape = self._broadcast_shape(len(inputs.shape))
-        gamma = (
-            ops.cast(self.gamma, math_dtype) if self.scale else ops.ones((channels,), math_dtype)
-        )
-        beta = (
-            ops.cast(self.beta, math_dtype) if self.center else ops.zeros((channels,), math_dtype)
-        )
+        gamma, beta = self._gamma_beta(channels, math_dtype)
         x = ops.cast(inputs, math_dtype)
         epsilon = ops.convert_to_tensor(self.epsilon, dtype=math_dtype)  # not via float32
         if training and self.trainable:
