@@ -122,32 +122,18 @@ def concrete_bool(flag):
     return bool(flag)
 
 
-def refuse_unsynchronizable_distribution(name) -> None:
-    """`synchronized=True` on JAX or PyTorch: accepted on one device, where local statistics are
-    the global ones; refused under a multi-device distribution, where this version does not yet
-    combine the replicas' statistics (the TensorFlow backend does, through tf.distribute)."""
-    from keras_bn.errors import KerasBNError, expected
+def torch_all_reduce_sum(tensor):
+    """The sum of `tensor` over every process of the default torch.distributed group, with a
+    gradient: backward sums the gradients over the processes as well, which is what a
+    synchronized BatchNorm needs (each process's inputs shape the global statistics).
 
-    backend = keras.backend.backend()
-    replicas = 1
-    if backend == "jax":
-        distribution = keras.distribution.distribution()
-        if distribution is not None:
-            replicas = max(1, len(distribution.device_mesh.devices.reshape(-1)))
-    elif backend == "torch":
-        import torch.distributed as dist
+    Private: the public differentiable collective, `torch.distributed.nn.functional.all_reduce`,
+    is deprecated (torch 2.13 warns to use this one instead) and refuses `torch.compile`; the
+    plain `torch.distributed.all_reduce` works in place, without a gradient."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as collectives
 
-        if dist.is_available() and dist.is_initialized():
-            replicas = dist.get_world_size()
-    if replicas > 1:
-        raise KerasBNError(
-            expected(
-                f"BatchNorm '{name}': synchronized=True combines the replicas' batch "
-                f"statistics on the TensorFlow backend only in this version",
-                "KERAS_BACKEND=tensorflow with a tf.distribute strategy, or synchronized=False",
-                f"the {backend} backend with {replicas} replicas",
-            )
-        )
+    return collectives.all_reduce(tensor, "sum", dist.group.WORLD)
 
 
 def require_tensorflow(what: str, command: str) -> None:

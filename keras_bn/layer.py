@@ -9,6 +9,7 @@ import keras
 from keras import constraints, initializers, ops, regularizers
 
 from keras_bn import _keras_internals as internals
+from keras_bn import _replicas
 from keras_bn.conventions import (
     KERAS_EPSILON,
     KERAS_MOMENTUM,
@@ -114,8 +115,13 @@ class BatchNorm(keras.layers.Layer):
         unbiased_variance: If True, the moving variance is updated with the unbiased
             (Bessel-corrected, n / (n - 1)) batch variance, as in PyTorch. Normalization during
             training always uses the biased batch variance.
-        synchronized: If True under a `tf.distribute` strategy, batch statistics are computed over
-            the global batch of all replicas. Without a strategy it has no effect.
+        synchronized: If True, batch statistics are computed over the global batch of all
+            replicas, on each backend's own distributed engine: a `tf.distribute` strategy on
+            TensorFlow, a `torch.distributed` process group on PyTorch (a differentiable
+            all-reduce), `keras.distribution` on JAX (whose sharded arrays make a reduction over
+            the batch global already). If False, each replica uses its own share of the batch,
+            on JAX too (each device's slice; the moving statistics average the devices'
+            updates, as tf.distribute's do). Without distribution it has no effect.
         beta_initializer, gamma_initializer, moving_mean_initializer,
         moving_variance_initializer, beta_regularizer, gamma_regularizer, beta_constraint,
         gamma_constraint: As in `keras.layers.BatchNormalization`.
@@ -615,22 +621,32 @@ class BatchNorm(keras.layers.Layer):
     # traces with concrete shapes, torch runs eagerly or under torch.compile with known sizes),
     # so the one-value check is a Python error and there is no run-time assert to drop.
 
+    def _ops_replicas(self, inputs):
+        """`(slices, sum_over_processes)`: how many slices of this batch take their statistics
+        separately (JAX devices under keras.distribution with synchronized=False), and the
+        all-reduce that makes the statistics global (torch.distributed with synchronized=True),
+        or None. See keras_bn/_replicas.py."""
+        if BACKEND == "jax" and not self.synchronized and self._axis != 0:
+            return _replicas.jax_batch_slices(self.name, int(inputs.shape[0])), None
+        if BACKEND == "torch" and self.synchronized and _replicas.torch_world_size() > 1:
+            return 1, _replicas.torch_sum_over_processes
+        return 1, None
+
     def _ops_call(self, inputs, training, mask):
-        if self.synchronized:
-            internals.refuse_unsynchronizable_distribution(self.name)
         math_dtype = (
             "float64" if keras.backend.standardize_dtype(inputs.dtype) == "float64" else "float32"
         )
         channels = inputs.shape[self._axis]
-        shape = self._broadcast_shape(len(inputs.shape))
         gamma, beta = self._gamma_beta(channels, math_dtype)
         x = ops.cast(inputs, math_dtype)
         epsilon = ops.convert_to_tensor(self.epsilon, dtype=math_dtype)  # not via float32
         if training and self.trainable:
-            count = math.prod(int(inputs.shape[i]) for i in self._reduction_axes)
-            if count == 0:  # nothing to learn from
+            slices, sum_over_processes = self._ops_replicas(inputs)
+            count = math.prod(int(inputs.shape[i]) for i in self._reduction_axes) // slices
+            # A process with nothing to learn from still joins the others' all-reduce.
+            if count == 0 and sum_over_processes is None:
                 return ops.cast(inputs, self.compute_dtype)
-            if count == 1:
+            if count == 1 and sum_over_processes is None:
                 if not (BACKEND == "jax" and internals.traced_by_jax(inputs)):
                     raise KerasBNError(_batch_of_one_message(tuple(inputs.shape)))
                 # Inside jax.jit, as under XLA on TensorFlow: an exception raised while Keras's
@@ -638,12 +654,36 @@ class BatchNorm(keras.layers.Layer):
                 # predict then fails). NaN outputs make the loss NaN instead of a silently wrong
                 # beta, and the moving statistics are left alone (one value: no update).
                 gamma = gamma * float("nan")
-            centered, mean, variance, count = self._ops_moments(x, mask)
-            inv = gamma * ops.rsqrt(variance + epsilon)
-            outputs = centered * ops.reshape(inv, shape) + ops.reshape(beta, shape)
-            self._ops_update_moving(mean, variance, count)
+            # Each slice of the batch (one per JAX device) is a leading axis of its own.
+            rank = len(inputs.shape) + (slices > 1)
+            axis = self._axis + (slices > 1)
+            axes = [i for i in range(rank) if i != axis and not (slices > 1 and i == 0)]
+            if slices > 1:
+                x = ops.reshape(x, (slices, -1, *x.shape[1:]))
+                if mask is not None:
+                    mask = ops.reshape(mask, (slices, -1, *mask.shape[1:]))
+            centered, mean, variance, count = self._ops_moments(x, mask, axes, sum_over_processes)
+            if sum_over_processes is not None:
+                # The global batch decides (every process sees the same count): one value in all.
+                one = ops.all(count == 1.0)
+                if internals.concrete_bool(one):
+                    raise KerasBNError(_batch_of_one_message(tuple(inputs.shape)))
+                gamma = ops.where(one, float("nan"), gamma)
+            shape = [1] * rank
+            shape[axis] = -1
+            inv = ops.reshape(gamma, shape) * ops.rsqrt(variance + epsilon)
+            outputs = centered * inv + ops.reshape(beta, shape)
+            if slices > 1:
+                outputs = ops.reshape(outputs, inputs.shape)
+            per_slice = (slices, channels)
+            self._ops_update_moving(
+                ops.reshape(mean, per_slice),
+                ops.reshape(variance, per_slice),
+                ops.reshape(count, per_slice),
+            )
             return ops.cast(outputs, self.compute_dtype)
         # (x - mean) * inv + beta, as on TensorFlow: no cancellation of two large numbers.
+        shape = self._broadcast_shape(len(inputs.shape))
         mean = ops.cast(self.moving_mean, math_dtype)
         inv = gamma * ops.rsqrt(ops.cast(self.moving_variance, math_dtype) + epsilon)
         outputs = (x - ops.reshape(mean, shape)) * ops.reshape(inv, shape) + ops.reshape(
@@ -651,45 +691,73 @@ class BatchNorm(keras.layers.Layer):
         )
         return ops.cast(outputs, self.compute_dtype)
 
-    def _ops_moments(self, x, mask):
-        """`_batch_moments` in keras.ops: shifted by one sample, two passes, biased variance."""
-        axes = self._reduction_axes
-        shape = self._broadcast_shape(len(x.shape))
-        if mask is None:
-            first = tuple(
-                slice(None) if i == self._axis else slice(0, 1) for i in range(len(x.shape))
-            )
-            pivot = ops.stop_gradient(ops.sum(x[first], axis=axes, keepdims=True))
-            shifted = x - pivot
+    @staticmethod
+    def _ops_moments(x, mask, axes, sum_over_processes=None):
+        """`_batch_moments` in keras.ops: shifted by one sample, two passes, biased variance.
+
+        Returns `(centered, mean, variance, count)`, the statistics with the reduced `axes` kept
+        (size 1). With `sum_over_processes` every sum is over all processes' batches (torch's
+        synchronized statistics, the same two all-reduces as on TensorFlow)."""
+
+        def ratio(a, b):
+            # a / b, 0 where b is 0 (then a is 0 too: an empty or all-masked channel). Neither
+            # ops.divide_no_nan nor ops.maximum: Keras 3.15's torch versions return float32 for
+            # float64 inputs.
+            return a / ops.where(b > 0.0, b, 1.0)
+
+        def total(t):
             # Sums over n, not ops.mean: Keras 3.15's torch `mean` computes float64 in float32
             # (measured: 1e-7 error on float64 data).
-            n = math.prod(x.shape[i] for i in axes)
-            shifted_mean = ops.sum(shifted, axis=axes) / n
-            centered = shifted - ops.reshape(shifted_mean, shape)
-            variance = ops.sum(ops.square(centered), axis=axes) / n
-            count = ops.full_like(shifted_mean, n)
-            return centered, shifted_mean + ops.reshape(pivot, (-1,)), variance, count
+            t = ops.sum(t, axis=axes, keepdims=True)
+            return t if sum_over_processes is None else sum_over_processes(t)
+
+        n = math.prod(int(x.shape[i]) for i in axes)
+        if mask is None:
+            first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape)))
+            # A sum over at most one value: the sample itself, or 0 for an empty batch.
+            pivot = ops.sum(x[first], axis=axes, keepdims=True)
+            count = ops.full_like(pivot, n)
+            if sum_over_processes is not None:
+                # Every process shifts by the same value: the mean of their first samples.
+                nonempty = sum_over_processes(ops.full_like(pivot, float(n > 0)))
+                pivot = ratio(sum_over_processes(pivot), nonempty)
+                count = sum_over_processes(count)
+            pivot = ops.stop_gradient(pivot)
+            shifted = x - pivot
+            shifted_mean = ratio(total(shifted), count)
+            centered = shifted - shifted_mean
+            variance = ratio(total(ops.square(centered)), count)
+            return centered, shifted_mean + pivot, variance, count
         # A masked-out first sample may hold padding far from the data: no shift then.
         weights = ops.broadcast_to(ops.expand_dims(ops.cast(mask, x.dtype), -1), ops.shape(x))
-        count = ops.sum(weights, axis=axes)
-        safe = ops.maximum(count, 1.0)  # an all-masked channel: mean 0, and no update below
-        mean = ops.where(count > 0, ops.sum(x * weights, axis=axes) / safe, 0.0)
-        centered = x - ops.reshape(mean, shape)
-        variance = ops.where(
-            count > 0, ops.sum(ops.square(centered) * weights, axis=axes) / safe, 0.0
-        )
+        count = total(weights)
+        # An all-masked channel: mean 0, and no update (count 0).
+        mean = ratio(total(x * weights), count)
+        centered = x - mean
+        variance = ratio(total(ops.square(centered) * weights), count)
         return centered, mean, variance, count
 
     def _ops_update_moving(self, mean, variance, count):
         """`_update_moving` in keras.ops: the same skip rules, no host op (jax.jit and
-        torch.compile run it inside the compiled step)."""
+        torch.compile run it inside the compiled step).
+
+        `mean`, `variance` and `count` have a row per slice of the batch whose statistics were
+        taken separately (one per JAX device without synchronization, else one row). Each row
+        updates the moving statistics, or keeps the old value if it is skipped, and the rows
+        are averaged: what `tf.distribute` does with per-replica updates of a variable whose
+        aggregation is "mean"."""
         dtype = mean.dtype
+        rows = mean.shape[0]
         mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
         count = ops.cast(count, dtype)
         if self.unbiased_variance:
-            variance = variance * ops.where(count > 1.0, count / ops.maximum(count - 1.0, 1.0), 0.0)
-        finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(variance)))
-        update = ops.logical_and(finite, ops.all(count > 1.0))
+            variance = variance * ops.where(
+                count > 1.0, count / ops.where(count > 1.0, count - 1.0, 1.0), 0.0
+            )
+        finite = ops.logical_and(
+            ops.all(ops.isfinite(mean), axis=1), ops.all(ops.isfinite(variance), axis=1)
+        )
+        update = ops.logical_and(finite, ops.all(count > 1.0, axis=1))
         if self.momentum is None:
             weight_new = 1.0 / (ops.cast(self.num_batches_tracked, dtype) + 1.0)
         else:
@@ -698,16 +766,16 @@ class BatchNorm(keras.layers.Layer):
         old_variance = ops.cast(self.moving_variance, dtype)
         new_mean = old_mean * (1.0 - weight_new) + mean * weight_new
         new_variance = old_variance * (1.0 - weight_new) + variance * weight_new
-        self.moving_mean.assign(
-            ops.cast(ops.where(update, new_mean, old_mean), self.moving_mean.dtype)
-        )
-        self.moving_variance.assign(
-            ops.cast(ops.where(update, new_variance, old_variance), self.moving_variance.dtype)
-        )
+        keep = ops.expand_dims(update, 1)
+        # A sum over the rows divided by their number, not ops.mean (see _ops_moments).
+        new_mean = ops.sum(ops.where(keep, new_mean, old_mean), axis=0) / rows
+        new_variance = ops.sum(ops.where(keep, new_variance, old_variance), axis=0) / rows
+        self.moving_mean.assign(ops.cast(new_mean, self.moving_mean.dtype))
+        self.moving_variance.assign(ops.cast(new_variance, self.moving_variance.dtype))
         if self.momentum is None:
             tracked = self.num_batches_tracked
-            tracked.assign(tracked + ops.cast(update, tracked.dtype))
-        skipped = ops.logical_and(ops.logical_not(update), ops.any(count > 0.0))
+            tracked.assign(tracked + ops.cast(ops.any(update), tracked.dtype))
+        skipped = ops.any(ops.logical_and(ops.logical_not(update), ops.any(count > 0.0, axis=1)))
         counter = self._skipped.variable
         if BACKEND == "jax":
             # JAX's compiled step carries only the model's own variables in and out: the counter,
@@ -716,7 +784,7 @@ class BatchNorm(keras.layers.Layer):
                 counter.assign(counter.value + 1)
         else:
             counter.assign(counter + ops.cast(skipped, counter.dtype))
-        if internals.concrete_bool(finite) is False:
+        if internals.concrete_bool(ops.all(finite)) is False:
             warnings.warn(
                 f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
                 "the moving statistics were not updated for this batch.",

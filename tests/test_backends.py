@@ -186,3 +186,164 @@ def test_torch_statistics_keep_their_digits_where_keras_loses_them():
     assert ours["variance_error"] < 1e-3 and ours["output_error"] < 1e-3, result
     # The negative case, Keras's own layer on the same data and backend:
     assert theirs["variance_error"] > 0.5 and not np.isfinite(theirs["output_error"]), result
+
+
+# ----------------------------------------------------------------------------------------------
+# synchronized=True on each backend's own distributed engine: two replicas of 4 samples each
+# must learn what one batch of 8 does, and with synchronized=False each replica its own half.
+
+DATA = "np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype('float32')"
+
+JAX_SYNC_SCRIPT = textwrap.dedent(f"""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import json, jax, keras, numpy as np
+    import keras_bn
+
+    data = {DATA}
+    data[4:] += 10.0  # the halves differ, so one device's statistics are not the batch's
+    target = np.zeros_like(data)
+    result = {{"devices": len(jax.devices())}}
+    dist = keras.distribution.DataParallel(devices=jax.devices())
+
+    def trained(make, distributed):
+        keras.distribution.set_distribution(dist if distributed else None)
+        model = keras.Sequential([keras.Input((5,)), make()])
+        model.compile(keras.optimizers.SGD(0.0), "mse")  # Keras's default: jax.jit
+        model.fit(data, target, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        sharded = jax.device_put(data, dist.get_data_layout(data.shape).backend_layout)
+        out = model.layers[0](sharded if distributed else data, training=True)
+        layer = model.layers[0]
+        return {{"mean": np.asarray(layer.moving_mean.value).tolist(),
+                "var": np.asarray(layer.moving_variance.value).tolist(),
+                "out": np.asarray(out).tolist()}}
+
+    for sync in (True, False):
+        result[f"ours_{{sync}}"] = trained(
+            lambda: keras_bn.BatchNorm(momentum=0.0, synchronized=sync), True)
+    result["keras"] = trained(lambda: keras.layers.BatchNormalization(momentum=0.0), True)
+    result["unbiased_False"] = trained(
+        lambda: keras_bn.BatchNorm.from_torch(momentum=1.0, eps=1e-3), True)
+    result["plain"] = trained(lambda: keras_bn.BatchNorm(momentum=0.0), False)
+    keras.distribution.set_distribution(dist)
+    try:
+        keras_bn.BatchNorm()(data[:6].reshape(3, 2, 5), training=True)
+    except keras_bn.KerasBNError as error:
+        result["indivisible"] = str(error)
+    print(json.dumps(result))
+""")
+
+
+@pytest.mark.skipif(not HAVE_JAX, reason='JAX not installed: pip install -e ".[jax]"')
+def test_jax_data_parallel_statistics():
+    run = run_on("jax", ["-c", JAX_SYNC_SCRIPT])
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2, result
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")
+    data[4:] += 10.0
+    halves = [data[:4], data[4:]]
+    sync, local, plain = result["ours_True"], result["ours_False"], result["plain"]
+    # synchronized=True over two devices: the batch of 8 (NumPy), and what no distribution gives.
+    np.testing.assert_allclose(sync["mean"], data.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(sync["var"], data.var(0), rtol=1e-5)
+    np.testing.assert_allclose(sync["out"], plain["out"], atol=1e-5)
+    np.testing.assert_allclose(plain["var"], data.var(0), rtol=1e-5)
+    # Measured: Keras's own layer (no synchronized mode on JAX) learns the global batch too,
+    # since its reductions run on arrays sharded over the devices (keras_bn/_replicas.py).
+    np.testing.assert_allclose(result["keras"]["var"], data.var(0), rtol=1e-5)
+    # synchronized=False: each device normalizes with its own half, and the moving statistics
+    # average the two devices' updates, as tf.distribute does.
+    np.testing.assert_allclose(local["mean"], np.mean([h.mean(0) for h in halves], 0), rtol=1e-5)
+    np.testing.assert_allclose(local["var"], np.mean([h.var(0) for h in halves], 0), rtol=1e-5)
+    own = np.concatenate([(h - h.mean(0)) / np.sqrt(h.var(0) + 1e-3) for h in halves])
+    np.testing.assert_allclose(local["out"], own, atol=1e-4)
+    assert not np.allclose(local["var"], data.var(0), rtol=0.1)  # the negative case
+    unbiased = np.mean([h.var(0, ddof=1) for h in halves], 0)
+    np.testing.assert_allclose(result["unbiased_False"]["var"], unbiased, rtol=1e-5)
+    assert re.search(
+        r"split across 2 devices.*Expected: a batch size divisible by 2.*Received: a batch of 3",
+        result["indivisible"],
+    ), result["indivisible"]
+
+
+TORCH_SYNC_SCRIPT = textwrap.dedent(f"""
+    import json, os, sys, tempfile
+    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def replica(rank, init_file, out):
+        os.environ["KERAS_BACKEND"] = "torch"
+        import keras, keras_bn
+        dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
+                                world_size=2)
+        data = {DATA}
+        data[4:] += 10.0
+        weights = np.random.default_rng(1).normal(size=data.shape).astype("float32")
+        result = {{}}
+        for sync in (True, False):
+            layer = keras_bn.BatchNorm(momentum=0.0, synchronized=sync)
+            x = torch.tensor(data[4 * rank: 4 * rank + 4], requires_grad=True)
+            y = layer(x, training=True)
+            (y * torch.tensor(weights[4 * rank: 4 * rank + 4])).sum().backward()
+            result[str(sync)] = {{"mean": layer.moving_mean.numpy().tolist(),
+                                 "var": layer.moving_variance.numpy().tolist(),
+                                 "out": y.detach().numpy().tolist(),
+                                 "grad": x.grad.numpy().tolist()}}
+        # One sample per process: the global batch has two, so it trains.
+        one = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
+        one(torch.tensor(data[rank: rank + 1]), training=True)
+        result["one_each"] = {{"var": one.moving_variance.numpy().tolist()}}
+        with open(f"{{out}}/{{rank}}.json", "w") as f:
+            json.dump(result, f)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        mp.spawn(replica, args=(os.path.join(out, "init"), out), nprocs=2)
+        print(json.dumps([json.load(open(f"{{out}}/{{r}}.json")) for r in (0, 1)]))
+""")
+
+TORCH_PLAIN_SCRIPT = textwrap.dedent(f"""
+    import json
+    import numpy as np, torch, keras_bn
+    data = {DATA}
+    data[4:] += 10.0
+    weights = np.random.default_rng(1).normal(size=data.shape).astype("float32")
+    layer = keras_bn.BatchNorm(momentum=0.0)
+    x = torch.tensor(data, requires_grad=True)
+    y = layer(x, training=True)
+    (y * torch.tensor(weights)).sum().backward()
+    print(json.dumps({{"mean": layer.moving_mean.numpy().tolist(),
+                      "var": layer.moving_variance.numpy().tolist(),
+                      "out": y.detach().numpy().tolist(), "grad": x.grad.numpy().tolist()}}))
+""")
+
+
+def test_torch_distributed_statistics(tmp_path):
+    script = tmp_path / "sync.py"  # torch.multiprocessing's spawn re-imports the main module
+    script.write_text(TORCH_SYNC_SCRIPT)
+    run = run_on("torch", [str(script), str(tmp_path)], timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = json.loads(run.stdout.strip().splitlines()[-1])
+    run = run_on("torch", ["-c", TORCH_PLAIN_SCRIPT])
+    assert run.returncode == 0, run.stderr[-4000:]
+    plain = json.loads(run.stdout.strip().splitlines()[-1])  # one process, the batch of 8
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")
+    data[4:] += 10.0
+    np.testing.assert_allclose(plain["var"], data.var(0), rtol=1e-5)
+    for rank in ranks:
+        # synchronized=True over two processes: the moving statistics of the batch of 8.
+        np.testing.assert_allclose(rank["True"]["mean"], plain["mean"], rtol=1e-5)
+        np.testing.assert_allclose(rank["True"]["var"], plain["var"], rtol=1e-5)
+        np.testing.assert_allclose(rank["one_each"]["var"], data[:2].var(0), rtol=1e-4)
+    # The outputs and the input gradients are the batch of 8's, split: the all-reduce carries
+    # the gradient of the global statistics back to every process.
+    for key in ("out", "grad"):
+        joined = np.concatenate([rank["True"][key] for rank in ranks])
+        np.testing.assert_allclose(joined, plain[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    # synchronized=False: each process its own half (the negative case).
+    for rank, half in zip(ranks, (data[:4], data[4:])):
+        np.testing.assert_allclose(rank["False"]["var"], half.var(0), rtol=1e-5)
+        assert not np.allclose(rank["False"]["var"], plain["var"], rtol=0.1)
+    local_grad = np.concatenate([rank["False"]["grad"] for rank in ranks])
+    assert not np.allclose(local_grad, plain["grad"], atol=1e-3)

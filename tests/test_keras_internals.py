@@ -113,8 +113,23 @@ def test_traced_by_jax_tells_a_tracer_from_an_array():
     assert seen == [True] and not internals.traced_by_jax(jnp.ones(2)), _fail("traced_by_jax")
 
 
-def test_backend_guards_pass_on_tensorflow():
-    # The refusals on JAX and PyTorch are checked there (tests/test_backends.py); here, on the
-    # backend that supports both, neither refuses.
+def test_backend_guard_passes_on_tensorflow():
+    # The refusals on JAX and PyTorch are checked there (tests/test_backends.py).
     internals.require_tensorflow("x", "y")
-    internals.refuse_unsynchronizable_distribution("bn")
+
+
+def test_torch_all_reduce_sum_has_a_gradient(tmp_path):
+    # One process here (two in tests/test_backends.py): the sum over one process is the tensor.
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        y = internals.torch_all_reduce_sum(x * 3.0)
+        (y * torch.tensor([1.0, 10.0])).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert y.tolist() == [3.0, 6.0] and x.grad.tolist() == [3.0, 30.0], _fail(
+        "torch_all_reduce_sum"
+    )
