@@ -11,7 +11,7 @@ How statistics are collected: each BatchNorm normalizes with the statistics of i
 training, so the layers after it see what they saw in training; every other layer runs in
 inference mode (Dropout and noise layers do not fire, unlike `update_bn`, which calls
 `model.train()`). Nothing is assigned while the data runs: the per-batch sums are returned by one
-`tf.function` and merged in float64 on the host.
+`tf.function` (on JAX and PyTorch: eager keras.ops) and merged in float64 on the host.
 
 Estimators (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021, section 3: "population
 statistics"; fvcore `fvcore.nn.precise_bn`):
@@ -32,18 +32,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 
 import keras
 import numpy as np
-
-if keras.backend.backend() == "tensorflow":  # the collection step is TensorFlow's (see README)
-    import tensorflow as tf
+from keras import ops
 
 from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
 from keras_bn.layer import FUSED_MIN_EPSILON, BatchNorm
 from keras_bn.verification import arrays_per_input, batch_shape_text, in_background, wrong_shape
+
+# TensorFlow keeps its compiled collection step (tf.function, tf.distribute, the fused kernel);
+# JAX and PyTorch collect with keras.ops, eagerly (`_ops_moments`).
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
 
 ESTIMATORS = ("population", "batch_mean")
 
@@ -108,7 +113,9 @@ def _as_input_list(model, x):
     names, inputs, arrays = arrays_per_input(model, x, "batch")
     batch = []
     for name, spec, array in zip(names, inputs, arrays):
-        tensor = tf.convert_to_tensor(array)
+        # Backend tensors stay where they are; anything else (NumPy, lists, a tf.data element
+        # on another backend) is read as NumPy first.
+        tensor = array if ops.is_tensor(array) else np.asarray(array)
         if wrong_shape(spec, tensor.shape):
             raise KerasBNError(
                 expected(
@@ -117,16 +124,27 @@ def _as_input_list(model, x):
                     f"shape {tuple(tensor.shape)}",
                 )
             )
-        if not (tensor.dtype.is_floating or tensor.dtype.is_integer):
+        try:
+            dtype = keras.backend.standardize_dtype(tensor.dtype)
+        except ValueError:  # NumPy strings and objects have no Keras dtype
+            dtype = str(np.asarray(tensor).dtype.name)
+        if not dtype.startswith(("float", "bfloat", "int", "uint")):
             raise KerasBNError(
                 expected(
                     f"Data for input '{name}' is not numeric",
                     f"numbers castable to {spec.dtype}",
-                    f"dtype {tensor.dtype.name}",
+                    f"dtype {'string' if dtype.startswith('str') else dtype}",
                 )
             )
-        batch.append(tf.cast(tensor, spec.dtype))
+        batch.append(ops.cast(tensor, spec.dtype))
     return batch
+
+
+def _is_tf_dataset(data):
+    """A tf.data.Dataset, on any backend (Keras takes them everywhere), without importing TF."""
+    # getattr: another thread may be importing TensorFlow right now (a half-made module).
+    dataset = getattr(getattr(sys.modules.get("tensorflow"), "data", None), "Dataset", None)
+    return isinstance(dataset, type) and isinstance(data, dataset)
 
 
 def _strip_labels(element):
@@ -140,8 +158,8 @@ def _batches(model, data, batch_size):
     """Yields batches of model inputs from `data`: arrays (and lists/dicts of arrays, and `(x, y)`)
     are cut into `batch_size` rows; a `tf.data.Dataset`, a `keras.utils.PyDataset` or any
     iterable yields its own batches."""
-    if isinstance(data, tf.data.Dataset) or isinstance(data, keras.utils.PyDataset):
-        source = data if isinstance(data, tf.data.Dataset) else (data[i] for i in range(len(data)))
+    if _is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
+        source = data if _is_tf_dataset(data) else (data[i] for i in range(len(data)))
         for element in source:
             yield _as_input_list(model, _strip_labels(element))
         return
@@ -202,7 +220,7 @@ def _known_batch_count(data, batch_size):
             return math.ceil(len(first) / batch_size)
     if isinstance(data, keras.utils.PyDataset):
         return len(data)
-    if isinstance(data, tf.data.Dataset):
+    if _is_tf_dataset(data):
         n = int(data.cardinality())
         return n if n >= 0 else None
     return None
@@ -267,7 +285,37 @@ def _shift_sums(bn, x, mask):
 
 def _moments(bn, x, mask):
     """Per-channel `(count, mean, M2)` of one BatchNorm's batch input, and its training-mode
-    output, normalized with those statistics.
+    output, normalized with those statistics: `_tf_moments` on TensorFlow, `_ops_moments` on
+    the other backends."""
+    return (_tf_moments if BACKEND == "tensorflow" else _ops_moments)(bn, x, mask)
+
+
+def _ops_moments(bn, x, mask):
+    """`_moments` in keras.ops (JAX, PyTorch): the layer's own training statistics
+    (`BatchNorm._ops_moments`: shifted by one sample, then two passes), in float32 (float64 for
+    float64 inputs; JAX has none without jax_enable_x64), merged across batches in float64 on
+    the host. The two-pass M2 of a batch is the sum of squared deviations from its own mean,
+    so it keeps its digits without the float64 sums of the TensorFlow path (measured against
+    NumPy's float64 statistics: tests/test_backends.py)."""
+    rank = len(x.shape)
+    axis = bn.axis % rank
+    axes = [i for i in range(rank) if i != axis]
+    dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
+    centered, mean, variance, count = BatchNorm._ops_moments(ops.cast(x, dtype), mask, axes)
+    channels = x.shape[axis]
+    gamma = ops.cast(bn.gamma, dtype) if bn.scale else ops.ones((channels,), dtype)
+    beta = ops.cast(bn.beta, dtype) if bn.center else ops.zeros((channels,), dtype)
+    shape = [1] * rank
+    shape[axis] = -1
+    epsilon = ops.convert_to_tensor(bn.epsilon, dtype=dtype)
+    inv = ops.reshape(gamma, shape) * ops.rsqrt(variance + epsilon)
+    outputs = ops.cast(centered * inv + ops.reshape(beta, shape), x.dtype)
+    count, mean = ops.reshape(count, (-1,)), ops.reshape(mean, (-1,))
+    return (count, mean, ops.reshape(variance, (-1,)) * count), outputs
+
+
+def _tf_moments(bn, x, mask):
+    """`_moments` on TensorFlow, in float64 sums (`_shift_sums`).
 
     Under a `tf.distribute` strategy with several replicas the statistics are those of the global
     batch, as a synchronized BatchNorm computes them: the replicas' (n_r, mean_r, M2_r) are
@@ -379,6 +427,13 @@ def _step(model, targets, strategy):
     same global batch), the statistics are all-reduced inside `_moments`, and replica 0's copy is
     returned."""
     collect = _collector(model, targets)
+    if BACKEND != "tensorflow":
+        # Eagerly: jax.jit would bake every weight into the program as a constant.
+        def eager(inputs):
+            with _no_gradient():
+                return keras.tree.map_structure(ops.convert_to_numpy, collect(inputs))
+
+        return eager
     if strategy is None or strategy.num_replicas_in_sync == 1:
         signature = [
             [tf.TensorSpec((None, *x.shape[1:]), x.dtype) for x in keras.tree.flatten(model.inputs)]
@@ -406,6 +461,15 @@ def _step(model, targets, strategy):
         )
 
     return step
+
+
+def _no_gradient():
+    """No autograd graph on PyTorch, where every op records one by default."""
+    if BACKEND == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 class _Population:
@@ -496,9 +560,6 @@ def recalibrate(
             that are not finite (NaN in the data); the caller's model is unchanged and nothing is
             returned.
     """
-    internals.require_tensorflow(
-        "recalibrate", "keras-bn recalibrate model.keras --data x.npy -o recalibrated.keras"
-    )
     _check_foldable(model)
     if estimator not in ESTIMATORS:
         raise KerasBNError(
@@ -516,7 +577,9 @@ def recalibrate(
             )
         )
     targets = {id(bn): bn for bn in bns if bn.trainable or not only_trainable}
-    strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+    strategy = None
+    if BACKEND == "tensorflow" and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
     step = _step(model, targets, strategy)
     total = _known_batch_count(data, batch_size)
     if batches is not None:

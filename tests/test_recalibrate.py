@@ -1,4 +1,7 @@
-"""keras_bn.recalibrate: precise statistics against NumPy over the layers' real inputs."""
+"""keras_bn.recalibrate: precise statistics against NumPy over the layers' real inputs.
+
+Runs on every Keras backend (tests/test_backends.py runs it on JAX and PyTorch); the
+tf.distribute test is TensorFlow's."""
 
 import json
 import subprocess
@@ -13,6 +16,7 @@ import keras_bn
 from keras_bn import KerasBNError
 
 L = keras.layers
+tf_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow machinery")
 
 
 def two_branch_model():
@@ -70,7 +74,7 @@ def test_downstream_batchnorm_sees_batch_normalized_inputs(rng, epsilon):
     reference = keras.models.clone_model(model)
     reference.set_weights(model.get_weights())
     conv2 = keras.Model(reference.inputs, reference.get_layer("conv2").output)(data, training=True)
-    conv2 = np.asarray(conv2, np.float64).reshape(-1, 5)
+    conv2 = keras.ops.convert_to_numpy(conv2).astype(np.float64).reshape(-1, 5)
     np.testing.assert_allclose(new.get_layer("bn2").moving_mean.numpy(), conv2.mean(0), atol=1e-5)
     np.testing.assert_allclose(
         new.get_layer("bn2").moving_variance.numpy(), conv2.var(0), rtol=1e-5
@@ -316,6 +320,7 @@ json.dump(out, sys.stdout)
 """
 
 
+@tf_only
 def test_mirrored_strategy_all_reduces_to_the_single_device_statistics(tmp_path):
     # Two replicas (two logical CPUs) each see half of every global batch of 8 (the last batch
     # has 5 rows: 3 and 2). All-reduced sums give the statistics of one device over the same
