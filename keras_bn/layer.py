@@ -654,6 +654,12 @@ class BatchNorm(keras.layers.Layer):
                 # predict then fails). NaN outputs make the loss NaN instead of a silently wrong
                 # beta, and the moving statistics are left alone (one value: no update).
                 gamma = gamma * float("nan")
+            if BACKEND == "torch" and mask is None and sum_over_processes is None:
+                native = self._torch_native(x, gamma, beta, training=True)
+                if native is not None:
+                    outputs, mean, variance = native
+                    self._ops_update_moving(mean, variance, count)
+                    return ops.cast(outputs, self.compute_dtype)
             # Each slice of the batch (one per JAX device) is a leading axis of its own.
             rank = len(inputs.shape) + (slices > 1)
             axis = self._axis + (slices > 1)
@@ -662,10 +668,10 @@ class BatchNorm(keras.layers.Layer):
                 x = ops.reshape(x, (slices, -1, *x.shape[1:]))
                 if mask is not None:
                     mask = ops.reshape(mask, (slices, -1, *mask.shape[1:]))
-            centered, mean, variance, count = self._ops_moments(x, mask, axes, sum_over_processes)
+            centered, mean, variance, counts = self._ops_moments(x, mask, axes, sum_over_processes)
             if sum_over_processes is not None:
                 # The global batch decides (every process sees the same count): one value in all.
-                one = ops.all(count == 1.0)
+                one = ops.all(counts == 1.0)
                 if internals.concrete_bool(one):
                     raise KerasBNError(_batch_of_one_message(tuple(inputs.shape)))
                 gamma = ops.where(one, float("nan"), gamma)
@@ -676,12 +682,17 @@ class BatchNorm(keras.layers.Layer):
             if slices > 1:
                 outputs = ops.reshape(outputs, inputs.shape)
             per_slice = (slices, channels)
+            static = mask is None and sum_over_processes is None  # count: a Python int
             self._ops_update_moving(
                 ops.reshape(mean, per_slice),
                 ops.reshape(variance, per_slice),
-                ops.reshape(count, per_slice),
+                count if static else ops.reshape(counts, per_slice),
             )
             return ops.cast(outputs, self.compute_dtype)
+        if BACKEND == "torch" and mask is None:
+            native = self._torch_native(x, gamma, beta, training=False)
+            if native is not None:
+                return ops.cast(native[0], self.compute_dtype)
         # (x - mean) * inv + beta, as on TensorFlow: no cancellation of two large numbers.
         shape = self._broadcast_shape(len(inputs.shape))
         mean = ops.cast(self.moving_mean, math_dtype)
@@ -690,6 +701,53 @@ class BatchNorm(keras.layers.Layer):
             beta, shape
         )
         return ops.cast(outputs, self.compute_dtype)
+
+    def _torch_native(self, x, gamma, beta, training):
+        """PyTorch's own BatchNorm kernel (`torch.nn.functional.batch_norm`), the counterpart of
+        the fused kernel on TensorFlow: in eager mode, where it is 2 to 5 times faster than
+        keras.ops (measured on CPU: 21 against 57 ms for a (32, 56, 56, 64) training step with
+        its gradient), for data whose mean is at most 100 standard deviations from 0.
+
+        Returns `(outputs, mean, variance)` (training: the batch mean and biased variance, as
+        rows of shape (1, C); inference: only `outputs` counts), or None where the keras.ops
+        path must run instead: under torch.compile (inductor fuses that path itself, and the
+        check below would read a value on the host), and for ill-conditioned data. Measured on
+        CPU (torch 2.13, 4096 values per channel): the kernel's training mean misses by 6e-7
+        standard deviations at |mean| / std = 0.7 but by 3e-4 at 500, and its inference
+        computes `x * s + (beta - mean * s)`, which cancels as the ratio grows. Ratio <= 100
+        keeps both within about 1e-4 of an output's unit; beyond it (mean 1e4, std 0.01: 3% off)
+        the shifted keras.ops moments take over. The check reads one boolean per call on the
+        host: on a GPU a synchronization per BatchNorm and step."""
+        import torch
+        import torch.nn.functional as functional
+
+        if torch.compiler.is_compiling():
+            return None
+        channels = x.shape[self._axis]
+        # The kernel wants channels at axis 1: a view, no copy.
+        view = torch.movedim(x, self._axis, 1) if self._axis != 1 else x
+        epsilon = self.epsilon
+        if training:
+            mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+            unbiased = torch.zeros(channels, dtype=x.dtype, device=x.device)
+            # momentum=1.0: its running statistics become the batch's (variance unbiased).
+            outputs = functional.batch_norm(
+                view, mean, unbiased, gamma, beta, training=True, momentum=1.0, eps=epsilon
+            )
+            n = x.numel() // channels
+            variance = unbiased * ((n - 1) / n)
+        else:
+            mean = ops.cast(self.moving_mean, x.dtype)
+            variance = ops.cast(self.moving_variance, x.dtype)
+        if bool(torch.any(torch.square(mean) > 1e4 * (variance + epsilon))):
+            return None
+        if not training:
+            outputs = functional.batch_norm(
+                view, mean, variance, gamma, beta, training=False, eps=epsilon
+            )
+        if self._axis != 1:
+            outputs = torch.movedim(outputs, 1, self._axis)
+        return outputs, ops.reshape(mean, (1, -1)), ops.reshape(variance, (1, -1))
 
     @staticmethod
     def _ops_moments(x, mask, axes, sum_over_processes=None):
@@ -745,19 +803,33 @@ class BatchNorm(keras.layers.Layer):
         taken separately (one per JAX device without synchronization, else one row). Each row
         updates the moving statistics, or keeps the old value if it is skipped, and the rows
         are averaged: what `tf.distribute` does with per-replica updates of a variable whose
-        aggregation is "mean"."""
+        aggregation is "mean". `count` is a Python int where every channel of every row saw the
+        same static number of values (no mask, no all-reduce): the checks on it are then Python
+        (in eager PyTorch each keras.ops call costs about 15 us; measured: this update took 0.6
+        ms of a 1.6 ms step on a (256, 1024) input)."""
         dtype = mean.dtype
         rows = mean.shape[0]
         mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
-        count = ops.cast(count, dtype)
-        if self.unbiased_variance:
-            variance = variance * ops.where(
-                count > 1.0, count / ops.where(count > 1.0, count - 1.0, 1.0), 0.0
-            )
-        finite = ops.logical_and(
-            ops.all(ops.isfinite(mean), axis=1), ops.all(ops.isfinite(variance), axis=1)
-        )
-        update = ops.logical_and(finite, ops.all(count > 1.0, axis=1))
+        static = isinstance(count, int)
+        if static:
+            # count >= 1 here (an empty batch returned early), and 1 only inside jax.jit (one
+            # value raises elsewhere). Not `count > 1` on torch: under torch.compile with dynamic
+            # shapes `count` is symbolic, and Keras cannot make a tensor of a symbolic bool.
+            enough, seen = (count > 1 if BACKEND == "jax" else True), True
+            if self.unbiased_variance:
+                variance = variance * (count / (count - 1) if enough else 0.0)
+        else:
+            count = ops.cast(count, dtype)
+            if self.unbiased_variance:
+                variance = variance * ops.where(
+                    count > 1.0, count / ops.where(count > 1.0, count - 1.0, 1.0), 0.0
+                )
+            enough, seen = ops.all(count > 1.0, axis=1), ops.any(count > 0.0, axis=1)
+        finite = ops.all(ops.isfinite(ops.concatenate([mean, variance], axis=1)), axis=1)
+        if static:  # one value per channel: nothing to learn
+            update = finite if enough else ops.zeros_like(finite)
+        else:
+            update = ops.logical_and(finite, enough)
         if self.momentum is None:
             weight_new = 1.0 / (ops.cast(self.num_batches_tracked, dtype) + 1.0)
         else:
@@ -767,24 +839,33 @@ class BatchNorm(keras.layers.Layer):
         new_mean = old_mean * (1.0 - weight_new) + mean * weight_new
         new_variance = old_variance * (1.0 - weight_new) + variance * weight_new
         keep = ops.expand_dims(update, 1)
-        # A sum over the rows divided by their number, not ops.mean (see _ops_moments).
-        new_mean = ops.sum(ops.where(keep, new_mean, old_mean), axis=0) / rows
-        new_variance = ops.sum(ops.where(keep, new_variance, old_variance), axis=0) / rows
-        self.moving_mean.assign(ops.cast(new_mean, self.moving_mean.dtype))
-        self.moving_variance.assign(ops.cast(new_variance, self.moving_variance.dtype))
+        new_mean = ops.where(keep, new_mean, old_mean)
+        new_variance = ops.where(keep, new_variance, old_variance)
+        if rows > 1:
+            # A sum over the rows divided by their number, not ops.mean (see _ops_moments).
+            new_mean = ops.sum(new_mean, axis=0) / rows
+            new_variance = ops.sum(new_variance, axis=0) / rows
+        self.moving_mean.assign(ops.cast(ops.reshape(new_mean, (-1,)), self.moving_mean.dtype))
+        self.moving_variance.assign(
+            ops.cast(ops.reshape(new_variance, (-1,)), self.moving_variance.dtype)
+        )
         if self.momentum is None:
             tracked = self.num_batches_tracked
             tracked.assign(tracked + ops.cast(ops.any(update), tracked.dtype))
-        skipped = ops.any(ops.logical_and(ops.logical_not(update), ops.any(count > 0.0, axis=1)))
-        counter = self._skipped.variable
-        if BACKEND == "jax":
-            # JAX's compiled step carries only the model's own variables in and out: the counter,
-            # kept out of them (see _Counter), counts the batches it sees outside jax.jit.
-            if internals.concrete_bool(skipped):
-                counter.assign(counter.value + 1)
-        else:
-            counter.assign(counter + ops.cast(skipped, counter.dtype))
-        if internals.concrete_bool(ops.all(finite)) is False:
+        all_finite = internals.concrete_bool(ops.all(finite))
+        if not (static and enough and all_finite is True):  # else nothing was skipped
+            # An empty batch is no skip: there was nothing to learn from.
+            skipped = ops.logical_and(ops.logical_not(update), seen)
+            skipped = ops.any(skipped)
+            counter = self._skipped.variable
+            if BACKEND == "jax":
+                # JAX's compiled step carries only the model's own variables in and out: the
+                # counter, kept out of them (see _Counter), counts what it sees outside jax.jit.
+                if internals.concrete_bool(skipped):
+                    counter.assign(counter.value + 1)
+            else:
+                counter.assign(counter + ops.cast(skipped, counter.dtype))
+        if all_finite is False:
             warnings.warn(
                 f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
                 "the moving statistics were not updated for this batch.",
