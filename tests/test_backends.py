@@ -1,7 +1,9 @@
 """keras_bn on the JAX and PyTorch backends of Keras 3, each in a subprocess (Keras picks its
-backend once per process, from KERAS_BACKEND): the whole layer file, fold_bn on the demo CNN and
-a residual network trained there and exported here under TensorFlow, and the torch statistics
-where Keras's own lose their digits."""
+backend once per process, from KERAS_BACKEND): the whole layer, recalibration and diagnosis
+files; fold_bn, recalibrate, diagnose and the command line on the demo CNN and a residual
+network trained there, exported and recalibrated here under TensorFlow; the torch statistics
+where Keras's own lose their digits; synchronized statistics on JAX's DataParallel and on
+torch.distributed."""
 
 import json
 import os
@@ -111,6 +113,26 @@ FOLD_SCRIPT = textwrap.dedent("""
                             healthy_after=bool(with_data.healthy),
                             accuracy_after=float((recalibrated.predict(x_test, verbose=0).argmax(1)
                                                   == y_test).mean()))
+    # The command line there, in this process: doctor, recalibrate, doctor again, on the demo
+    # CNN trained 4 steps at momentum 0.99 (stale statistics).
+    import contextlib, io
+    from keras_bn.export.cli import main as cli
+    stale = build_model(momentum=0.99)
+    stale.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    stale.fit(x_train[:256], y_train[:256], batch_size=64, epochs=1, verbose=0)
+    stale.save(f"{out}/stale.keras")
+    np.save(f"{out}/x.npy", x_train[:256])
+    runs = []
+    for argv in (["doctor", f"{out}/stale.keras", "--data", f"{out}/x.npy", "--json"],
+                 ["recalibrate", f"{out}/stale.keras", "--data", f"{out}/x.npy", "-o",
+                  f"{out}/stale.recalibrated.keras"],
+                 ["doctor", f"{out}/stale.recalibrated.keras", "--data", f"{out}/x.npy",
+                  "--json"]):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = cli(argv)
+        runs.append({"exit": code, "stdout": printed.getvalue()})
+    result["cli"] = runs
     from keras_bn import export
     try:
         export.to_onnx(model, f"{out}/here.onnx")
@@ -147,6 +169,19 @@ def test_fold_on_backend_then_export_under_tensorflow(backend, tmp_path):
         result["export_error"],
     ), result["export_error"]
     assert not (tmp_path / "here.onnx").exists()
+    # keras-bn doctor / recalibrate there: stale (exit 1), repaired (exit 0), then healthy.
+    doctor, recalibrate, again = result["cli"]
+    assert doctor["exit"] == 1 and json.loads(doctor["stdout"])["verdict"] == "stale", doctor
+    assert recalibrate["exit"] == 0 and "recalibrated" in recalibrate["stdout"], recalibrate
+    assert again["exit"] == 0 and json.loads(again["stdout"])["verdict"] == "ok", again
+    # ... and the file it wrote loads here with TensorFlow's recalibrated statistics.
+    x_stale = np.load(tmp_path / "x.npy")
+    here, _ = keras_bn.recalibrate(
+        keras.saving.load_model(tmp_path / "stale.keras"), x_stale, progress=False
+    )
+    loaded = keras.saving.load_model(tmp_path / "stale.recalibrated.keras")
+    for a, b in zip(here.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     # The .keras files folded there load here, under TensorFlow, and export verified.
     from keras_bn.export.demo import load_digits_split
 
@@ -324,25 +359,25 @@ TORCH_SYNC_SCRIPT = textwrap.dedent(f"""
             json.dump(result, f)
         dist.destroy_process_group()
 
+    def one_process():
+        # The reference: one process, no distribution, the batch of 8.
+        import keras_bn
+        data = {DATA}
+        data[4:] += 10.0
+        weights = np.random.default_rng(1).normal(size=data.shape).astype("float32")
+        layer = keras_bn.BatchNorm(momentum=0.0)
+        x = torch.tensor(data, requires_grad=True)
+        y = layer(x, training=True)
+        (y * torch.tensor(weights)).sum().backward()
+        return {{"mean": layer.moving_mean.numpy().tolist(),
+                "var": layer.moving_variance.numpy().tolist(),
+                "out": y.detach().numpy().tolist(), "grad": x.grad.numpy().tolist()}}
+
     if __name__ == "__main__":
         out = sys.argv[1]
         mp.spawn(replica, args=(os.path.join(out, "init"), out), nprocs=2)
-        print(json.dumps([json.load(open(f"{{out}}/{{r}}.json")) for r in (0, 1)]))
-""")
-
-TORCH_PLAIN_SCRIPT = textwrap.dedent(f"""
-    import json
-    import numpy as np, torch, keras_bn
-    data = {DATA}
-    data[4:] += 10.0
-    weights = np.random.default_rng(1).normal(size=data.shape).astype("float32")
-    layer = keras_bn.BatchNorm(momentum=0.0)
-    x = torch.tensor(data, requires_grad=True)
-    y = layer(x, training=True)
-    (y * torch.tensor(weights)).sum().backward()
-    print(json.dumps({{"mean": layer.moving_mean.numpy().tolist(),
-                      "var": layer.moving_variance.numpy().tolist(),
-                      "out": y.detach().numpy().tolist(), "grad": x.grad.numpy().tolist()}}))
+        ranks = [json.load(open(f"{{out}}/{{r}}.json")) for r in (0, 1)]
+        print(json.dumps({{"ranks": ranks, "plain": one_process()}}))
 """)
 
 
@@ -351,10 +386,8 @@ def test_torch_distributed_statistics(tmp_path):
     script.write_text(TORCH_SYNC_SCRIPT)
     run = run_on("torch", [str(script), str(tmp_path)], timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
-    ranks = json.loads(run.stdout.strip().splitlines()[-1])
-    run = run_on("torch", ["-c", TORCH_PLAIN_SCRIPT])
-    assert run.returncode == 0, run.stderr[-4000:]
-    plain = json.loads(run.stdout.strip().splitlines()[-1])  # one process, the batch of 8
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    ranks, plain = result["ranks"], result["plain"]  # plain: one process, the batch of 8
     data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")
     data[4:] += 10.0
     np.testing.assert_allclose(plain["var"], data.var(0), rtol=1e-5)
@@ -374,32 +407,3 @@ def test_torch_distributed_statistics(tmp_path):
         assert not np.allclose(rank["False"]["var"], plain["var"], rtol=0.1)
     local_grad = np.concatenate([rank["False"]["grad"] for rank in ranks])
     assert not np.allclose(local_grad, plain["grad"], atol=1e-3)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cli_doctor_and_recalibrate_on_backend(backend, tmp_path):
-    # The demo CNN trained 4 steps at momentum 0.99 (stale statistics), saved here under TF.
-    from keras_bn.export.demo import build_model, load_digits_split
-
-    x_train = load_digits_split()[0][:256]
-    model = build_model(momentum=0.99)
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, np.arange(256) % 10, batch_size=64, epochs=1, verbose=0)
-    model.save(tmp_path / "model.keras")
-    np.save(tmp_path / "x.npy", x_train)
-    cli = ["-m", "keras_bn.export.cli"]
-    run = run_on(backend, [*cli, "doctor", str(tmp_path / "model.keras"), "--data",
-                           str(tmp_path / "x.npy"), "--json"])  # fmt: skip
-    assert run.returncode == 1, run.stderr[-3000:]  # exit 1: statistics need repair
-    assert json.loads(run.stdout)["verdict"] == "stale", run.stdout
-    out = tmp_path / "recalibrated.keras"
-    run = run_on(backend, [*cli, "recalibrate", str(tmp_path / "model.keras"), "--data",
-                           str(tmp_path / "x.npy"), "-o", str(out)])  # fmt: skip
-    assert run.returncode == 0 and out.exists(), run.stderr[-3000:]
-    run = run_on(backend, [*cli, "doctor", str(out), "--data", str(tmp_path / "x.npy"), "--json"])
-    assert run.returncode == 0 and json.loads(run.stdout)["verdict"] == "ok", run.stdout
-    # And under TensorFlow, where the recalibrated file loads and agrees on the statistics.
-    here, _ = keras_bn.recalibrate(model, x_train, progress=False)
-    loaded = keras.saving.load_model(out)
-    for a, b in zip(here.get_weights(), loaded.get_weights()):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
