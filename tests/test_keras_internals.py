@@ -105,7 +105,7 @@ def test_concrete_bool_is_none_while_a_step_traces():
 
 
 def test_traced_by_jax_tells_a_tracer_from_an_array():
-    jax = pytest.importorskip("jax", reason='JAX not installed: pip install -e ".[jax]"')
+    jax = pytest.importorskip("jax", reason='JAX not installed: pip install -e ".[dev]"')
     import jax.numpy as jnp
 
     seen = []
