@@ -1,4 +1,5 @@
-"""Every private Keras and TensorFlow API that keras_bn and keras_bn.export use, in one place.
+"""Every private Keras, TensorFlow and PyTorch API that keras_bn and keras_bn.export use, in one
+place.
 
 Each function says why no public API does the job. `tests/test_keras_internals.py` calls each
 one on a small model and fails with a clear message when a Keras or TF upgrade changes it; the

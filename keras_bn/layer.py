@@ -106,6 +106,10 @@ class BatchNorm(keras.layers.Layer):
     |mean| / std > ~1e3 (0.6% at 1e6); batches like that are detected from the kernel's own
     statistics and recomputed on the shifted path. E[x^2] - E[x]^2 would give 0 there.
 
+    On JAX and PyTorch the same statistics are computed in keras.ops (shifted, two passes). In
+    eager PyTorch, unmasked inputs whose channel means are within 100 standard deviations of 0
+    use PyTorch's own kernel, `torch.nn.functional.batch_norm`, instead (see `_torch_native`).
+
     Args:
         axis: Integer, the channel axis. -1 for channels_last, 1 for channels_first.
         momentum: Weight of the old moving value, in [0, 1]; None for a cumulative average.
