@@ -287,6 +287,16 @@ JAX_SYNC_SCRIPT = textwrap.dedent(f"""
         lambda: keras_bn.BatchNorm.from_torch(momentum=1.0, eps=1e-3), True)
     result["plain"] = trained(lambda: keras_bn.BatchNorm(momentum=0.0), False)
     keras.distribution.set_distribution(dist)
+    # A mask (Keras's: no channel axis) splits with the batch: each half's unmasked values.
+    sequences = data.reshape(8, 1, 5).repeat(3, axis=1) + np.arange(3)[None, :, None]
+    mask = np.ones((8, 3), bool)
+    mask[:, 2] = False
+    mask[5:, 1] = False
+    put = lambda a: jax.device_put(a, dist.get_data_layout(a.shape).backend_layout)
+    masked = keras_bn.BatchNorm(momentum=0.0)
+    masked(put(sequences), training=True, mask=put(mask))
+    result["masked_False"] = {{"mean": np.asarray(masked.moving_mean.value).tolist(),
+                              "var": np.asarray(masked.moving_variance.value).tolist()}}
     try:
         keras_bn.BatchNorm()(data[:6].reshape(3, 2, 5), training=True)
     except keras_bn.KerasBNError as error:
@@ -322,6 +332,14 @@ def test_jax_data_parallel_statistics():
     assert not np.allclose(local["var"], data.var(0), rtol=0.1)  # the negative case
     unbiased = np.mean([h.var(0, ddof=1) for h in halves], 0)
     np.testing.assert_allclose(result["unbiased_False"]["var"], unbiased, rtol=1e-5)
+    sequences = data.reshape(8, 1, 5).repeat(3, axis=1) + np.arange(3)[None, :, None]
+    mask = np.ones((8, 3), bool)
+    mask[:, 2] = False
+    mask[5:, 1] = False
+    kept = [sequences[h][mask[h]] for h in (slice(0, 4), slice(4, 8))]  # (values, 5) per half
+    masked = result["masked_False"]
+    np.testing.assert_allclose(masked["mean"], np.mean([k.mean(0) for k in kept], 0), rtol=1e-5)
+    np.testing.assert_allclose(masked["var"], np.mean([k.var(0) for k in kept], 0), rtol=1e-5)
     assert re.search(
         r"split across 2 devices.*Expected: a batch size divisible by 2.*Received: a batch of 3",
         result["indivisible"],
