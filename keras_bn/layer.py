@@ -40,6 +40,74 @@ def _batch_of_one_message(shape):
     )
 
 
+def _normalize_with_batch_gradient(x, gamma, beta, pivot, shifted_mean, variance, epsilon, axes, n):
+    """`(x - mean) * gamma / sqrt(variance + epsilon) + beta` in training mode, with BatchNorm's
+    textbook gradient (Ioffe & Szegedy, section 3) instead of automatic differentiation through
+    the moments: with `r = 1 / sqrt(variance + epsilon)`, `xhat = (x - mean) * r` and sums over
+    the `n` values of each channel,
+
+        dx = gamma * r * (dy - (sum(dy) + xhat * sum(dy * xhat)) / n)
+        dgamma = sum(dy * xhat),  dbeta = sum(dy)
+
+    The batch mean comes in two parts, `pivot + shifted_mean` (`BatchNorm._ops_moments` with
+    `shift=True`), so that `x - mean` is computed as `(x - pivot) - shifted_mean` without the
+    rounding of the mean to the data's magnitude; all statistics keep their reduced axes. Why: on JAX, XLA on CPU compiles the automatic
+    gradient of the centred formula to 1.5x the time of Keras's (measured: 38 against 28 ms on a
+    (32, 56, 56, 64) training step). This one writes `sum(dy * xhat)` as
+    `r * (sum(dy * x) - mean * sum(dy))` and `dx` as `x * a + dy * b + c` per channel, which XLA
+    fuses as it fuses Keras's gradient; both cancel when |mean| is far above the standard
+    deviation, so past 100 of them (the same bound as PyTorch's kernel path) the centred
+    expressions are used, chosen per batch by `ops.cond` in the backward pass."""
+
+    @ops.custom_gradient
+    def normalize(x, gamma, beta, pivot, shifted_mean, variance):
+        # The statistics come in as arguments (with no gradient: this one covers them), not
+        # from the enclosing scope, where JAX would see its tracers escape.
+        inv = ops.rsqrt(variance + epsilon)
+        mean = pivot + shifted_mean
+        outputs = ((x - pivot) - shifted_mean) * (inv * gamma) + beta
+
+        def grad(*args, upstream=None):
+            dy = args[0] if upstream is None else upstream
+
+            def fast():
+                sum_dy = ops.sum(dy, axis=axes, keepdims=True)
+                sum_dy_x = ops.sum(dy * x, axis=axes, keepdims=True)
+                sum_dy_xhat = inv * (sum_dy_x - mean * sum_dy)
+                scale = gamma * inv
+                a = -scale * inv * sum_dy_xhat / n
+                return x * a + scale * dy + (-scale * sum_dy / n - mean * a), sum_dy_xhat, sum_dy
+
+            def centred():
+                xhat = ((x - pivot) - shifted_mean) * inv
+                sum_dy = ops.sum(dy, axis=axes, keepdims=True)
+                sum_dy_xhat = ops.sum(dy * xhat, axis=axes, keepdims=True)
+                dx = gamma * inv * (dy - (sum_dy + xhat * sum_dy_xhat) / n)
+                return dx, sum_dy_xhat, sum_dy
+
+            ill = ops.any(ops.square(mean) > 1e4 * variance)
+            dx, dgamma, dbeta = ops.cond(ill, centred, fast)
+            return (
+                dx,
+                ops.reshape(dgamma, gamma.shape),
+                ops.reshape(dbeta, beta.shape),
+                ops.zeros_like(pivot),
+                ops.zeros_like(shifted_mean),
+                ops.zeros_like(variance),
+            )
+
+        return outputs, grad
+
+    return normalize(
+        x,
+        gamma,
+        beta,
+        ops.stop_gradient(pivot),
+        ops.stop_gradient(shifted_mean),
+        ops.stop_gradient(variance),
+    )
+
+
 class _Counter:
     """Holds the skipped-update counter out of sight of Keras's variable tracking: it is
     bookkeeping, not a weight, so `get_weights()`/`set_weights()` keep interchanging with
@@ -672,7 +740,14 @@ class BatchNorm(keras.layers.Layer):
                 x = ops.reshape(x, (slices, -1, *x.shape[1:]))
                 if mask is not None:
                     mask = ops.reshape(mask, (slices, -1, *mask.shape[1:]))
-            centered, mean, variance, counts = self._ops_moments(x, mask, axes, sum_over_processes)
+            # JAX without a mask: the custom-gradient normalization centres x itself.
+            custom = BACKEND == "jax" and mask is None
+            moments = self._ops_moments(x, mask, axes, sum_over_processes, shift=custom)
+            if custom:
+                pivot, shifted_mean, variance, counts = moments
+                mean = pivot + shifted_mean
+            else:
+                centered, mean, variance, counts = moments
             if sum_over_processes is not None:
                 # The global batch decides (every process sees the same count): one value in all.
                 one = ops.all(counts == 1.0)
@@ -681,8 +756,14 @@ class BatchNorm(keras.layers.Layer):
                 gamma = ops.where(one, float("nan"), gamma)
             shape = [1] * rank
             shape[axis] = -1
-            inv = ops.reshape(gamma, shape) * ops.rsqrt(variance + epsilon)
-            outputs = centered * inv + ops.reshape(beta, shape)
+            if custom:
+                outputs = _normalize_with_batch_gradient(
+                    x, ops.reshape(gamma, shape), ops.reshape(beta, shape), pivot, shifted_mean,
+                    variance, epsilon, axes, count,
+                )  # fmt: skip
+            else:
+                inv = ops.reshape(gamma, shape) * ops.rsqrt(variance + epsilon)
+                outputs = centered * inv + ops.reshape(beta, shape)
             if slices > 1:
                 outputs = ops.reshape(outputs, inputs.shape)
             per_slice = (slices, channels)
@@ -754,12 +835,14 @@ class BatchNorm(keras.layers.Layer):
         return outputs, ops.reshape(mean, (1, -1)), ops.reshape(variance, (1, -1))
 
     @staticmethod
-    def _ops_moments(x, mask, axes, sum_over_processes=None):
+    def _ops_moments(x, mask, axes, sum_over_processes=None, shift=False):
         """`_batch_moments` in keras.ops: shifted by one sample, two passes, biased variance.
 
         Returns `(centered, mean, variance, count)`, the statistics with the reduced `axes` kept
         (size 1). With `sum_over_processes` every sum is over all processes' batches (torch's
-        synchronized statistics, the same two all-reduces as on TensorFlow)."""
+        synchronized statistics, the same two all-reduces as on TensorFlow). `shift=True`
+        (unmasked only) returns `(pivot, shifted_mean, variance, count)` instead, `mean = pivot
+        + shifted_mean` in two parts, for a caller that centres `x` itself."""
 
         def ratio(a, b):
             # a / b, 0 where b is 0 (then a is 0 too: an empty or all-masked channel). Neither
@@ -788,6 +871,8 @@ class BatchNorm(keras.layers.Layer):
             shifted = x - pivot
             shifted_mean = ratio(total(shifted), count)
             centered = shifted - shifted_mean
+            if shift:
+                return pivot, shifted_mean, ratio(total(ops.square(centered)), count), count
             variance = ratio(total(ops.square(centered)), count)
             return centered, shifted_mean + pivot, variance, count
         # A masked-out first sample may hold padding far from the data: no shift then.
