@@ -177,6 +177,8 @@ class BatchNorm(keras.layers.Layer):
     On JAX and PyTorch the same statistics are computed in keras.ops (shifted, two passes). In
     eager PyTorch, unmasked inputs whose channel means are within 100 standard deviations of 0
     use PyTorch's own kernel, `torch.nn.functional.batch_norm`, instead (see `_torch_native`).
+    On JAX the unmasked training normalization has BatchNorm's textbook gradient, written for
+    XLA (see `_normalize_with_batch_gradient`).
 
     Args:
         axis: Integer, the channel axis. -1 for channels_last, 1 for channels_first.
