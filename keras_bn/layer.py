@@ -87,6 +87,11 @@ def _normalize_with_batch_gradient(x, gamma, beta, pivot, shifted_mean, variance
 
             ill = ops.any(ops.square(mean) > 1e4 * variance)
             dx, dgamma, dbeta = ops.cond(ill, centred, fast)
+            # With a slice of the batch per device (a leading axis), gamma and beta are shared.
+            shared = [i for i, size in enumerate(gamma.shape) if size == 1 and dgamma.shape[i] > 1]
+            if shared:
+                dgamma = ops.sum(dgamma, axis=shared, keepdims=True)
+                dbeta = ops.sum(dbeta, axis=shared, keepdims=True)
             return (
                 dx,
                 ops.reshape(dgamma, gamma.shape),

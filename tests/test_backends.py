@@ -297,6 +297,17 @@ JAX_SYNC_SCRIPT = textwrap.dedent(f"""
     masked(put(sequences), training=True, mask=put(mask))
     result["masked_False"] = {{"mean": np.asarray(masked.moving_mean.value).tolist(),
                               "var": np.asarray(masked.moving_variance.value).tolist()}}
+    # The gradient with each device's statistics: d/dx and d/dgamma of sum(y * w).
+    weights = np.random.default_rng(1).normal(size=data.shape).astype("float32")
+    layer = keras_bn.BatchNorm(momentum=0.0)
+    layer.build(data.shape)
+    def loss(x, gamma):
+        y, _ = layer.stateless_call([gamma, layer.beta.value],
+                                    [v.value for v in layer.non_trainable_variables],
+                                    x, training=True)
+        return jax.numpy.sum(y * weights)
+    dx, dgamma = jax.jit(jax.grad(loss, argnums=(0, 1)))(put(data), layer.gamma.value)
+    result["grad_False"] = {{"dx": np.asarray(dx).tolist(), "dgamma": np.asarray(dgamma).tolist()}}
     try:
         keras_bn.BatchNorm()(data[:6].reshape(3, 2, 5), training=True)
     except keras_bn.KerasBNError as error:
@@ -332,6 +343,19 @@ def test_jax_data_parallel_statistics():
     assert not np.allclose(local["var"], data.var(0), rtol=0.1)  # the negative case
     unbiased = np.mean([h.var(0, ddof=1) for h in halves], 0)
     np.testing.assert_allclose(result["unbiased_False"]["var"], unbiased, rtol=1e-5)
+    # Per half, Ioffe & Szegedy's gradient in float64: dx = r (w - (sum w + xhat sum(w xhat))/n),
+    # dgamma = sum over both halves of sum(w xhat).
+    w = np.random.default_rng(1).normal(size=data.shape)
+    dx, dgamma = [], 0.0
+    for h in (slice(0, 4), slice(4, 8)):
+        half = data[h].astype(np.float64)
+        r = 1 / np.sqrt(half.var(0) + 1e-3)
+        xhat = (half - half.mean(0)) * r
+        dx.append(r * (w[h] - (w[h].sum(0) + xhat * (w[h] * xhat).sum(0)) / 4))
+        dgamma = dgamma + (w[h] * xhat).sum(0)
+    grad = result["grad_False"]
+    np.testing.assert_allclose(grad["dx"], np.concatenate(dx), atol=1e-4)
+    np.testing.assert_allclose(grad["dgamma"], dgamma, rtol=1e-4, atol=1e-5)
     sequences = data.reshape(8, 1, 5).repeat(3, axis=1) + np.arange(3)[None, :, None]
     mask = np.ones((8, 3), bool)
     mask[:, 2] = False
