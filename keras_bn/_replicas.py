@@ -12,7 +12,8 @@ and `torch.distributed` do.
   devices' own. So `synchronized=True` needs no code on JAX, and `synchronized=False` takes the
   statistics of each device's slice of the batch separately, as on TensorFlow and PyTorch.
 - PyTorch: each process of a `torch.distributed` group holds its own batch;
-  `synchronized=True` sums over the group with a differentiable all-reduce.
+  `synchronized=True` sums over the group with a differentiable all-reduce
+  (`_keras_internals.torch_all_reduce_sum`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 
 import keras
 
-from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
 
 
@@ -56,8 +56,3 @@ def torch_world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def torch_sum_over_processes(tensor):
-    """`tensor` summed over every process of the default group, gradient included."""
-    return internals.torch_all_reduce_sum(tensor)

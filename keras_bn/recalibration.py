@@ -41,7 +41,7 @@ from keras import ops
 from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
-from keras_bn.layer import FUSED_MIN_EPSILON, BatchNorm
+from keras_bn.layer import FUSED_MIN_EPSILON, BatchNorm, gamma_beta
 from keras_bn.verification import arrays_per_input, batch_shape_text, in_background, wrong_shape
 
 # TensorFlow keeps its compiled collection step (tf.function, tf.distribute, the fused kernel);
@@ -302,9 +302,7 @@ def _ops_moments(bn, x, mask):
     axes = [i for i in range(rank) if i != axis]
     dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
     centered, mean, variance, count = BatchNorm._ops_moments(ops.cast(x, dtype), mask, axes)
-    channels = x.shape[axis]
-    gamma = ops.cast(bn.gamma, dtype) if bn.scale else ops.ones((channels,), dtype)
-    beta = ops.cast(bn.beta, dtype) if bn.center else ops.zeros((channels,), dtype)
+    gamma, beta = gamma_beta(bn, x.shape[axis], dtype)
     shape = [1] * rank
     shape[axis] = -1
     epsilon = ops.convert_to_tensor(bn.epsilon, dtype=dtype)
@@ -351,8 +349,7 @@ def _normalize(bn, x, mean, variance):
     Anything else: the same formula in plain ops."""
     rank = len(x.shape)
     axis = bn.axis % rank
-    gamma = tf.cast(bn.gamma, tf.float32) if bn.scale else tf.ones(tf.shape(mean), tf.float32)
-    beta = tf.cast(bn.beta, tf.float32) if bn.center else tf.zeros(tf.shape(mean), tf.float32)
+    gamma, beta = gamma_beta(bn, x.shape[axis], tf.float32)
     if (
         _in_rows(x, axis)
         and x.dtype in (tf.float32, tf.float16)
