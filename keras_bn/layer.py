@@ -51,7 +51,12 @@ def _normalize_with_batch_gradient(x, gamma, beta, pivot, shifted_mean, variance
 
     The batch mean comes in two parts, `pivot + shifted_mean` (`BatchNorm._ops_moments` with
     `shift=True`), so that `x - mean` is computed as `(x - pivot) - shifted_mean` without the
-    rounding of the mean to the data's magnitude; all statistics keep their reduced axes.
+    rounding of the mean to the data's magnitude; all statistics keep their reduced axes. The
+    forward pass is `(x - pivot) * k + (beta - shifted_mean * k)` with `k = gamma * r`: one
+    subtraction per value fewer than `((x - pivot) - shifted_mean) * k + beta` (measured on JAX,
+    CPU, a (32, 56, 56, 64) training step: 0.93 against 1.07 of Keras's time in one A/B run; at
+    (256, 1024) both are within noise of 1.0), and as sound, `x - pivot` being exact or nearly
+    so for values near the pivot.
 
     Why: on JAX, XLA on CPU compiles the automatic gradient of the centred formula to 1.5x the
     time of Keras's (measured: 38 against 28 ms on a (32, 56, 56, 64) training step). This one
@@ -67,7 +72,8 @@ def _normalize_with_batch_gradient(x, gamma, beta, pivot, shifted_mean, variance
         # from the enclosing scope, where JAX would see its tracers escape.
         inv = ops.rsqrt(variance + epsilon)
         mean = pivot + shifted_mean
-        outputs = ((x - pivot) - shifted_mean) * (inv * gamma) + beta
+        scale = inv * gamma
+        outputs = (x - pivot) * scale + (beta - shifted_mean * scale)
 
         def grad(*args, upstream=None):
             dy = args[0] if upstream is None else upstream
@@ -76,7 +82,6 @@ def _normalize_with_batch_gradient(x, gamma, beta, pivot, shifted_mean, variance
                 sum_dy = ops.sum(dy, axis=axes, keepdims=True)
                 sum_dy_x = ops.sum(dy * x, axis=axes, keepdims=True)
                 sum_dy_xhat = inv * (sum_dy_x - mean * sum_dy)
-                scale = gamma * inv
                 a = -scale * inv * sum_dy_xhat / n
                 return x * a + scale * dy + (-scale * sum_dy / n - mean * a), sum_dy_xhat, sum_dy
 
