@@ -222,6 +222,7 @@ def cmd_export(args):
             min_agreement=args.min_agreement,
             min_cosine=args.min_cosine,
             keep_float=args.keep_float,
+            reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
@@ -357,6 +358,13 @@ def build_parser():
         default=[],
         metavar="LAYER",
         help="int8: leave this layer in float32 (repeat for several)",
+    )
+    p.add_argument(
+        "--reduce-range",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="int8: 7-bit weights (on), as onnxruntime advises for x86-64 CPUs without VNNI; "
+        "auto: on where this CPU is one",
     )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")

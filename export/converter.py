@@ -146,6 +146,9 @@ class QuantizationReport:
     runtime_int8_ops: dict[str, int] = dataclasses.field(default_factory=dict)
     runtime_float_ops: dict[str, int] = dataclasses.field(default_factory=dict)
     kept_float: list = dataclasses.field(default_factory=list)  # the keep_float layers
+    # int8: 7-bit weights (onnxruntime's reduce_range), and why: "this CPU lacks VNNI"...
+    reduce_range: bool = False
+    reduce_range_reason: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -169,6 +172,8 @@ class QuantizationReport:
                 + (f" ({left})" if left else "")
                 + (f"; kept float32: {', '.join(self.kept_float)}" if self.kept_float else "")
             )
+            bits = "7-bit (reduce_range)" if self.reduce_range else "8-bit"
+            lines.append(f"  weights {bits}: {self.reduce_range_reason}")
         for name, a in self.agreement.items():
             top1 = "-" if a.top1 is None else f"{a.top1:.4f}"
             accuracy = (
@@ -692,6 +697,7 @@ def to_onnx(
     min_agreement: float | None = None,
     min_cosine: float | None = None,
     keep_float=(),
+    reduce_range: bool | None = None,
 ) -> ExportReport:
     """Exports `model` to ONNX at `path` and returns an `ExportReport`.
 
@@ -717,7 +723,11 @@ def to_onnx(
     either bound `VerificationError` names the output and the value, and nothing is written.
     `keep_float` (int8 only) names layers whose ops stay float32 (onnxruntime's
     `nodes_to_exclude`), for a layer that int8 makes slower or less accurate, such as a first
-    Conv with one input channel.
+    Conv with one input channel. `reduce_range` (int8 only) quantizes weights to 7 bits, as
+    onnxruntime advises for x86-64 CPUs without VNNI, whose uint8 x int8 kernels can saturate;
+    None (default) decides by the machine that quantizes and verifies (`quantize.int8_may_saturate`:
+    7 bits there, 8 elsewhere), and the report says which and why. Pass True for a graph that
+    will run on such a CPU, whatever this one is.
     """
     step = progress or (lambda name: None)
     if not isinstance(model, keras.Model):
@@ -737,7 +747,7 @@ def to_onnx(
     input_sets = _input_sets(model, samples)  # bad samples fail here, before any conversion
     reduced = _check_precision(
         model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine,
-        keep_float,
+        keep_float, reduce_range,
     )  # fmt: skip
     timings = {}
     # Keras's reference outputs depend only on the original model: they are computed on a second
@@ -825,10 +835,20 @@ class _Reduced:
     min_agreement: float
     min_cosine: float
     keep_float: tuple = ()  # layer names whose ops stay float32 in int8
+    reduce_range: bool = False  # int8: 7-bit weights
+    reduce_range_reason: str = ""
 
 
 def _check_precision(
-    model, precision, calibration, calibrate_method, labels, min_agreement, min_cosine, keep_float
+    model,
+    precision,
+    calibration,
+    calibrate_method,
+    labels,
+    min_agreement,
+    min_cosine,
+    keep_float,
+    reduce_range=None,
 ):
     """Checks the reduced-precision arguments before any work; None for a float32 export."""
     from . import quantize
@@ -844,6 +864,19 @@ def _check_precision(
                 "`keep_float` names layers to leave out of int8 quantization",
                 "precision='int8'",
                 f"precision={precision!r} with keep_float={list(keep_float)}",
+            )
+        )
+    if reduce_range is not None and not isinstance(reduce_range, bool):
+        raise KerasBNError(
+            expected("Invalid `reduce_range`", "True, False or None (decide by this CPU)",
+                     repr(reduce_range))
+        )  # fmt: skip
+    if reduce_range is not None and precision != "int8":
+        raise KerasBNError(
+            expected(
+                "`reduce_range` chooses 7-bit weights for int8 quantization",
+                "precision='int8'",
+                f"precision={precision!r} with reduce_range={reduce_range}",
             )
         )
     if precision == "float32":
@@ -899,7 +932,20 @@ def _check_precision(
                 f"{unknown}",
             )
         )
-    return _Reduced(precision, arrays, calibrate_method, labels, **bounds, keep_float=keep_float)
+    if reduce_range is None:
+        reduce_range = precision == "int8" and quantize.int8_may_saturate()
+        reason = (
+            "this CPU is x86-64 without VNNI (or its flags are unreadable), where onnxruntime's "
+            "uint8 x int8 kernels can saturate"
+            if reduce_range
+            else "this CPU does not saturate uint8 x int8 sums"
+        )
+    else:
+        reason = f"reduce_range={reduce_range} was asked for"
+    return _Reduced(
+        precision, arrays, calibrate_method, labels, **bounds, keep_float=keep_float,
+        reduce_range=reduce_range, reduce_range_reason=reason,
+    )  # fmt: skip
 
 
 def _median_ms(session, feed, rounds=20):
@@ -929,7 +975,7 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
             for start in range(0, rows, 32)
         ]
         reduced_bytes = quantize.to_int8(
-            model_bytes, feeds, reduced.calibrate_method, reduced.keep_float
+            model_bytes, feeds, reduced.calibrate_method, reduced.keep_float, reduced.reduce_range
         )
     proto = onnx.load_from_string(reduced_bytes)
     step(f"verifying the {reduced.precision} graph by agreement")
@@ -968,7 +1014,17 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
                         f"{measure} >= {bound:g}",
                         f"{value:.6f}",
                         "Calibrate on more representative data, try another calibrate_method, "
-                        "or lower the bound (min_agreement=, min_cosine=).",
+                        + (
+                            "keep a layer float (keep_float=), "
+                            if reduced.precision == "int8"
+                            else ""
+                        )
+                        + (
+                            "try 7-bit weights (reduce_range=True), "
+                            if reduced.precision == "int8" and not reduced.reduce_range
+                            else ""
+                        )
+                        + "or lower the bound (min_agreement=, min_cosine=).",
                     )
                 )
     latency = {"float32": {}, reduced.precision: {}}
@@ -997,5 +1053,7 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
         runtime_int8_ops=runtime_int8,
         runtime_float_ops=runtime_float,
         kept_float=list(reduced.keep_float),
+        reduce_range=reduced.reduce_range and reduced.precision == "int8",
+        reduce_range_reason=reduced.reduce_range_reason if reduced.precision == "int8" else "",
     )
     return reduced_bytes, report

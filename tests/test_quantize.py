@@ -209,6 +209,74 @@ def test_keep_float_leaves_the_named_layer_in_float32(tmp_path, rng):
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def int8_weights(graph):
+    """The quantized weights of a QDQ graph: int8 initializers that a DequantizeLinear reads as
+    its data (input 0; input 2 is the zero point; activations are uint8)."""
+    data = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    return [
+        onnx.numpy_helper.to_array(i)
+        for i in graph.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and i.name in data
+    ]
+
+
+def test_reduce_range_quantizes_weights_to_7_bits(tmp_path, rng):
+    model = classifier()
+    x = rng.random((128, 8, 8, 1), dtype=np.float32)
+    peaks = {}
+    for reduce_range in (True, False):
+        path = tmp_path / f"{reduce_range}.onnx"
+        q = export.to_onnx(
+            model, path, precision="int8", calibration=x, reduce_range=reduce_range
+        ).quantization
+        assert q.reduce_range is reduce_range
+        assert q.reduce_range_reason == f"reduce_range={reduce_range} was asked for"
+        weights = int8_weights(onnx.load(path))
+        assert len(weights) == 2  # the Conv (with its BatchNorm folded in) and the Dense
+        # Symmetric per channel: each channel's largest weight maps to the range's end.
+        peaks[reduce_range] = max(int(np.abs(w.astype(int)).max()) for w in weights)
+    assert peaks == {True: 64, False: 127}
+    assert "weights 8-bit: reduce_range=False was asked for" in str(
+        export.to_onnx(
+            model, tmp_path / "s.onnx", precision="int8", calibration=x, reduce_range=False
+        )
+    )
+    # None decides by this machine, and says so.
+    q = export.to_onnx(model, tmp_path / "auto.onnx", precision="int8", calibration=x).quantization
+    assert q.reduce_range is quantize.int8_may_saturate()
+    assert ("without VNNI" in q.reduce_range_reason) is q.reduce_range
+    # Negative cases, before any work: not a bool, and reduce_range without int8.
+    for kwargs, message in (
+        ({"precision": "int8", "reduce_range": "yes"}, r"Invalid `reduce_range`"),
+        ({"precision": "float16", "reduce_range": True}, r"Expected: precision='int8'"),
+    ):
+        with pytest.raises(KerasBNError, match=message):
+            export.to_onnx(model, tmp_path / "bad.onnx", calibration=x, **kwargs)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_int8_may_saturate_on_x86_without_vnni(tmp_path):
+    # onnxruntime's guidance (quantize_static): reduce_range on x86-64 without VNNI only.
+    zen3 = {"sse4_2", "avx", "avx2", "fma"}  # the flags of the machine the bug was found on
+    assert quantize.int8_may_saturate("x86_64", zen3)
+    assert quantize.int8_may_saturate("AMD64", zen3)  # Windows spells it so
+    assert not quantize.int8_may_saturate("x86_64", zen3 | {"avx512f", "avx512_vnni"})
+    assert not quantize.int8_may_saturate("x86_64", zen3 | {"avx_vnni"})  # Alder Lake
+    assert not quantize.int8_may_saturate("aarch64", zen3)
+    assert not quantize.int8_may_saturate("arm64", set())
+    # Unreadable flags on x86-64: the safe answer.
+    assert quantize.int8_may_saturate("x86_64", None) is True
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+        "flags\t\t: fpu sse2 avx2 avx512_vnni\nbogomips\t: 4890.81\n\n"
+    )
+    assert quantize.cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "avx512_vnni"}
+    assert quantize.cpu_flags(tmp_path / "missing") is None
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # ARM's word for them
+    assert quantize.cpu_flags(cpuinfo) is None
+
+
 def test_below_the_bound_nothing_is_written(tmp_path, rng, private_tmp):
     model = classifier()
     x = rng.random((64, 8, 8, 1), dtype=np.float32)
@@ -287,12 +355,14 @@ def test_export_command_precision_exit_codes(tmp_path, rng):
     run = cli_in_process(
         "export", tmp_path / "m.keras", "-o", out, "--precision", "int8",
         "--calibration", tmp_path / "calib.npy", "--labels", tmp_path / "y.npy", "--json",
+        "--reduce-range", "on",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)["quantization"]
     assert (
         summary["precision"] == "int8"
         and summary["agreement"]["logits"]["reference_accuracy"] == 1.0
+        and summary["reduce_range"] is True
     )
     assert "calibrating and quantizing to int8" in run.stderr and out.exists()
     graph = onnx.load(out)
@@ -311,6 +381,9 @@ def test_export_command_precision_exit_codes(tmp_path, rng):
     run = cli_in_process("export", tmp_path / "m.keras", "-o", strict, "--precision", "int8")
     assert run.returncode == 2
     one_line_error(run, r"int8 export needs calibration data")
+    run = cli_in_process("export", tmp_path / "m.keras", "-o", strict, "--reduce-range", "on")
+    assert run.returncode == 2 and not strict.exists()
+    one_line_error(run, r"`reduce_range` chooses 7-bit weights .* Expected: precision='int8'")
     run = cli_in_process(
         "export", tmp_path / "m.keras", "-o", strict, "--precision", "int8",
         "--calibration", tmp_path / "calib.npy", "--keep-float", "nope",
