@@ -137,7 +137,11 @@ def main():
         graphs = {
             ("raw", "float32"): raw32,
             ("raw", "float16"): quantize.to_float16(raw32),
-            ("raw", "int8"): quantize.to_int8(raw32, feeds),
+            # The same quantizer settings as to_onnx's on this machine (7-bit weights where
+            # uint8 x int8 sums can saturate: quantize.int8_may_saturate).
+            ("raw", "int8"): quantize.to_int8(
+                raw32, feeds, reduce_range=quantize.int8_may_saturate()
+            ),
         }
         for precision in ("float32", "float16", "int8"):
             path = os.path.join(out, f"{name}-{precision}.onnx".replace(" ", "_"))
