@@ -146,7 +146,7 @@ class QuantizationReport:
     runtime_int8_ops: dict[str, int] = dataclasses.field(default_factory=dict)
     runtime_float_ops: dict[str, int] = dataclasses.field(default_factory=dict)
     kept_float: list = dataclasses.field(default_factory=list)  # the keep_float layers
-    # int8: 7-bit weights (onnxruntime's reduce_range), and why: "this CPU lacks VNNI"...
+    # int8: 7-bit weights (onnxruntime's reduce_range), and why (this CPU, or the caller's word)
     reduce_range: bool = False
     reduce_range_reason: str = ""
 
@@ -1053,7 +1053,7 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
         runtime_int8_ops=runtime_int8,
         runtime_float_ops=runtime_float,
         kept_float=list(reduced.keep_float),
-        reduce_range=reduced.reduce_range and reduced.precision == "int8",
+        reduce_range=reduced.reduce_range,  # False for float16: refused or decided so above
         reduce_range_reason=reduced.reduce_range_reason if reduced.precision == "int8" else "",
     )
     return reduced_bytes, report
