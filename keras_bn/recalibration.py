@@ -640,8 +640,13 @@ def recalibrate(
         raise KerasBNError(expected("The data gave no batch", "at least one batch", "none"))
 
     new_stats = {}
-    for key, accumulator in accumulators.items():
-        bn = targets[int(key)]
+    # In the model's order, not the order the step returned them in (jax.jit returns a dict
+    # with its keys sorted): the first of the model's BatchNorms whose statistics are not
+    # finite is the one named.
+    for key, bn in targets.items():
+        accumulator = accumulators.get(str(key))
+        if accumulator is None:
+            continue
         mean, var = accumulator.result()
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
             raise KerasBNError(
