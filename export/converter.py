@@ -932,8 +932,10 @@ def _check_precision(
                 f"{unknown}",
             )
         )
-    if reduce_range is None:
-        reduce_range = precision == "int8" and quantize.int8_may_saturate()
+    if precision != "int8":
+        reduce_range, reason = False, ""
+    elif reduce_range is None:
+        reduce_range = quantize.int8_may_saturate()
         reason = (
             "this CPU is x86-64 without VNNI (or its flags are unreadable), where onnxruntime's "
             "uint8 x int8 kernels can saturate"
@@ -998,6 +1000,11 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
     references = _keras_outputs(model, arrays)
     session = _session(reduced_bytes, True)
     outputs = session.run(None, _feed(names, arrays, nchw))
+    int8_remedies = ""
+    if reduced.precision == "int8":
+        int8_remedies = "keep a layer float (keep_float=), " + (
+            "" if reduced.reduce_range else "try 7-bit weights (reduce_range=True), "
+        )
     agreement = {}
     for name, ref, out in zip(output_names(model), references, outputs):
         result = keras_bn.verification.agreement(ref, out, labels)
@@ -1014,17 +1021,7 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
                         f"{measure} >= {bound:g}",
                         f"{value:.6f}",
                         "Calibrate on more representative data, try another calibrate_method, "
-                        + (
-                            "keep a layer float (keep_float=), "
-                            if reduced.precision == "int8"
-                            else ""
-                        )
-                        + (
-                            "try 7-bit weights (reduce_range=True), "
-                            if reduced.precision == "int8" and not reduced.reduce_range
-                            else ""
-                        )
-                        + "or lower the bound (min_agreement=, min_cosine=).",
+                        f"{int8_remedies}or lower the bound (min_agreement=, min_cosine=).",
                     )
                 )
     latency = {"float32": {}, reduced.precision: {}}
@@ -1053,7 +1050,7 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
         runtime_int8_ops=runtime_int8,
         runtime_float_ops=runtime_float,
         kept_float=list(reduced.keep_float),
-        reduce_range=reduced.reduce_range,  # False for float16: refused or decided so above
-        reduce_range_reason=reduced.reduce_range_reason if reduced.precision == "int8" else "",
+        reduce_range=reduced.reduce_range,
+        reduce_range_reason=reduced.reduce_range_reason,
     )
     return reduced_bytes, report
