@@ -356,6 +356,30 @@ def test_variance_large_mean_small_spread(shape, kwargs, rtol, rng):
     np.testing.assert_allclose(y, expected, atol=1e-3)
 
 
+def test_statistics_keep_their_digits_where_keras_torch_moments_lose_them():
+    # Mean 1e4, std 0.01 in float32 (256 x 4, seed 0), keras_bn against Keras's own layer on the
+    # same backend. Keras 3.15's torch `moments` computes E[x^2] - E[x]^2: at 1e8 a float32 step
+    # is 8, so the variance 1e-4 is lost. Measured on torch: Keras's moving variance is off by a
+    # relative 1.6e5 and its training outputs are NaN (a negative variance under the square
+    # root); keras_bn's variance within 3.0e-7 and its outputs within 9.8e-8 of NumPy's float64.
+    # On TensorFlow and JAX keras_bn: 4.3e-6 and 4.5e-7, outputs 1.4e-7 and 8e-8; Keras's own
+    # layer there: 4.2e-3, outputs off by 0.039.
+    x = (1e4 + 0.01 * np.random.default_rng(0).standard_normal((256, 4))).astype("float32")
+    reference = x.astype(np.float64).var(0)
+    expected = (x - x.astype(np.float64).mean(0)) / np.sqrt(reference + 1e-3)
+    errors = {}
+    for name, layer in (
+        ("keras_bn", BatchNorm(momentum=0.0)),
+        ("keras", keras.layers.BatchNormalization(momentum=0.0)),
+    ):
+        y = to_np(layer(x, training=True)).astype(np.float64)
+        variance = to_np(layer.moving_variance).astype(np.float64)
+        errors[name] = (np.abs(variance / reference - 1).max(), np.abs(y - expected).max())
+    assert errors["keras_bn"][0] < 1e-4 and errors["keras_bn"][1] < 1e-5, errors
+    if BACKEND == "torch":  # the negative case: Keras's own layer on the same data and backend
+        assert errors["keras"][0] > 0.5 and not np.isfinite(errors["keras"][1]), errors
+
+
 @pytest.mark.parametrize(
     "center,spread,tol",
     [
