@@ -34,8 +34,9 @@ def cli(*args):
 
 
 def cli_in_process(*args):
-    """`export.cli.main` in this process (what a notebook does), for the error paths: the same
-    code as the console script but the signal handlers, without a TensorFlow import per case."""
+    """`export.cli.main` in this process (what a notebook does), for every case whose process is
+    not under test: the same code as the console script but the signal handlers, without a
+    TensorFlow import per case. Argparse's usage errors (SystemExit) become the exit code."""
     import contextlib
     import io
     import types
