@@ -90,15 +90,20 @@ def cpu_flags(path="/proc/cpuinfo") -> set[str] | None:
     return None
 
 
-def int8_may_saturate(machine=None, flags=None) -> bool:
+# `int8_may_saturate`'s default for `flags`: read this CPU's. None is a value of its own there,
+# flags that could not be read, so it cannot also mean "not given".
+THIS_CPU = object()
+
+
+def int8_may_saturate(machine=None, flags=THIS_CPU) -> bool:
     """True where onnxruntime's uint8 x int8 kernels can saturate (see the module docstring): an
-    x86-64 CPU without VNNI, and an x86-64 CPU whose flags cannot be read (7-bit weights cost a
-    little precision; a saturated sum costs the answer). `machine` and `flags` default to this
-    machine's `platform.machine()` and `cpu_flags()`."""
+    x86-64 CPU without VNNI, and an x86-64 CPU whose flags cannot be read (`flags=None`; 7-bit
+    weights cost a little precision, a saturated sum costs the answer). `machine` and `flags`
+    default to this machine's `platform.machine()` and `cpu_flags()`."""
     machine = (platform.machine() if machine is None else machine).lower()
     if machine not in X86_64:
         return False  # ARM and others: no VPMADDUBSW
-    flags = cpu_flags() if flags is None else flags
+    flags = cpu_flags() if flags is THIS_CPU else flags
     return flags is None or not any(flag in flags for flag in VNNI_FLAGS)
 
 

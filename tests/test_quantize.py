@@ -264,8 +264,14 @@ def test_int8_may_saturate_on_x86_without_vnni(tmp_path):
     assert not quantize.int8_may_saturate("x86_64", zen3 | {"avx_vnni"})  # Alder Lake
     assert not quantize.int8_may_saturate("aarch64", zen3)
     assert not quantize.int8_may_saturate("arm64", set())
-    # Unreadable flags on x86-64: the safe answer.
+    # Unreadable flags on x86-64: the safe answer, whatever this machine's CPU has (found on an
+    # AVX-512 VNNI machine, where None was taken for "read this CPU's flags").
     assert quantize.int8_may_saturate("x86_64", None) is True
+    # The default reads this CPU's flags.
+    here = quantize.cpu_flags()
+    assert quantize.int8_may_saturate("x86_64") is (
+        here is None or not any(f in here for f in quantize.VNNI_FLAGS)
+    )
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(
         "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
