@@ -7,7 +7,12 @@ eager autograd on PyTorch (Keras's default there). Runs are interleaved (ours, K
 Keras, ...) and the reported ratio is the median of per-round ratios, so machine noise hits both
 sides alike.
 
-    python benchmarks/bench_layer.py [--backend tensorflow|jax|torch] [--rounds 15] [--json]
+Then the first training step of a network (16 Conv2D-BN-ReLU blocks on (64, 16, 16, 8), a new
+model each round, `fit` on one batch with Keras's default compile settings for the backend):
+what a user waits for before training starts, mostly tracing and compiling the step.
+
+    python benchmarks/bench_layer.py [--backend tensorflow|jax|torch] [--rounds 15]
+        [--first-rounds 3] [--json]
 """
 
 import argparse
@@ -55,6 +60,31 @@ def block(norm, shape):
             keras.layers.ReLU(),
         ]
     )
+
+
+FIRST_STEP = ("first fit step, 16 Conv2D-BN-ReLU blocks (64,16,16,8)", (64, 16, 16, 8), 16)
+
+
+def first_fit_seconds(norm_factory):
+    """Seconds of the first `fit` call (one batch) of a new 16-block network: tracing, compiling
+    and one step, as Keras's default `compile` does them on this backend."""
+    import numpy as np
+
+    case, shape, blocks = FIRST_STEP
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape[1:])
+    x = inputs
+    for _ in range(blocks):
+        x = keras.layers.ReLU()(
+            norm_factory()(keras.layers.Conv2D(shape[-1], 3, padding="same")(x))
+        )
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x)))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    labels = np.arange(shape[0]) % 10
+    start = time.perf_counter()
+    model.fit(data, labels, batch_size=shape[0], epochs=1, verbose=0)
+    return time.perf_counter() - start, model.jit_compile
 
 
 def make_steps(layer, shape):
@@ -136,6 +166,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--first-rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--backend", choices=["tensorflow", "jax", "torch"], default=None, help="KERAS_BACKEND"
@@ -173,6 +204,21 @@ def main():
                     "ratio": statistics.median(ratios),
                 }
             )
+    firsts, jit = [], None
+    for _ in range(args.first_rounds):
+        a, jit = first_fit_seconds(keras_bn.BatchNorm)
+        b, _ = first_fit_seconds(keras.layers.BatchNormalization)
+        firsts.append((a, b))
+    if firsts:
+        rows.append(
+            {
+                "case": f"{FIRST_STEP[0]}, jit_compile={jit}",
+                "step": "first fit",
+                "keras_bn_ms": 1e3 * statistics.median(a for a, _ in firsts),
+                "keras_ms": 1e3 * statistics.median(b for _, b in firsts),
+                "ratio": statistics.median(a / b for a, b in firsts),
+            }
+        )
     library = __import__(BACKEND)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, backend {BACKEND} "
