@@ -665,17 +665,19 @@ class BatchNorm(keras.layers.Layer):
         per channel.
 
         The kernel's plain two-pass variance loses digits once |mean| / std exceeds ~1e3 in
-        float32 (0.6% at 1e6). On `x - pivot` the mean is that sample's distance from the mean
-        (a few standard deviations for a typical sample), and the kernel's outputs `(x' - mean(x')) * s + beta` are those of `x`, as is its gradient
-        (the shift has none), and XLA, which expands the kernel into E[x^2] - E[x]^2, needs the
-        shift even more. Why the shift on every batch and not a `tf.cond` to a fallback for
-        ill-conditioned batches, as before: the cond and its gradient made tracing a training
-        step about 3x slower than Keras's. Measured on a 2-core Xeon, first `fit` of 16
-        Conv-BN-ReLU blocks: 2.9 s with the cond, 1.0 s shifted, Keras 1.0 s; with XLA 4.3, 2.3
-        and 2.0 s. The cond's XLA gradient was also NaN at mean 1e4, std 0.01. In one A/B run
-        the shifted step took 0.95 to 1.02 of the cond's time (float32: NHWC 1.02 and 0.98, 2-D
-        0.95, 1x1 Conv-BN-ReLU 0.96; mixed_float16 2-D 1.14). Inputs are cast to float32 first,
-        as Keras's layer does: `x - pivot` can overflow float16.
+        float32 (0.6% at 1e6), and XLA, which expands the kernel into E[x^2] - E[x]^2, loses them
+        sooner. On `x - pivot` the mean is that sample's distance from the mean (a few standard
+        deviations for a typical sample), and the kernel's outputs `(x' - mean(x')) * s + beta`
+        are those of `x`, as is its gradient (the shift has none).
+
+        Why the shift on every batch and not a `tf.cond` to a fallback for ill-conditioned
+        batches, as before: the cond and its gradient made tracing a training step about 3x
+        slower than Keras's. Measured on a 2-core Xeon, first `fit` of 16 Conv-BN-ReLU blocks:
+        2.9 s with the cond, 1.0 s shifted, Keras 1.0 s; with XLA 4.3, 2.3 and 2.0 s. The cond's
+        XLA gradient was also NaN at mean 1e4, std 0.01. In one A/B run the shifted step took
+        0.95 to 1.02 of the cond's time (float32: NHWC 1.02 and 0.98, 2-D 0.95, 1x1
+        Conv-BN-ReLU 0.96; mixed_float16 2-D 1.14). Inputs are cast to float32 first, as Keras's
+        layer does: `x - pivot` can overflow float16.
 
         The kernel reduces over every axis but the last, so rank 2 and 3 inputs are viewed as
         (N, L, 1, C) -- a free reshape -- and rank 5 runs as NDHWC.
