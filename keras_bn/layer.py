@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -26,9 +27,28 @@ BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
     import tensorflow as tf
 
-# cuDNN, and with it tf.nn.fused_batch_norm, raises any epsilon below this to this value without a
-# word. The fast path is only taken when the user's epsilon is at least this, so it is never changed.
+# tf.nn.fused_batch_norm raises any epsilon below this to this value without a word, for cuDNN's
+# old minimum (CUDNN_BN_MIN_EPSILON). The layer calls the op itself, FusedBatchNormV3, whose CPU
+# kernel honours any epsilon (measured, with and without XLA, at epsilon 1e-7 to 1e-5: outputs
+# within 6e-7 of NumPy's, where the raised epsilon would be off by 5e-4 to 2.7); on a GPU that is not verified here, so there the fast path is only taken at this
+# epsilon or above (see `fused_honours_epsilon`).
 FUSED_MIN_EPSILON = 1.001e-5
+
+
+@functools.cache
+def _accelerators_visible():
+    """Whether this TensorFlow process has a GPU or TPU, where FusedBatchNormV3 may run elsewhere
+    than on the CPU. Logical devices are fixed once TF's runtime starts, so one look serves."""
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def fused_honours_epsilon(epsilon, accelerators=None):
+    """True where FusedBatchNormV3 computes with `epsilon` as given: any epsilon in a CPU-only
+    process (PyTorch's 1e-5 included), `epsilon >= 1.001e-5` where a GPU or TPU is visible.
+    `accelerators` defaults to this process's devices."""
+    if accelerators is None:
+        accelerators = _accelerators_visible()
+    return epsilon >= FUSED_MIN_EPSILON or not accelerators
 
 
 def _batch_of_one_message(shape):
@@ -186,9 +206,9 @@ class BatchNorm(keras.layers.Layer):
     moving statistics alone, as in Keras and PyTorch.
 
     Fast path: channels-last inputs (any rank; rank 2/3 are viewed as 4-D), in training and in
-    inference, use `FusedBatchNormV3` when `epsilon >= 1.001e-5`, no mask is given and `synchronized=False`.
-    Below that epsilon the generic path is used, because the fused kernel would silently raise
-    epsilon. The generic path computes statistics on the input shifted by one of its samples, so
+    inference, use `FusedBatchNormV3` when no mask is given, `synchronized=False`, and the kernel
+    keeps epsilon as given: any epsilon where TF has no GPU or TPU, else `epsilon >= 1.001e-5`
+    (`tf.nn.fused_batch_norm` raises smaller ones, for cuDNN; not verified on a GPU here). The generic path computes statistics on the input shifted by one of its samples, so
     data with a large mean and a tiny spread (mean 1e4, std 0.01) keeps its variance to ~1e-5
     relative. The fused kernel, whose plain two-pass variance loses digits once |mean| / std >
     ~1e3 (0.6% at 1e6), is given the input shifted the same way. E[x^2] - E[x]^2 would give 0
@@ -585,13 +605,13 @@ class BatchNorm(keras.layers.Layer):
 
     def _use_fused(self, inputs, mask):
         """Channels-last inputs of any rank, no mask, no cross-replica statistics, and an epsilon
-        the kernel will not change."""
+        the kernel will not change (`fused_honours_epsilon`)."""
         rank = len(inputs.shape)
         return (
             self._axis == rank - 1
             and mask is None
             and not self.synchronized
-            and self.epsilon >= FUSED_MIN_EPSILON
+            and fused_honours_epsilon(self.epsilon)
             and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
         )
 

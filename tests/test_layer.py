@@ -445,7 +445,13 @@ def test_epsilon_below_fused_minimum_is_honoured(shape, rng):
         np.testing.assert_allclose(y, expected, rtol=1e-3, atol=1e-3)
         y_inf = to_np(bn(x, training=False)).reshape(-1, 3)
         np.testing.assert_allclose(y_inf, expected, rtol=1e-3, atol=1e-3)
-    # The fused kernel would have used 1.001e-5 there: outputs differ by ~30%.
+        if BACKEND == "tensorflow":
+            # On a CPU-only TensorFlow this is FusedBatchNormV3, compiled by XLA too.
+            assert bn._use_fused(tf.constant(x), None) is keras_bn.layer.fused_honours_epsilon(eps)
+            xla = tf.function(lambda t, bn=bn: bn(t, training=True), jit_compile=True)
+            y_xla = to_np(xla(tf.constant(x))).reshape(-1, 3)
+            np.testing.assert_allclose(y_xla, expected, rtol=1e-3, atol=1e-3)
+    # Had epsilon been raised to 1.001e-5, as tf.nn.fused_batch_norm does: outputs ~30% off.
     assert not np.allclose(
         (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-6),
         (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1.001e-5),
@@ -459,9 +465,15 @@ def test_fused_path_is_taken_only_where_exact():
     bn.build((None, 4, 4, 3))
     x = tf.zeros((2, 4, 4, 3))
     assert bn._use_fused(x, None)
+    # PyTorch's epsilon: the kernel honours it on the CPU (this process has no GPU; the numbers
+    # are held in test_epsilon_below_fused_minimum_is_honoured); where a GPU or TPU is visible
+    # only from 1.001e-5 up, as tf.nn.fused_batch_norm clamps for cuDNN.
     small = BatchNorm(epsilon=1e-5)
     small.build((None, 4, 4, 3))
-    assert not small._use_fused(x, None)
+    assert small._use_fused(x, None) is keras_bn.layer.fused_honours_epsilon(1e-5)
+    assert keras_bn.layer.fused_honours_epsilon(1e-5, accelerators=False)
+    assert keras_bn.layer.fused_honours_epsilon(1.001e-5, accelerators=True)
+    assert not keras_bn.layer.fused_honours_epsilon(1e-5, accelerators=True)
     synced = BatchNorm(synchronized=True)
     synced.build((None, 4, 4, 3))
     assert not synced._use_fused(x, None)
@@ -525,8 +537,8 @@ def test_fused_training_step_is_sound_compiled_and_has_no_cond(jit_compile, rng)
     # training step 2.6x slower than Keras's (see BatchNorm._fused_train).
     ops = {op.type for op in step.get_concrete_function(tf.constant(x)).graph.get_operations()}
     assert "FusedBatchNormV3" in ops and not ops & {"If", "StatelessIf"}, sorted(ops)
-    # Negative: PyTorch's epsilon 1e-5 takes the generic path, no fused kernel.
-    generic = BatchNorm(momentum=0.0, epsilon=1e-5)
+    # Negative: channels first takes the generic path, no fused kernel.
+    generic = BatchNorm(momentum=0.0, axis=1)
     graph = (
         tf.function(lambda xt: generic(xt, training=True))
         .get_concrete_function(tf.constant(x))
