@@ -41,7 +41,7 @@ from keras import ops
 from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
-from keras_bn.layer import FUSED_MIN_EPSILON, BatchNorm, gamma_beta
+from keras_bn.layer import BatchNorm, fused_honours_epsilon, gamma_beta
 from keras_bn.verification import arrays_per_input, batch_shape_text, in_background, wrong_shape
 
 # TensorFlow keeps its compiled collection step (tf.function, tf.distribute, the fused kernel);
@@ -344,27 +344,28 @@ def _normalize(bn, x, mean, variance):
 
     Channels-last float32/float16 inputs of rank >= 3 go through one fused pass,
     FusedBatchNormV3 in inference mode (viewed as 4-D), the kernel Keras's own inference uses; it
-    centers before it scales, so a large mean does not cancel. It raises an epsilon below
-    1.001e-5 to 1.001e-5, so such layers take the plain ops, as they do in `BatchNorm` itself.
-    Anything else: the same formula in plain ops."""
+    centers before it scales, so a large mean does not cancel. Where it might not keep the
+    layer's epsilon (below 1.001e-5 with a GPU visible, `layer.fused_honours_epsilon`), the plain
+    ops, as in `BatchNorm` itself. Anything else: the same formula in plain ops."""
     rank = len(x.shape)
     axis = bn.axis % rank
     gamma, beta = gamma_beta(bn, x.shape[axis], tf.float32)
     if (
         _in_rows(x, axis)
         and x.dtype in (tf.float32, tf.float16)
-        and bn.epsilon >= FUSED_MIN_EPSILON
+        and fused_honours_epsilon(bn.epsilon)
     ):
         view = x if rank == 4 else tf.reshape(x, [-1, 1, x.shape[-2], x.shape[-1]])
-        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            view,
-            gamma,
-            beta,
+        # The op itself: tf.nn.fused_batch_norm would raise an epsilon below 1.001e-5.
+        outputs = tf.raw_ops.FusedBatchNormV3(
+            x=view,
+            scale=gamma,
+            offset=beta,
             mean=tf.cast(mean, tf.float32),
             variance=tf.cast(variance, tf.float32),
             epsilon=bn.epsilon,
             is_training=False,
-        )
+        )[0]
         return outputs if rank == 4 else tf.reshape(outputs, tf.shape(x))
     compute = tf.float64 if x.dtype == tf.float64 else tf.float32
     shape = [1] * rank
