@@ -483,6 +483,22 @@ def test_fused_path_is_taken_only_where_exact():
     assert not cf._use_fused(tf.zeros((2, 3, 4, 4)), None)
 
 
+def unshifted_fused_variance(x, jit_compile):
+    """The biased batch variance of FusedBatchNormV3 on `x` as given (channels last), compiled
+    with or without XLA: the kernel the layer feeds shifted data, without the shift."""
+    channels = x.shape[-1]
+    kernel = tf.function(
+        lambda t: tf.raw_ops.FusedBatchNormV3(
+            x=t, scale=tf.ones(channels), offset=tf.zeros(channels),
+            mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
+            epsilon=1e-3, is_training=True,
+        )[2],
+        jit_compile=jit_compile,
+    )  # fmt: skip
+    n = x.size // channels
+    return kernel(tf.constant(x)).numpy().astype(np.float64) * (n - 1) / n
+
+
 @tf_only
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_fused_training_step_is_sound_compiled_and_has_no_cond(jit_compile, rng):
@@ -523,15 +539,7 @@ def test_fused_training_step_is_sound_compiled_and_has_no_cond(jit_compile, rng)
     assert grad_error <= 1e-4 * np.abs(expected_grad).max(), grad_error
     # Negative: the kernel on the unshifted input, compiled the same way (measured: variance off
     # by 9.4e-4 relative, under XLA by 2.6e4).
-    unshifted = tf.function(
-        lambda xt: tf.raw_ops.FusedBatchNormV3(
-            x=xt, scale=tf.ones(4), offset=tf.zeros(4), mean=tf.constant([], tf.float32),
-            variance=tf.constant([], tf.float32), epsilon=1e-3, is_training=True,
-        )[2],
-        jit_compile=jit_compile,
-    )  # fmt: skip
-    n = flat.shape[0]
-    unshifted_error = np.abs(unshifted(tf.constant(x)).numpy() * (n - 1) / n / var - 1).max()
+    unshifted_error = np.abs(unshifted_fused_variance(x, jit_compile) / var - 1).max()
     assert unshifted_error > (1.0 if jit_compile else 5 * var_rtol), unshifted_error
     # Structure: one FusedBatchNormV3 and no If/StatelessIf, whose gradient made tracing a
     # training step 2.6x slower than Keras's (see BatchNorm._fused_train).
@@ -545,6 +553,24 @@ def test_fused_training_step_is_sound_compiled_and_has_no_cond(jit_compile, rng)
         .graph
     )
     assert "FusedBatchNormV3" not in {op.type for op in graph.get_operations()}
+
+
+@tf_only
+@pytest.mark.parametrize("ratio", [100, 300, 900])
+def test_xla_statistics_below_the_old_fallback_bound(ratio, rng):
+    # XLA expands FusedBatchNormV3 into E[x^2] - E[x]^2. The layer's old guard sent only batches
+    # with |mean| / std > 1e3 to a shifted path, so between ~1e2 and 1e3 its XLA statistics
+    # came straight from the one-pass formula. Measured (32 x 8 x 8 x 4, std 0.01): the unshifted
+    # kernel's variance is off by 8.6e-3, 0.30 and 0.92 at 100, 300 and 900; the layer's, shifted,
+    # by 4.7e-7, 3.0e-6 and 5.4e-6.
+    x = (ratio * 0.01 + 0.01 * rng.standard_normal((32, 8, 8, 4))).astype("float32")
+    flat = x.astype(np.float64).reshape(-1, 4)
+    bn = BatchNorm(momentum=0.0)
+    bn.build(x.shape)
+    tf.function(lambda t: bn(t, training=True), jit_compile=True)(tf.constant(x))
+    np.testing.assert_allclose(bn.moving_variance.numpy(), flat.var(0), rtol=1e-4)
+    error = np.abs(unshifted_fused_variance(x, jit_compile=True) / flat.var(0) - 1).max()
+    assert error > 1e-3, error  # the negative case
 
 
 def compiled_training_step(layer):
