@@ -30,8 +30,9 @@ if BACKEND == "tensorflow":
 # tf.nn.fused_batch_norm raises any epsilon below this to this value without a word, for cuDNN's
 # old minimum (CUDNN_BN_MIN_EPSILON). The layer calls the op itself, FusedBatchNormV3, whose CPU
 # kernel honours any epsilon (measured, with and without XLA, at epsilon 1e-7 to 1e-5: outputs
-# within 6e-7 of NumPy's, where the raised epsilon would be off by 5e-4 to 2.7); on a GPU that is not verified here, so there the fast path is only taken at this
-# epsilon or above (see `fused_honours_epsilon`).
+# within 6e-7 of NumPy's, where the raised epsilon would be off by 5e-4 to 2.7). On a GPU that
+# is not verified here, so there the fast path is only taken at this epsilon or above (see
+# `fused_honours_epsilon`).
 FUSED_MIN_EPSILON = 1.001e-5
 
 
@@ -208,7 +209,8 @@ class BatchNorm(keras.layers.Layer):
     Fast path: channels-last inputs (any rank; rank 2/3 are viewed as 4-D), in training and in
     inference, use `FusedBatchNormV3` when no mask is given, `synchronized=False`, and the kernel
     keeps epsilon as given: any epsilon where TF has no GPU or TPU, else `epsilon >= 1.001e-5`
-    (`tf.nn.fused_batch_norm` raises smaller ones, for cuDNN; not verified on a GPU here). The generic path computes statistics on the input shifted by one of its samples, so
+    (`tf.nn.fused_batch_norm` raises smaller ones, for cuDNN; not verified on a GPU here). The
+    generic path computes statistics on the input shifted by one of its samples, so
     data with a large mean and a tiny spread (mean 1e4, std 0.01) keeps its variance to ~1e-5
     relative. The fused kernel, whose plain two-pass variance loses digits once |mean| / std >
     ~1e3 (0.6% at 1e6), is given the input shifted the same way. E[x^2] - E[x]^2 would give 0
