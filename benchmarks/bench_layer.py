@@ -70,7 +70,7 @@ def first_fit_seconds(norm_factory):
     and one step, as Keras's default `compile` does them on this backend."""
     import numpy as np
 
-    case, shape, blocks = FIRST_STEP
+    _, shape, blocks = FIRST_STEP
     keras.utils.set_random_seed(0)
     inputs = keras.Input(shape[1:])
     x = inputs
