@@ -91,6 +91,42 @@ def _load_samples(path):
     return {name: data[name] for name in data.files}
 
 
+def _input_shapes(args):
+    """--input-shape values ("10100,4", or "name=10100,4" per input) as the library takes them:
+    one shape, a list in the model's input order, or a dict by input name."""
+    from keras_bn.errors import KerasBNError, expected
+
+    values = getattr(args, "input_shape", None)
+    if not values:
+        return None
+    shapes, named = [], {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not shape:
+            raise KerasBNError(
+                expected(
+                    "Invalid --input-shape",
+                    "the shape of one sample without the batch axis, such as 10100,4 or "
+                    "name=224,224,3 for a named input",
+                    repr(value),
+                )
+            )
+        if name:
+            named[name] = shape
+        else:
+            shapes.append(shape)
+    if named and shapes:
+        raise KerasBNError(
+            expected("--input-shape values are all named or none", "name=dims for every input "
+                     "or for none", f"{values}")
+        )  # fmt: skip
+    return named or (shapes[0] if len(shapes) == 1 else shapes)
+
+
 def _load(args):
     from .files import ArchiveLimits, GiB, load_model_file
 
@@ -182,7 +218,12 @@ def cmd_fold(args):
     samples = _load_samples(args.samples)
     with _Step("folding and verifying"):
         folded, report = keras_bn.fold_bn(
-            model, samples=samples, rtol=args.rtol, atol=args.atol, on_bad_statistics="raise"
+            model,
+            samples=samples,
+            rtol=args.rtol,
+            atol=args.atol,
+            on_bad_statistics="raise",
+            input_shapes=_input_shapes(args),
         )
     return _write_keras(folded, output, report, args)
 
@@ -223,6 +264,7 @@ def cmd_export(args):
             min_cosine=args.min_cosine,
             keep_float=args.keep_float,
             reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
+            input_shapes=_input_shapes(args),
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
@@ -234,7 +276,14 @@ def cmd_verify(args):
     model = _load(args)
     samples = _load_samples(args.samples)
     with _Step("running Keras and onnxruntime"):
-        report = export.verify(model, args.onnx, samples=samples, atol=args.atol, rtol=args.rtol)
+        report = export.verify(
+            model,
+            args.onnx,
+            samples=samples,
+            atol=args.atol,
+            rtol=args.rtol,
+            input_shapes=_input_shapes(args),
+        )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
 
@@ -306,6 +355,14 @@ def build_parser():
                 "--samples", help="inputs for verification: .npy, or .npz keyed by input name"
             )
             p.add_argument(
+                "--input-shape",
+                action="append",
+                metavar="DIMS",
+                help="shape of the synthetic inputs without the batch axis, e.g. 10100,4 (or "
+                "name=10100,4; repeat per input); default: the samples', else one the model "
+                "accepts",
+            )
+            p.add_argument(
                 "--atol",
                 type=float,
                 default=None,
@@ -357,7 +414,7 @@ def build_parser():
         action="append",
         default=[],
         metavar="LAYER",
-        help="int8: leave this layer in float32 (repeat for several)",
+        help="float16 or int8: leave this layer in float32 (repeat for several)",
     )
     p.add_argument(
         "--reduce-range",

@@ -29,7 +29,10 @@ verifies: a graph verified on a VNNI machine with 8-bit weights can saturate on 
 Folding matters here: a BatchNorm left in the graph is a float Mul+Add between quantized ops
 (onnxruntime cannot quantize BatchNormalization by itself), and one folded into its Conv or Gemm
 quantizes with it. Both converters write only inside a temporary directory that is removed when
-they finish or fail.
+they finish or fail. `quant_pre_process` runs in a child process whose working directory is that
+temporary directory: where its symbolic shape inference cannot infer every shape (a Conv1D over an
+open length followed by a Cropping1D, say) it saves `sym_shape_infer_temp.onnx` and an external
+data file into the working directory before it raises, and nothing removes them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import collections
 import os
 import platform
 import re
+import subprocess
+import sys
 import tempfile
 
 import onnx
@@ -48,7 +53,6 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers import float16
 
 from keras_bn.errors import KerasBNError, expected
@@ -107,8 +111,14 @@ def int8_may_saturate(machine=None, flags=THIS_CPU) -> bool:
     return flags is None or not any(flag in flags for flag in VNNI_FLAGS)
 
 
-def to_float16(model_bytes: bytes) -> bytes:
-    proto = float16.convert_float_to_float16(onnx.load_from_string(model_bytes), keep_io_types=True)
+def to_float16(model_bytes: bytes, keep_float_nodes=()) -> bytes:
+    """The float32 graph in float16, inputs and outputs kept float32; the nodes named in
+    `keep_float_nodes` stay float32 (the converter's `node_block_list`)."""
+    proto = float16.convert_float_to_float16(
+        onnx.load_from_string(model_bytes),
+        keep_io_types=True,
+        node_block_list=list(keep_float_nodes) or None,
+    )
     return proto.SerializeToString()
 
 
@@ -153,7 +163,7 @@ def to_int8(
         quantized = os.path.join(tmp, "int8.onnx")
         with open(float_path, "wb") as handle:
             handle.write(model_bytes)
-        quant_pre_process(float_path, prepared)
+        pre_process(float_path, prepared, tmp)
         excluded = layer_nodes(onnx.load(prepared), keep_float) if keep_float else []
         quantize_static(
             prepared,
@@ -170,6 +180,39 @@ def to_int8(
         )
         with open(quantized, "rb") as handle:
             return handle.read()
+
+
+# Runs onnxruntime's quant_pre_process on argv[1] -> argv[2]; argv[3] == "1" skips the symbolic
+# shape inference.
+_PRE_PROCESS = (
+    "import sys\n"
+    "from onnxruntime.quantization.shape_inference import quant_pre_process\n"
+    "quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=sys.argv[3] == '1')\n"
+)
+_INCOMPLETE = "Incomplete symbolic shape inference"
+
+
+def pre_process(float_path, prepared_path, directory) -> bool:
+    """onnxruntime's `quant_pre_process` (shape inference and graph optimization) of the graph at
+    `float_path` into `prepared_path`, in a child process working in `directory` (see the module
+    docstring). Where the symbolic shape inference is incomplete it runs again without it: ONNX's
+    own shape inference and the optimizer still run, which is what convolutional graphs need.
+    Returns whether the symbolic step was skipped."""
+    for skip in (False, True):
+        run = subprocess.run(
+            [sys.executable, "-c", _PRE_PROCESS, float_path, prepared_path, "1" if skip else "0"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode == 0:
+            return skip
+        if _INCOMPLETE not in run.stderr:
+            break
+    raise RuntimeError(
+        f"onnxruntime's quant_pre_process failed on the verified float32 graph: "
+        f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
+    )
 
 
 def op_split(proto) -> tuple[dict, dict, dict]:

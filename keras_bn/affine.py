@@ -12,23 +12,28 @@ class ChannelAffine(keras.layers.Layer):
 
     Args:
         axis: The channel axis (-1 channels_last, 1 channels_first).
+        use_scale: False leaves out the multiply: `y = x + offset`, what is left of a BatchNorm
+            whose positive scales were folded through a ReLU into the layer before it.
 
     Call arguments:
         inputs: Tensor; `training` and `mask` are accepted and ignored (the map is the same in
             both modes), so the layer can stand where a BatchNorm was called with them.
     """
 
-    def __init__(self, axis=-1, **kwargs):
+    def __init__(self, axis=-1, use_scale=True, **kwargs):
         super().__init__(**kwargs)
         self.axis = axis
+        self.use_scale = use_scale
         self.supports_masking = True
 
     def build(self, input_shape):
         self._axis = self.axis % len(input_shape)
         channels = input_shape[self._axis]
-        self.scale = self.add_weight(
-            shape=(channels,), name="scale", initializer="ones", autocast=False
-        )
+        self.scale = None
+        if self.use_scale:
+            self.scale = self.add_weight(
+                shape=(channels,), name="scale", initializer="ones", autocast=False
+            )
         self.offset = self.add_weight(
             shape=(channels,), name="offset", initializer="zeros", autocast=False
         )
@@ -36,12 +41,13 @@ class ChannelAffine(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         shape = [1] * len(inputs.shape)
         shape[self._axis] = -1
-        x = ops.cast(inputs, self.scale.dtype)
-        outputs = x * ops.reshape(self.scale, shape) + ops.reshape(self.offset, shape)
-        return ops.cast(outputs, self.compute_dtype)
+        x = ops.cast(inputs, self.offset.dtype)
+        if self.scale is not None:
+            x = x * ops.reshape(self.scale, shape)
+        return ops.cast(x + ops.reshape(self.offset, shape), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "axis": self.axis}
+        return {**super().get_config(), "axis": self.axis, "use_scale": self.use_scale}

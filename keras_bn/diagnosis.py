@@ -15,7 +15,13 @@ import math
 import keras
 import numpy as np
 
-from keras_bn.fold import BATCHNORM_TYPES, DisplayEnum, _check_foldable, statistics_problem
+from keras_bn.fold import (
+    BATCHNORM_TYPES,
+    DisplayEnum,
+    _check_foldable,
+    fold_bn,
+    statistics_problem,
+)
 from keras_bn.recalibration import recalibrate
 from keras_bn.verification import compare, run_inference
 
@@ -28,31 +34,42 @@ DRIFT_LIMIT = 0.5
 # momentum 0.99 gets there after 299 updates).
 STALE_WEIGHT = 0.05
 # Share of the deviation from the population statistics that the initial values must explain
-# (cos^2 between the two) before the deviation is read as a leftover of them.
+# (cos^2 between the two), in the means and in the variances each, before the deviation is read
+# as a leftover of them.
 EXPLAINED = 0.75
+# A channel whose moving variance is below this share of epsilon is dead: its inputs do not vary
+# (a ReLU before it that never fires), and the BatchNorm outputs a constant there.
+DEAD_VARIANCE = 1e-2
 
 
 def _initial_weight(mean, var, pop_mean, pop_var, epsilon):
     """Least-squares w in `moving = w * initial + (1 - w) * population` (initial: mean 0,
-    variance 1), over the mean and variance of every channel, each in units of its population
-    scale (std for means, variance + eps for variances): 0 for converged statistics, 1 for
-    untouched ones; clipped to [0, 1].
+    variance 1), fitted to the means and to the variances of every channel separately, each in
+    units of its population scale (std for means, variance + eps for variances): 0 for converged
+    statistics, 1 for untouched ones; the smaller of the two, clipped to [0, 1].
 
-    None when the initial values do not explain the deviation (less than 75% of its squared
-    norm, cos^2 < 0.75: statistics from other data, or set by hand), or when the data's own
-    statistics are 0/1, so that there is nothing to tell apart. A random deviation passes 0.75
-    one time in 170 over 3 channels, one in 850 over 4, and never in 200,000 draws over 32
-    (measured); the demo's stale layers have cos^2 0.83 to 0.99999."""
+    None unless the initial values explain the deviation in both: at least 75% of its squared
+    norm (cos^2 >= 0.75) in the means and in the variances, each moved towards 0/1. Statistics
+    from other data (means far from 0 and variances far from 1, moved anywhere) are then not
+    mistaken for a leftover of the initial values because one of the two happens to point that
+    way. A random deviation passes 0.75 one time in 170 over 3 channels, one in 850 over 4, and
+    never in 200,000 draws over 32 (measured, for one of the two). Also None when the data's own
+    statistics are 0/1 in both, so that there is nothing to tell apart."""
     std = np.sqrt(pop_var + epsilon)
-    moved = np.concatenate([(mean - pop_mean) / std, (var - pop_var) / (pop_var + epsilon)])
-    initial = np.concatenate([(0.0 - pop_mean) / std, (1.0 - pop_var) / (pop_var + epsilon)])
-    norm, deviation = float(np.dot(initial, initial)), float(np.dot(moved, moved))
-    if not norm > 1e-12:
-        return None
-    projection = float(np.dot(moved, initial))
-    if deviation > 0 and projection**2 < EXPLAINED * norm * deviation:
-        return None
-    return float(np.clip(projection / norm, 0.0, 1.0))
+    parts = (
+        ((mean - pop_mean) / std, (0.0 - pop_mean) / std),
+        ((var - pop_var) / (pop_var + epsilon), (1.0 - pop_var) / (pop_var + epsilon)),
+    )
+    weights = []
+    for moved, initial in parts:
+        norm, deviation = float(np.dot(initial, initial)), float(np.dot(moved, moved))
+        if not norm > 1e-12:
+            continue  # this part cannot tell: the population is at its initial value
+        projection = float(np.dot(moved, initial))
+        if deviation > 0 and (projection <= 0 or projection**2 < EXPLAINED * norm * deviation):
+            return None
+        weights.append(float(np.clip(projection / norm, 0.0, 1.0)))
+    return min(weights) if weights else None
 
 
 class Verdict(DisplayEnum):
@@ -61,6 +78,8 @@ class Verdict(DisplayEnum):
     CORRUPT = "corrupt"
     STALE = "stale"
     DRIFTED = "drifted"
+    FLOAT16 = "float16 unsafe"
+    DEAD = "dead channels"
     OK = "ok"
 
 
@@ -68,6 +87,10 @@ _ACTIONS = {
     Verdict.CORRUPT: "recompute the statistics: keras_bn.recalibrate(model, data)",
     Verdict.STALE: "recalibrate with keras_bn.recalibrate, or lower momentum to 0.9 for short runs",
     Verdict.DRIFTED: "recalibrate with keras_bn.recalibrate on data like the inference data",
+    Verdict.FLOAT16: "export float32, or float16 with this layer's producer kept float32 "
+    "(to_onnx(..., precision='float16', keep_float=[...]))",
+    Verdict.DEAD: "these channels output a constant: the activation before them never fires "
+    "on the training data; prune them, or check that layer's initialization and learning rate",
     Verdict.OK: "",
 }
 
@@ -82,6 +105,10 @@ class DiagnosisRow:
     initial_values: bool  # moving mean all 0 and moving variance all 1
     large_scale_channels: int
     problem: str | None  # corrupt statistics
+    dead_channels: int = 0  # moving variance < DEAD_VARIANCE * epsilon
+    # gamma <= 0: such a channel's scale cannot fold through a ReLU before the BatchNorm
+    nonpositive_gammas: int = 0
+    float16: str | None = None  # why its folded weights do not survive float16
     drift: float | None = None  # max |moving_mean - mean| / std over channels (with data)
     variance_ratio: float | None = None  # max over channels of max(r, 1/r), r = moving/pop var
     # With data: the weight w the initial values (0, 1) still have in the moving statistics,
@@ -151,6 +178,18 @@ class DiagnosisReport:
                 )
             if r.problem:
                 notes.append(r.problem)
+            if r.dead_channels:
+                notes.append(
+                    f"{r.dead_channels} dead channel(s) (moving variance < "
+                    f"{DEAD_VARIANCE:g} x epsilon)"
+                )
+            if r.nonpositive_gammas:
+                notes.append(
+                    f"{r.nonpositive_gammas} channel(s) with gamma <= 0 (they keep a multiply "
+                    "when folding through a ReLU)"
+                )
+            if r.float16:
+                notes.append(f"for float16, folded {r.float16}")
             drift = "-" if r.drift is None else f"{r.drift:.3g}"
             ratio = "-" if r.variance_ratio is None else f"{r.variance_ratio:.3g}"
             lines.append(
@@ -202,8 +241,11 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
 
     Without `data`: the mode under `fit` (inference when the layer has `trainable=False`, is
     called with `training=False`, or sits inside a frozen nested model), statistics still equal
-    to their initializers (0 and 1), channels with `gamma/sqrt(var+eps)` above 1e3, and corrupt
-    statistics. With `data` (any form `keras_bn.recalibrate` takes): each layer's drift from the
+    to their initializers (0 and 1), channels with `gamma/sqrt(var+eps)` above 1e3, corrupt
+    statistics, dead channels (moving variance below 1% of epsilon: the activation before them
+    never fired), channels with `gamma <= 0` (they cannot fold through a ReLU), and folded
+    weights that float16 cannot hold (`keras_bn.fold_math.float16_problem`: overflow, or more
+    than 1% of them below float16's smallest normal number). With `data` (any form `keras_bn.recalibrate` takes): each layer's drift from the
     data's population statistics, in population standard deviations, the variance ratio, the
     weight the initial 0/1 still has in the moving statistics (stale when it is 5% or more: a
     short run whose exponential average has not forgotten its start, the usual "good in
@@ -212,6 +254,8 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
     """
     _check_foldable(model)
     report = DiagnosisReport()
+    _, plan = fold_bn(model, verify=False)  # what folding would write, for float16
+    float16 = {row.name.rsplit("/", 1)[-1]: row.float16 for row in plan.rows}
     population = None
     if data is not None:
         recalibrated, _ = recalibrate(model, data, batch_size=batch_size, progress=False)
@@ -245,6 +289,9 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
             initial_values=bool(np.all(mean == 0.0) and np.all(var == 1.0)),
             large_scale_channels=int(np.sum(scale > LARGE_SCALE)),
             problem=statistics_problem(layer),
+            dead_channels=int(np.sum(var < DEAD_VARIANCE * layer.epsilon)),
+            nonpositive_gammas=int(np.sum(gamma <= 0)),
+            float16=float16.get(layer.name),
         )
         if population is not None and row.problem is None:
             ref = population[layer.name]
@@ -267,6 +314,10 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
             row.verdict = Verdict.STALE
         elif row.drift is not None and (row.drift > DRIFT_LIMIT or row.variance_ratio > 2.0):
             row.verdict = Verdict.DRIFTED
+        elif row.float16:
+            row.verdict = Verdict.FLOAT16
+        elif row.dead_channels:
+            row.verdict = Verdict.DEAD
         row.action = _ACTIONS[row.verdict]
         report.rows.append(row)
     if not report.rows:

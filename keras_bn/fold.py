@@ -6,8 +6,12 @@ The pass reads plan -> apply -> rebuild, one Functional graph at a time (nested 
    reason. Backward: the producer is an exact Dense/Conv*/DepthwiseConv*/SeparableConv*/
    Conv*Transpose with a linear activation, called once, feeding only this BatchNorm, not a model
    output, on the BatchNorm's axis. Forward: otherwise, the single consumer is a Dense or a conv
-   that sees every input value without padding ('valid', or 1x1 kernels). Otherwise the
-   BatchNorm becomes a `ChannelAffine` (or stays with `replace_leftovers=False`).
+   that sees every input value without padding ('valid', or 1x1 kernels). Through: otherwise,
+   when a positively homogeneous activation (ReLU, LeakyReLU, PReLU) stands between such a
+   producer and the BatchNorm, `relu(s * z) = s * relu(z)` for s > 0 moves each positive scale
+   into the producer, and the shift goes on through poolings and inference identities into the
+   next Dense or 'valid' conv, or stays as one add. Otherwise the BatchNorm becomes a
+   `ChannelAffine` (or stays with `replace_leftovers=False`).
 2. apply (`_apply`): the `keras_bn.fold_math` calls, in float64. A fold whose weights would not
    fit the target's dtype is declined here, with the reason, and the math runs again without it.
 3. rebuild (`_rebuild`): a new model, every layer cloned from its config; the caller's model is
@@ -22,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import math
 
 import keras
 import numpy as np
@@ -37,9 +42,11 @@ from keras_bn.verification import (
     in_background,
     output_names,
     run_inference,
+    run_original,
     synthetic_inputs,
     tolerance_for,
 )
+from keras_bn.verification import input_shapes as shapes_to_verify
 
 BATCHNORM_TYPES = (keras.layers.BatchNormalization, BatchNorm)
 
@@ -60,11 +67,15 @@ class Action(DisplayEnum):
 
     BACKWARD = "folded backward"
     FORWARD = "folded forward"
+    # Its scale folded into the producer through a ReLU-like activation; its shift pushed on
+    # into the next Dense/conv, or left as one Add (and a multiply for channels with scale <= 0).
+    THROUGH = "folded through activation"
     AFFINE = "replaced by affine"
     KEPT = "left unfolded"
 
 
-BACKWARD, FORWARD, AFFINE, KEPT = Action.BACKWARD, Action.FORWARD, Action.AFFINE, Action.KEPT
+BACKWARD, FORWARD, THROUGH = Action.BACKWARD, Action.FORWARD, Action.THROUGH
+AFFINE, KEPT = Action.AFFINE, Action.KEPT
 
 
 @dataclasses.dataclass
@@ -75,6 +86,9 @@ class FoldRow:
     action: Action
     into: str | None = None
     reason: str | None = None
+    # Why the folded weights of `into` do not survive float16 (overflow, or too many below its
+    # smallest normal number), or None.
+    float16: str | None = None
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "action": self.action.value}
@@ -87,6 +101,9 @@ class FoldReport:
 
     rows: list[FoldRow] = dataclasses.field(default_factory=list)
     verification: list[dict] = dataclasses.field(default_factory=list)
+    # (layer name, reason): layers the folded model uses as they are, not copies, because they
+    # cannot be rebuilt from their config; the two models share those layers' weights.
+    shared: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def counts(self) -> dict:
@@ -95,7 +112,7 @@ class FoldReport:
 
     @property
     def folded(self) -> list[FoldRow]:
-        return [r for r in self.rows if r.action in (BACKWARD, FORWARD)]
+        return [r for r in self.rows if r.action in (BACKWARD, FORWARD, THROUGH)]
 
     @property
     def not_folded(self) -> list[FoldRow]:
@@ -106,24 +123,30 @@ class FoldReport:
             "counts": self.counts,
             "rows": [r.to_dict() for r in self.rows],
             "verification": self.verification,
+            "shared": [{"layer": name, "reason": reason} for name, reason in self.shared],
         }
 
     def __str__(self):
         width = max([len(r.name) for r in self.rows] + [9])
         lines = [
-            f"{'BatchNorm':<{width}}  {'action':<18}  {'into':<24}  reason",
-            "-" * (width + 70),
+            f"{'BatchNorm':<{width}}  {'action':<25}  {'into':<24}  reason",
+            "-" * (width + 77),
         ]
         for r in self.rows:
             lines.append(
-                f"{r.name:<{width}}  {r.action.value:<18}  {r.into or '-':<24}  {r.reason or ''}"
+                f"{r.name:<{width}}  {r.action.value:<25}  {r.into or '-':<24}  {r.reason or ''}"
             )
         c = self.counts
         lines.append(
             f"{c['batchnorms']} BatchNorm(s): {c[BACKWARD.value]} folded backward, "
-            f"{c[FORWARD.value]} folded forward, {c[AFFINE.value]} replaced by affine, "
-            f"{c[KEPT.value]} left unfolded"
+            f"{c[FORWARD.value]} folded forward, {c[THROUGH.value]} folded through an "
+            f"activation, {c[AFFINE.value]} replaced by affine, {c[KEPT.value]} left unfolded"
         )
+        for r in self.rows:
+            if r.float16:
+                lines.append(f"{r.name}: for float16, folded {r.float16}")
+        for name, reason in self.shared:
+            lines.append(f"layer '{name}' is shared with the original model, not copied: {reason}")
         for v in self.verification:
             lines.append(
                 f"verified '{v['output']}' on {v['inputs']}: max abs error "
@@ -194,7 +217,26 @@ def _layout_reason(layer, rank, bn_axis):
         return (
             f"the BatchNorm normalizes axis {bn_axis} but {layer.name}'s channel axis is {channel}"
         )
-    return _not_plain(layer)
+    return _not_plain(layer) or _unclonable(layer)
+
+
+def _clone(layer, **changes):
+    """A new layer from `layer`'s config with `changes`, or `(None, reason)` when the config
+    cannot be written or read back (an activation that is a callable object Keras cannot
+    serialize, say)."""
+    try:
+        config = {**layer.get_config(), **changes}
+        return type(layer).from_config(config), None
+    except Exception as error:
+        text = " ".join(str(error).split())[:200]
+        return (
+            None,
+            f"'{layer.name}' cannot be rebuilt from its config ({type(error).__name__}: {text})",
+        )
+
+
+def _unclonable(layer):
+    return _clone(layer)[1]
 
 
 class _Graph:
@@ -280,6 +322,154 @@ def _match_forward(graph, node, rank, bn_axis):
     return (layer, kind), None
 
 
+# Positively homogeneous activations, f(s * z) = s * f(z) for every s > 0: a BatchNorm's positive
+# scale passes through them into the layer before. Not ReLU6 or a capped ReLU (the cap would have
+# to scale per channel), not ELU, GELU, swish, sigmoid.
+_HOMOGENEOUS = {keras.activations.relu: "relu", keras.activations.leaky_relu: "leaky_relu"}
+
+
+def homogeneous_activation(layer) -> str | None:
+    """The name of a layer's positively homogeneous activation: a Dense/conv's own `activation`,
+    or an activation layer (ReLU without cap or threshold, LeakyReLU, PReLU, Activation('relu'));
+    None for anything else. Exact classes only: a subclass may compute something else."""
+    kind, _ = layer_kind(layer)
+    if kind is not None:
+        return _homogeneous_function(getattr(layer, "activation", None))
+    if type(layer) is keras.layers.ReLU:
+        uncapped = layer.max_value is None and float(layer.threshold) == 0.0
+        return "relu" if uncapped else None
+    if type(layer) is keras.layers.LeakyReLU:
+        return "leaky_relu"
+    if type(layer) is keras.layers.PReLU:
+        return "prelu"
+    if type(layer) is keras.layers.Activation:
+        return _homogeneous_function(layer.activation)
+    return None
+
+
+def _homogeneous_function(activation):
+    # By identity: an activation may be any callable object, hashable or not.
+    return next((name for fn, name in _HOMOGENEOUS.items() if activation is fn), None)
+
+
+def _match_through(graph, node, rank, bn_axis):
+    """`((layer, kind, activation), None)` when the BatchNorm's scale can fold into a producer
+    through a positively homogeneous activation: `Conv(activation=relu) -> BN`, or
+    `Conv -> ReLU layer -> BN` with the conv linear; else `(None, reason)` (`reason` None when
+    there is no activation before the BatchNorm to speak of)."""
+    source = node.input_tensors[0]
+    first = graph.producer(source)
+    if first is None:
+        return None, None
+    activation = homogeneous_activation(first.operation)
+    if activation is None:
+        return None, None
+    target_node, outputs = first, [source]
+    if layer_kind(first.operation)[0] is None:  # an activation layer: the producer before it
+        layer = first.operation
+        if graph.calls[id(layer)] > 1:
+            return None, f"'{layer.name}' is shared"
+        target_node = graph.producer(first.input_tensors[0])
+        if target_node is None:
+            return None, f"'{layer.name}' follows the model input"
+        outputs.append(first.input_tensors[0])
+    target = target_node.operation
+    kind, reason = layer_kind(target)
+    if kind is None:
+        return None, f"the {activation} follows '{target.name}': {reason}"
+    if target_node is not first and not _is_linear(target):
+        return (
+            None,
+            f"'{target.name}' has an activation ({_activation_name(target)}) before the {activation}",
+        )
+    if graph.calls[id(target)] > 1:
+        return None, f"'{target.name}' is shared (called {graph.calls[id(target)]} times)"
+    if len(target_node.output_tensors) != 1:
+        return None, f"'{target.name}' has several outputs"
+    for tensor in outputs:
+        if len(graph.consumers[id(tensor)]) > 1 or id(tensor) in graph.outputs:
+            return None, f"the output of '{target.name}' or its activation is used elsewhere"
+    reason = _layout_reason(target, rank, bn_axis)
+    if reason:
+        return None, reason
+    return (target, kind, activation), None
+
+
+# Layers a per-channel shift passes through unchanged, `f(x + t) = f(x) + t` at inference: the
+# inference identities, and poolings that take a max or a mean over positions of one channel.
+_IDENTITIES = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.Identity,
+)
+_MAX_POOLS = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D)
+_AVERAGE_POOLS = (
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+)
+_GLOBAL_POOLS = (
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+)
+
+
+def _shift_step(layer, node, rank, axis):
+    """How a per-channel shift on axis `axis` of a rank-`rank` tensor passes `layer`: the
+    `(rank, axis, repeats)` after it (`repeats`: how many times Flatten tiles each channel), or
+    None where it does not pass exactly."""
+    cls = type(layer)
+    if cls in _IDENTITIES or (cls is keras.layers.Activation and _is_linear(layer)):
+        return rank, axis, 1
+    channel = None
+    if cls in _MAX_POOLS + _GLOBAL_POOLS or (cls in _AVERAGE_POOLS and layer.padding == "valid"):
+        channel = rank - 1 if layer.data_format == "channels_last" else 1
+        if channel != axis:
+            return None  # the pooling would mix channels
+        if cls in _GLOBAL_POOLS and not layer.keepdims:
+            return 2, 1, 1
+        return rank, axis, 1
+    if cls is keras.layers.Flatten and axis == rank - 1 and layer.data_format == "channels_last":
+        positions = node.input_tensors[0].shape[1:-1]
+        if all(d is not None for d in positions):
+            return 2, 1, math.prod(positions)
+    return None
+
+
+def _match_push(graph, node, rank, bn_axis):
+    """Where a per-channel shift left after a BatchNorm can go exactly: through `_shift_step`
+    layers into the input side of the next Dense or 'valid'/1x1 conv. Returns
+    `((layer, kind, repeats, passed), None)` or `(None, reason)`."""
+    passed = []
+    current, axis, repeats = node, bn_axis, 1
+    while True:
+        out = current.output_tensors[0]
+        consumers = graph.consumers[id(out)]
+        if id(out) in graph.outputs or len(consumers) != 1:
+            return None, "the shift reaches a model output or a branch"
+        following = consumers[0]
+        step = _shift_step(following.operation, following, rank, axis)
+        if step is None or graph.calls[id(following.operation)] > 1:
+            break
+        rank, axis, factor = step
+        repeats *= factor
+        passed.append(following.operation.name)
+        current = following
+    match, reason = _match_forward(graph, current, rank, axis)
+    if match is None:
+        return None, reason
+    return (*match, repeats, passed), None
+
+
 def _bn_gamma_beta(bn):
     weights = {w.name: np.asarray(w, np.float64) for w in bn.weights}
     return (
@@ -296,7 +486,7 @@ def statistics_problem(bn) -> str | None:
     beyond the range of the layer's dtype."""
     gamma, beta, mean, var = _bn_gamma_beta(bn)
     try:
-        s, t = fold_math.bn_scale_shift(mean, var, bn.epsilon, gamma, beta)
+        s, t = fold_math.bn_scale_shift(mean, var, bn.epsilon, gamma, beta, bn.variable_dtype)
     except KerasBNError as error:
         return str(error)
     for name, formula, value in (
@@ -339,6 +529,37 @@ class Decision:
     s: np.ndarray | None = None
     t: np.ndarray | None = None
     keeps_output_name: bool = False
+    # THROUGH: the activation, and where the shift goes (None: it stays, as one Add).
+    activation: str | None = None
+    push_target: object = None
+    push_kind: str | None = None
+    push_repeats: int = 1
+
+    def edits(self):
+        """The weight edits of this decision: `(layer, kind, side, s, t)`, side "backward"
+        (the layer's output is scaled and shifted) or "forward" (its input is)."""
+        if self.row.action == BACKWARD:
+            return [(self.target, self.kind, "backward", self.s, self.t)]
+        if self.row.action == FORWARD:
+            return [(self.target, self.kind, "forward", self.s, self.t)]
+        if self.row.action != THROUGH:
+            return []
+        # relu(s z) = s relu(z) for s > 0: those channels' scales move into the producer.
+        edits = [(self.target, self.kind, "backward", self.through_scale, np.zeros_like(self.t))]
+        if self.push_target is not None:
+            t = np.tile(self.t, self.push_repeats)  # Flatten: channel fastest
+            edits.append((self.push_target, self.push_kind, "forward", np.ones_like(t), t))
+        return edits
+
+    @property
+    def through_scale(self):
+        """Per channel, the scale that moves into the producer: s where s > 0, else 1."""
+        return np.where(self.s > 0, self.s, 1.0)
+
+    @property
+    def residual_scale(self):
+        """What stays after the producer for THROUGH: 1 where s > 0, else s; None when all 1."""
+        return None if np.all(self.s > 0) else np.where(self.s > 0, 1.0, self.s)
 
 
 def _plan(graph, prefix):
@@ -358,7 +579,9 @@ def _plan(graph, prefix):
             continue
         gamma, beta, mean, var = _bn_gamma_beta(bn)
         try:
-            decision.s, decision.t = fold_math.bn_scale_shift(mean, var, bn.epsilon, gamma, beta)
+            decision.s, decision.t = fold_math.bn_scale_shift(
+                mean, var, bn.epsilon, gamma, beta, bn.variable_dtype
+            )
         except KerasBNError as error:
             row.reason = f"bad statistics: {error}"
             continue
@@ -377,9 +600,39 @@ def _plan(graph, prefix):
             decision.target, decision.kind = match
             row.action, row.into = FORWARD, prefix + match[0].name
             continue
+        through, reason_through = _match_through(graph, node, rank, bn_axis)
+        if through and np.any(decision.s > 0):
+            _plan_through(graph, node, rank, bn_axis, decision, through, prefix)
+            continue
         row.action = AFFINE  # settled in _apply: affine if s and t fit, else kept
         row.reason = f"backward: {reason_back}; forward: {reason_fwd}"
+        if reason_through:
+            row.reason += f"; through the activation: {reason_through}"
+        elif through:
+            row.reason += "; through the activation: no channel has a positive scale"
     return decisions
+
+
+def _plan_through(graph, node, rank, bn_axis, decision, through, prefix):
+    """THROUGH: the positive scales into the producer, the shift on to the next kernel when it
+    can go there exactly; the report row says what is left."""
+    target, kind, activation = through
+    decision.target, decision.kind, decision.activation = target, kind, activation
+    row = decision.row
+    row.action, row.into = THROUGH, prefix + target.name
+    channels = len(decision.s)
+    negative = int(np.sum(decision.s <= 0))
+    notes = [f"scale of {channels - negative} of {channels} channels folded through {activation}"]
+    push, reason = _match_push(graph, node, rank, bn_axis)
+    if push and not negative:
+        decision.push_target, decision.push_kind, decision.push_repeats, passed = push
+        via = f" through {', '.join(passed)}" if passed else ""
+        notes.append(f"shift folded forward{via} into '{push[0].name}'")
+    else:
+        notes.append(f"shift left as one add ({reason or 'a multiply stays'})")
+    if negative:
+        notes.append(f"{negative} channel(s) with gamma <= 0 keep a multiply")
+    row.reason = "; ".join(notes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,8 +640,9 @@ def _plan(graph, prefix):
 
 
 def _fold_weights(folds):
-    """The fold math: {id(layer): {weight name: float64 value}} for every target layer. Input
-    side first, then output side: f(x) = s_out * (W (s_in x + t_in) + b) + t_out."""
+    """The fold math: {id(layer): {weight name: float64 value}} for every layer a decision in
+    `folds` edits. Input side first, then output side: f(x) = s_out * (W (s_in x + t_in) + b) +
+    t_out."""
     edits = {}
 
     def edit(layer):
@@ -396,32 +650,33 @@ def _fold_weights(folds):
             edits[id(layer)] = {w.name: np.asarray(w, np.float64) for w in layer.weights}
         return edits[id(layer)]
 
-    for d in sorted(folds, key=lambda d: d.row.action != FORWARD):
-        w = edit(d.target)
-        if d.row.action == FORWARD:
-            if d.kind == "separable":
+    operations = [op for d in folds for op in d.edits()]
+    for layer, kind, side, s, t in sorted(operations, key=lambda op: op[2] != "forward"):
+        w = edit(layer)
+        if side == "forward":
+            if kind == "separable":
                 w["depthwise_kernel"], w["bias"] = fold_math.fold_forward_separable(
-                    w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), d.s, d.t
+                    w["depthwise_kernel"], w["pointwise_kernel"], w.get("bias"), s, t
                 )
-            elif d.kind == "depthwise":
+            elif kind == "depthwise":
                 w["kernel"], w["bias"] = fold_math.fold_forward_depthwise(
-                    w["kernel"], w.get("bias"), d.s, d.t
+                    w["kernel"], w.get("bias"), s, t
                 )
             else:
                 w["kernel"], w["bias"] = fold_math.fold_forward(
-                    w["kernel"], w.get("bias"), d.s, d.t, groups=getattr(d.target, "groups", 1)
+                    w["kernel"], w.get("bias"), s, t, groups=getattr(layer, "groups", 1)
                 )
-        elif d.kind == "separable":
+        elif kind == "separable":
             w["pointwise_kernel"], w["bias"] = fold_math.fold_backward(
-                w["pointwise_kernel"], w.get("bias"), d.s, d.t
+                w["pointwise_kernel"], w.get("bias"), s, t
             )
-        elif d.kind == "depthwise":
+        elif kind == "depthwise":
             w["kernel"], w["bias"] = fold_math.fold_backward_depthwise(
-                w["kernel"], w.get("bias"), d.s, d.t
+                w["kernel"], w.get("bias"), s, t
             )
         else:
             w["kernel"], w["bias"] = fold_math.fold_backward(
-                w["kernel"], w.get("bias"), d.s, d.t, out_axis=-2 if d.kind == "transpose" else -1
+                w["kernel"], w.get("bias"), s, t, out_axis=-2 if kind == "transpose" else -1
             )
     return edits
 
@@ -456,22 +711,40 @@ def _apply(decisions, replace_leftovers):
     {id(bn): (s, t)} for the BatchNorms that become a ChannelAffine. May decline a planned fold:
     weights past the target dtype's range (float32 3.4e38, float16 65504) would be written as
     inf, so every fold into such a layer is declined, with the reason, and the math runs again."""
-    folds = [d for d in decisions if d.row.action in (BACKWARD, FORWARD)]
+    folds = [d for d in decisions if d.row.action in (BACKWARD, FORWARD, THROUGH)]
     while True:
         edits = _fold_weights(folds)
-        declined = [(d, _unrepresentable(d.target, edits[id(d.target)])) for d in folds]
-        declined = [(d, reason) for d, reason in declined if reason]
+        declined = []
+        for d in folds:
+            for layer, *_ in d.edits():
+                reason = _unrepresentable(layer, edits[id(layer)])
+                if reason:
+                    declined.append((d, layer, reason))
+                    break
         if not declined:
             break
-        for d, reason in declined:
+        for d, layer, reason in declined:
             d.row.into, d.keeps_output_name = None, False
-            d.row.reason = f"folding into '{d.target.name}' is declined: {reason}"
+            d.row.reason = f"folding into '{layer.name}' is declined: {reason}"
             d.row.action = AFFINE
+            d.push_target = None
             folds.remove(d)
+    for d in folds:  # what float16 would lose of the folded kernels
+        layer = d.target
+        before = {w.name: np.asarray(w) for w in layer.weights}
+        problems = [
+            f"'{layer.name}' {name} {problem}"
+            for name, value in edits[id(layer)].items()
+            if "kernel" in name and (problem := fold_math.float16_problem(value, before[name]))
+        ]
+        d.row.float16 = "; ".join(problems) or None
     affines = {}
     for d in decisions:
         if d.row.action == AFFINE and _leave(d, replace_leftovers):
             affines[id(d.bn)] = (d.s, d.t)
+        elif d.row.action == THROUGH and d.push_target is None:
+            # What stays of it: one Add, and a multiply where a channel's scale is <= 0.
+            affines[id(d.bn)] = (d.residual_scale, d.t)
     return edits, affines
 
 
@@ -484,7 +757,12 @@ def _passthrough(x, *args, **kwargs):
 
 
 def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_leftovers):
-    folded_bns = {id(d.bn) for d in decisions if d.row.action in (BACKWARD, FORWARD)}
+    folded_bns = {
+        id(d.bn)
+        for d in decisions
+        if d.row.action in (BACKWARD, FORWARD)
+        or (d.row.action == THROUGH and id(d.bn) not in affines)
+    }
     rename = {id(d.target): d.bn.name for d in decisions if d.keeps_output_name}
     clones = {}
 
@@ -494,16 +772,25 @@ def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_le
         if id(op) in folded_bns:
             new = _passthrough
         elif id(op) in affines:
-            new = ChannelAffine(axis=op.axis, name=op.name, dtype=op.dtype_policy)
+            new = ChannelAffine(
+                axis=op.axis,
+                use_scale=affines[id(op)][0] is not None,
+                name=op.name,
+                dtype=op.dtype_policy,
+            )
         elif isinstance(op, keras.Model):
             new = _fold_model(op, report, prefix + op.name + "/", replace_leftovers)
         elif isinstance(op, keras.layers.Layer):
-            config = op.get_config()
+            changes = {}
             if id(op) in edits:
-                config["use_bias"] = True  # a fold gives every edited layer a bias
+                changes["use_bias"] = True  # a fold gives every edited layer a bias
             if id(op) in rename:
-                config["name"] = rename[id(op)]
-            new = type(op).from_config(config)
+                changes["name"] = rename[id(op)]
+            new, reason = _clone(op, **changes)
+            if new is None:  # never a fold target: the plan declined those
+                # The layer itself, untouched: the folded model shares its weights.
+                report.shared.append((prefix + op.name, reason))
+                new = op
         else:
             new = op
         clones[id(op)] = new
@@ -593,6 +880,7 @@ def fold_bn(
     atol: float | None = None,
     replace_leftovers: bool = True,
     on_bad_statistics: str = "keep",
+    input_shapes=None,
 ) -> tuple[keras.Model, FoldReport]:
     """Returns `(folded_model, report)`: a new inference model with every exactly-foldable
     BatchNorm merged into its neighbour. The caller's model is not changed.
@@ -614,6 +902,10 @@ def fold_bn(
             `var + eps <= 0`, a scale or shift past its dtype) in place with the reason in the
             report; "raise" refuses the model with `KerasBNError` naming the layer (what the
             command line does: writing a model that outputs NaN helps nobody).
+        input_shapes: The shape of the synthetic inputs, without the batch axis: one shape per
+            model input (a tuple, a list of tuples or a dict by input name). None: the samples'
+            shape, else the model's, its open (None) dimensions set to a length Keras's shape
+            inference accepts (`keras_bn.verification.input_shapes`).
 
     Returns:
         `(folded, report)`; `print(report)` shows a table, `report.to_dict()` JSON-able data.
@@ -629,14 +921,18 @@ def fold_bn(
     report = FoldReport()
     if not verify:
         return _fold_model(model, report, "", replace_leftovers), report
-    checks = [("synthetic inputs (batch 4, seed 0)", synthetic_inputs(model))]
-    if samples is not None:  # checked before any work
-        checks.append(("samples", check_samples(model, samples)))
+    real = None if samples is None else check_samples(model, samples)  # before any work
+    if input_shapes is not None or real is None:
+        shapes = shapes_to_verify(model, input_shapes)
+    else:
+        shapes = [a.shape[1:] for a in real]
+    synthetic = synthetic_inputs(model, shapes=shapes)
+    checks = [(f"synthetic inputs (batch {len(synthetic[0])}, seed 0)", synthetic)]
+    if real is not None:
+        checks.append(("samples", real))
     # The original model's outputs are computed on a second thread while this one folds (TF
     # runs its kernels without the GIL; ResNet50: see README "Benchmarks").
-    with in_background(
-        lambda: [run_inference(model, x, as_numpy=True) for _, x in checks]
-    ) as pending:
+    with in_background(lambda: [run_original(model, x, label) for label, x in checks]) as pending:
         folded = _fold_model(model, report, "", replace_leftovers)
     names = output_names(model)
     for (label, inputs), reference in zip(checks, pending.result()):

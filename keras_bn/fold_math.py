@@ -34,10 +34,14 @@ import numpy as np
 from keras_bn.errors import KerasBNError, expected
 
 
-def bn_scale_shift(moving_mean, moving_variance, epsilon, gamma=None, beta=None):
+def bn_scale_shift(moving_mean, moving_variance, epsilon, gamma=None, beta=None, dtype=None):
     """Returns (s, t) in float64, or raises KerasBNError when the statistics cannot be folded.
 
     `gamma=None` means scale=False (gamma = 1); `beta=None` means center=False (beta = 0).
+    `dtype` is the one the layer adds `moving_variance + epsilon` in (its variables' dtype;
+    None: float64): the sum must be positive there, not only in float64. A float32 variance
+    of -1e-5 with epsilon 1e-5 sums to 0 in float32, where the layer divides by zero, and to
+    2.5e-14 in float64, which would fold into finite weights.
     """
     mean = np.asarray(moving_mean, np.float64)
     var = np.asarray(moving_variance, np.float64)
@@ -59,10 +63,17 @@ def bn_scale_shift(moving_mean, moving_variance, epsilon, gamma=None, beta=None)
                 )
             )
     denominator = var + epsilon
-    if np.any(denominator <= 0):
+    as_computed = denominator
+    if dtype is not None:
+        layer_dtype = _numpy_dtype(dtype)
+        if layer_dtype.kind == "f" and layer_dtype.itemsize < 8:
+            as_computed = var.astype(layer_dtype) + np.asarray(epsilon, layer_dtype)
+    if np.any(denominator <= 0) or np.any(as_computed <= 0):
+        worst = min(float(np.min(denominator)), float(np.min(as_computed)))
+        where = "" if as_computed is denominator else f" (computed in {_numpy_dtype(dtype)})"
         raise KerasBNError(
             expected(
-                "moving_variance + epsilon must be positive", "> 0", f"min {denominator.min():.6g}"
+                f"moving_variance + epsilon must be positive{where}", "> 0", f"min {worst:.6g}"
             )
         )
     s = gamma / np.sqrt(denominator)
@@ -163,3 +174,36 @@ def overflow_reason(value, dtype):
 def as_dtype(value, dtype):
     """`value` (float64) cast to the variable dtype `dtype` (bfloat16 included)."""
     return np.asarray(value).astype(_numpy_dtype(dtype))
+
+
+# float16's smallest normal number: below it a value keeps fewer than float16's 11 significant
+# bits (subnormal) or becomes 0. A folded kernel with more than this share of its nonzero
+# weights down there loses precision silently in a float16 graph.
+FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-5
+FLOAT16_SUBNORMAL_SHARE = 0.01
+
+
+def float16_problem(value, before=None) -> str | None:
+    """Why float64 weights `value` do not survive a cast to float16, or None: a value past
+    float16's largest (65504, becomes inf), or more than 1% of them below its smallest normal
+    number (6.1e-5: rounded to fewer bits or to 0). With `before` (the same weights before the
+    fold), only the weights the fold pushed down there count, out of those that were above it:
+    weights a trained model already keeps near 0 (those reading a dead channel) lose nothing
+    that float32 kept."""
+    value = np.abs(np.asarray(value, np.float64)).ravel()
+    largest = float(np.max(value)) if value.size else 0.0
+    limit = float(np.finfo(np.float16).max)
+    if largest > limit:
+        return f"reaches {largest:.4g}, beyond float16's largest value {limit:g}"
+    if before is None:
+        candidates = value > 0
+    else:
+        candidates = np.abs(np.asarray(before, np.float64)).ravel() >= FLOAT16_TINY
+    if np.any(candidates):
+        share = float(np.mean(value[candidates] < FLOAT16_TINY))
+        if share > FLOAT16_SUBNORMAL_SHARE:
+            return (
+                f"has {100 * share:.1f}% of its weights below float16's smallest normal number "
+                f"{FLOAT16_TINY:.2g} (they lose precision or become 0 in float16)"
+            )
+    return None

@@ -147,10 +147,17 @@ def _is_tf_dataset(data):
     return isinstance(dataset, type) and isinstance(data, dataset)
 
 
-def _strip_labels(element):
-    """`(x, y)` or `(x, y, sample_weight)` -> x, as Keras's fit takes them; labels are ignored."""
+def _strip_labels(element, inputs=1):
+    """`(x, y)` or `(x, y, sample_weight)` -> x, as Keras's `fit` reads a batch; labels are
+    ignored. A list counts as such a tuple (a PyTorch DataLoader over `(x, y)` yields lists)
+    unless it is the inputs of a model with that many: one array per input, none of them itself
+    a list, tuple or dict."""
     if isinstance(element, tuple) and 2 <= len(element) <= 3:
         return element[0]
+    if isinstance(element, list) and 2 <= len(element) <= 3:
+        nested = isinstance(element[0], (list, tuple, dict))
+        if len(element) != inputs or nested:
+            return element[0]
     return element
 
 
@@ -158,10 +165,11 @@ def _batches(model, data, batch_size):
     """Yields batches of model inputs from `data`: arrays (and lists/dicts of arrays, and `(x, y)`)
     are cut into `batch_size` rows; a `tf.data.Dataset`, a `keras.utils.PyDataset` or any
     iterable yields its own batches."""
+    inputs = len(keras.tree.flatten(model.inputs))
     if _is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
         source = data if _is_tf_dataset(data) else (data[i] for i in range(len(data)))
         for element in source:
-            yield _as_input_list(model, _strip_labels(element))
+            yield _as_input_list(model, _strip_labels(element, inputs))
         return
     x = _strip_labels(data) if isinstance(data, tuple) else data
     arrays = None
@@ -183,7 +191,7 @@ def _batches(model, data, batch_size):
                 )
             )
         for element in data:
-            yield _as_input_list(model, _strip_labels(element))
+            yield _as_input_list(model, _strip_labels(element, inputs))
         return
     flat = (
         list(arrays.values())
@@ -284,7 +292,8 @@ def _shift_sums(bn, x, mask):
 
 
 def _moments(bn, x, mask):
-    """Per-channel `(count, mean, M2)` of one BatchNorm's batch input, and its training-mode
+    """Per-channel `(count, pivot, shifted_mean, M2)` of one BatchNorm's batch input (its mean
+    is `pivot + shifted_mean`, added in float64 by the caller), and its training-mode
     output, normalized with those statistics: `_tf_moments` on TensorFlow, `_ops_moments` on
     the other backends."""
     return (_tf_moments if BACKEND == "tensorflow" else _ops_moments)(bn, x, mask)
@@ -296,20 +305,28 @@ def _ops_moments(bn, x, mask):
     float64 inputs; JAX has none without jax_enable_x64), merged across batches in float64 on
     the host. The two-pass M2 of a batch is the sum of squared deviations from its own mean,
     so it keeps its digits without the float64 sums of the TensorFlow path (measured against
-    NumPy's float64 statistics: tests/test_backends.py)."""
+    NumPy's float64 statistics: tests/test_backends.py). The mean comes back in its two parts,
+    the pivot (one sample) and the mean of `x - pivot`, added in float64 on the host: their
+    float32 sum would round the mean at the scale of the sample, not of the spread."""
     rank = len(x.shape)
     axis = bn.axis % rank
     axes = [i for i in range(rank) if i != axis]
     dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
-    centered, mean, variance, count = BatchNorm._ops_moments(ops.cast(x, dtype), mask, axes)
+    out_dtype, x = x.dtype, ops.cast(x, dtype)
     gamma, beta = gamma_beta(bn, x.shape[axis], dtype)
     shape = [1] * rank
     shape[axis] = -1
     epsilon = ops.convert_to_tensor(bn.epsilon, dtype=dtype)
+    if mask is None:
+        pivot, shifted_mean, variance, count = BatchNorm._ops_moments(x, None, axes, shift=True)
+        centered = (x - pivot) - shifted_mean
+    else:
+        centered, pivot, variance, count = BatchNorm._ops_moments(x, mask, axes)
+        shifted_mean = ops.zeros_like(pivot)
     inv = ops.reshape(gamma, shape) * ops.rsqrt(variance + epsilon)
-    outputs = ops.cast(centered * inv + ops.reshape(beta, shape), x.dtype)
-    count, mean = ops.reshape(count, (-1,)), ops.reshape(mean, (-1,))
-    return (count, mean, ops.reshape(variance, (-1,)) * count), outputs
+    outputs = ops.cast(centered * inv + ops.reshape(beta, shape), out_dtype)
+    count, pivot, shifted_mean = (ops.reshape(t, (-1,)) for t in (count, pivot, shifted_mean))
+    return (count, pivot, shifted_mean, ops.reshape(variance, (-1,)) * count), outputs
 
 
 def _tf_moments(bn, x, mask):
@@ -335,7 +352,7 @@ def _tf_moments(bn, x, mask):
             tf.distribute.ReduceOp.SUM, m2 + local_count * tf.square(local_mean - mean)
         )
     variance = tf.math.divide_no_nan(m2, count)
-    return (count, mean, m2), _normalize(bn, x, mean, variance)
+    return (count, mean, tf.zeros_like(mean), m2), _normalize(bn, x, mean, variance)
 
 
 def _normalize(bn, x, mean, variance):
@@ -377,7 +394,7 @@ def _normalize(bn, x, mean, variance):
 
 
 def _collector(model, targets):
-    """A function of one batch (a list of input tensors) returning {layer id: [(count, mean, M2)
+    """A function of one batch (a list of input tensors) returning {layer id: [(count, pivot, shifted_mean, M2)
     per call]} for `targets` (the BatchNorms to recalibrate), running them on batch statistics
     and everything else in inference mode. A BatchNorm called more than once in the graph (a
     shared layer) reports each call. Traced once per replica under a strategy: each trace
@@ -416,7 +433,8 @@ def _collector(model, targets):
 
 
 def _step(model, targets, strategy):
-    """The compiled collection step: `step(inputs) -> {key: [(count, mean, M2), ...]}` as NumPy.
+    """The compiled collection step: `step(inputs) -> {key: [(count, pivot, shifted_mean, M2), ...]}` as
+    NumPy.
 
     Without a strategy (or with one replica) one `tf.function` with a fixed input signature, so
     the partial last batch does not retrace. Under a strategy with several replicas each global
@@ -632,7 +650,9 @@ def recalibrate(
                     estimate = _Population if estimator == "population" else _BatchMean
                     unbiased = getattr(targets[int(key)], "unbiased_variance", False)
                     accumulator = accumulators[key] = estimate(unbiased)
-                for count, mean, m2 in calls:
+                for count, pivot, shifted_mean, m2 in calls:
+                    # The mean's two parts added in float64 (see _ops_moments).
+                    mean = np.asarray(pivot, np.float64) + np.asarray(shifted_mean, np.float64)
                     accumulator.add(count, mean, m2)
             seen += 1
             bar.update(seen)

@@ -183,16 +183,129 @@ def agreement(reference, candidate, labels=None) -> Agreement:
     )
 
 
-def synthetic_inputs(model: keras.Model, batch_size: int = 4, seed: int = 0) -> list[np.ndarray]:
-    """Deterministic inputs for a model: N(0, 1) floats, None dimensions set to 16."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for x in keras.tree.flatten(model.inputs):
-        shape = [batch_size] + [16 if d is None else d for d in x.shape[1:]]
-        if "int" in str(x.dtype):
-            arrays.append(np.zeros(shape, x.dtype))
+# The lengths tried, smallest first, for a dimension the model leaves open (None): powers of two,
+# which also divide evenly through the poolings and strides of most models. The largest bounds
+# the memory of a synthetic batch.
+OPEN_DIMENSIONS = tuple(2**k for k in range(4, 17))  # 16 ... 65536
+
+
+def batch_size_of(model: keras.Model, default: int = 4) -> int:
+    """The batch size the model's inputs fix (`keras.Input(batch_size=...)`), else `default`."""
+    fixed = {x.shape[0] for x in keras.tree.flatten(model.inputs) if x.shape[0] is not None}
+    return fixed.pop() if len(fixed) == 1 else default
+
+
+def fixed_batch(model: keras.Model) -> bool:
+    """Whether the model's inputs fix the batch size."""
+    return any(x.shape[0] is not None for x in keras.tree.flatten(model.inputs))
+
+
+def _accepts(model, shapes, batch) -> bool:
+    """Whether Keras's symbolic shape inference runs `model` on inputs of `shapes` (one per input,
+    without the batch axis): cheap, nothing is computed. A layer that refuses the shape (a
+    Cropping1D longer than the input, a Concatenate of mismatched lengths) raises there."""
+    inputs = keras.tree.flatten(model.inputs)
+    tensors = [keras.KerasTensor((batch, *s), dtype=x.dtype) for x, s in zip(inputs, shapes)]
+    graph = internals.graph_model(model)
+    struct = internals.inputs_struct(graph) if internals.is_functional(graph) else None
+    try:
+        if struct is not None:
+            model.compute_output_spec(keras.tree.pack_sequence_as(struct, tensors))
         else:
-            arrays.append(rng.standard_normal(shape).astype(x.dtype))
+            model.compute_output_spec(tensors[0] if len(tensors) == 1 else tensors)
+    except Exception:
+        return False
+    return True
+
+
+def input_shapes(model: keras.Model, shapes=None) -> list[tuple]:
+    """Each model input's shape without the batch axis, every open (None) dimension filled.
+
+    `shapes` (the caller's: one shape per input, a list of them, or a dict by input name; each
+    without the batch axis) is checked against the model's inputs and taken as it is. Without it,
+    open dimensions take the first of `OPEN_DIMENSIONS` (16, 32, ... 65536) on which Keras's
+    symbolic shape inference runs the model: a model that crops 10,000 positions gets 16384.
+    Raises `KerasBNError` asking for samples or an input shape when none works."""
+    inputs = keras.tree.flatten(model.inputs)
+    if shapes is not None:
+        return _check_shapes(model, shapes)
+    declared = [tuple(x.shape[1:]) for x in inputs]
+    if all(d is not None for shape in declared for d in shape):
+        return declared
+    batch = batch_size_of(model)
+    for size in OPEN_DIMENSIONS:
+        filled = [tuple(size if d is None else d for d in shape) for shape in declared]
+        if _accepts(model, filled, batch):
+            return filled
+    raise KerasBNError(
+        expected(
+            f"No input length is known to work for model '{model.name}': its inputs leave "
+            "dimensions open, and Keras's shape inference refused every length tried",
+            f"inputs of shape {[batch_shape_text(x) for x in inputs]} with the open dimensions "
+            f"set to one of {OPEN_DIMENSIONS[0]}...{OPEN_DIMENSIONS[-1]}",
+            "a refusal at every one",
+            "Pass real inputs (samples=, keras-bn --samples) or the shape to use "
+            "(input_shapes=, keras-bn --input-shape).",
+        )
+    )
+
+
+def _check_shapes(model, shapes):
+    inputs = keras.tree.flatten(model.inputs)
+    names = [x.name for x in inputs]
+    if isinstance(shapes, dict):
+        if set(shapes) != set(names):
+            raise KerasBNError(
+                expected("The input shapes' keys do not match the model inputs",
+                         f"keys {names}", f"keys {sorted(shapes)}")
+            )  # fmt: skip
+        shapes = [shapes[n] for n in names]
+    elif isinstance(shapes, (tuple, list)) and all(
+        isinstance(d, (int, np.integer)) for d in shapes
+    ):
+        shapes = [shapes]  # one shape, for a one-input model
+    shapes = list(shapes)
+    if len(shapes) != len(inputs):
+        raise KerasBNError(
+            expected("The input shapes do not match the model's inputs",
+                     f"{len(inputs)} shape(s), one per input {names}", f"{len(shapes)} shape(s)")
+        )  # fmt: skip
+    checked = []
+    for x, shape in zip(inputs, shapes):
+        try:
+            shape = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            shape = None
+        if shape is None or any(d < 1 for d in shape) or wrong_shape(x, (1, *shape)):
+            raise KerasBNError(
+                expected(
+                    f"The input shape for input '{x.name}' does not fit it",
+                    f"the shape without the batch axis, {batch_shape_text(x)[len('(batch, ') : -1]} "
+                    "with every open dimension a positive length",
+                    repr(shape),
+                )
+            )
+        checked.append(shape)
+    return checked
+
+
+def synthetic_inputs(
+    model: keras.Model, batch_size: int | None = 4, seed: int = 0, shapes=None
+) -> list[np.ndarray]:
+    """Deterministic inputs for a model: N(0, 1) floats (zeros for integer inputs).
+
+    `shapes`: each input's shape without the batch axis (the samples' shape, say); None takes
+    `input_shapes(model)`, which fills open dimensions with a length the model accepts. The
+    batch is `batch_size`, or the one the model's inputs fix."""
+    rng = np.random.default_rng(seed)
+    shapes = input_shapes(model) if shapes is None else [tuple(s) for s in shapes]
+    batch = batch_size_of(model, batch_size or 4)
+    arrays = []
+    for x, shape in zip(keras.tree.flatten(model.inputs), shapes):
+        if "int" in str(x.dtype):
+            arrays.append(np.zeros((batch, *shape), x.dtype))
+        else:
+            arrays.append(rng.standard_normal((batch, *shape)).astype(x.dtype))
     return arrays
 
 
@@ -346,6 +459,33 @@ def run_inference(model, inputs, as_numpy=False):
                 )
             ) from None
         raise
+
+
+def one_line(error, limit=300) -> str:
+    """An exception's text on one line, without escape codes, cut at a word boundary."""
+    text = " ".join(plain_text(error).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def run_original(model, inputs, label: str):
+    """`run_inference(model, inputs, as_numpy=True)` for the caller's own model. An exception the
+    model raises on these inputs is the input's problem, not a bug of keras_bn: it becomes a
+    `KerasBNError` that says which inputs, what the model said, and how to give others."""
+    try:
+        return run_inference(model, inputs, as_numpy=True)
+    except KerasBNError:
+        raise
+    except Exception as error:
+        shapes = ", ".join(str(tuple(np.shape(a))) for a in inputs)
+        raise KerasBNError(
+            expected(
+                f"Model '{model.name}' fails on the {label} (inputs of shape {shapes})",
+                "inputs the model runs on",
+                f"{type(error).__name__}: {one_line(error)}",
+                "Pass real inputs (samples=, keras-bn --samples) or the shape to use "
+                "(input_shapes=, keras-bn --input-shape).",
+            )
+        ) from None
 
 
 @contextlib.contextmanager

@@ -97,3 +97,81 @@ def test_model_without_batchnorm_is_refused():
     inputs = keras.Input((3,))
     with pytest.raises(keras_bn.KerasBNError, match="The model has no BatchNorm to diagnose"):
         keras_bn.diagnose(keras.Model(inputs, L.Dense(2)(inputs)))
+
+
+def tagger_block():
+    """Conv(relu, 'same') -> BN -> MaxPool, as a trained VGG-style tagger has it: some channels
+    dead (their ReLU never fired: moving variance 1.2e-36) and some gammas negative."""
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(16, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = L.MaxPooling2D(name="pool")(L.BatchNormalization(name="bn")(x))
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(x)))
+    bn = model.get_layer("bn")
+    variance = np.full(16, 0.7, np.float32)
+    variance[:6] = 1.2e-36
+    gamma = np.full(16, 1.1, np.float32)
+    gamma[10:14] = -0.4
+    bn.moving_variance.assign(variance)
+    bn.moving_mean.assign(np.full(16, 0.3, np.float32))
+    bn.gamma.assign(gamma)
+    return model
+
+
+def test_dead_channels_and_negative_gammas_are_named_with_what_they_cost():
+    report = keras_bn.diagnose(tagger_block())
+    row = report.rows[0]
+    assert (row.dead_channels, row.nonpositive_gammas) == (6, 4)
+    assert row.verdict == Verdict.DEAD and not report.healthy
+    assert "6 dead channel(s)" in str(report) and "4 channel(s) with gamma <= 0" in str(report)
+    assert "prune them" in row.action
+    # The negative case: the same block with living channels and positive gammas is ok.
+    healthy = tagger_block()
+    healthy.get_layer("bn").moving_variance.assign(np.full(16, 0.7, np.float32))
+    healthy.get_layer("bn").gamma.assign(np.full(16, 1.1, np.float32))
+    row = keras_bn.diagnose(healthy).rows[0]
+    assert (row.verdict, row.dead_channels, row.nonpositive_gammas) == (Verdict.OK, 0, 0)
+
+
+def test_folded_weights_that_float16_cannot_hold_are_reported(rng):
+    # An input BatchNorm-like layer with running variances up to 2.3e8 (astronomical images):
+    # folded, the conv's weights shrink by 1/sqrt(var) below float16's smallest normal number.
+    inputs = keras.Input((8, 8, 2))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv")(inputs))
+    model = keras.Model(inputs, x)
+    conv = model.get_layer("conv")
+    conv.set_weights([rng.normal(0, 0.05, (3, 3, 2, 4)).astype("float32"), np.zeros(4, "float32")])
+    model.get_layer("bn").moving_variance.assign(np.array([2.3e8, 1e8, 1.0, 2.0], "float32"))
+    folded_kernel = conv.get_weights()[0] / np.sqrt(np.array([2.3e8, 1e8, 1.0, 2.0]) + 1e-3)
+    share = np.mean(np.abs(folded_kernel) < np.finfo(np.float16).tiny)  # about half the weights
+    assert 0.4 < share < 0.55
+    _, fold_report = keras_bn.fold_bn(model)
+    assert "below float16's smallest normal number" in fold_report.rows[0].float16
+    assert f"{100 * share:.1f}%" in fold_report.rows[0].float16
+    row = keras_bn.diagnose(model).rows[0]
+    assert row.verdict == Verdict.FLOAT16 and "keep_float" in row.action
+    # Variances of order 1: nothing to report.
+    model.get_layer("bn").moving_variance.assign(np.array([0.5, 1.0, 1.5, 2.0], "float32"))
+    assert keras_bn.diagnose(model).rows[0].verdict == Verdict.OK
+
+
+def test_statistics_far_from_the_data_but_not_towards_0_1_are_drifted_not_stale(rng):
+    # Means moved towards 0 (as a leftover of the initial value would) but variances moved away
+    # from 1: statistics from other data. Over means and variances pooled, the initial values
+    # would explain 84% of the squared deviation and be read as a 69% weight: stale.
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras_bn.BatchNorm(name="bn", momentum=0.99)(inputs))
+    data = rng.normal(2.6, np.sqrt(0.5), (4096, 4)).astype("float32")
+    population_mean, population_var = data.mean(0), data.var(0)
+    bn = model.get_layer("bn")
+    bn.moving_mean.assign((population_mean - 2.0).astype("float32"))
+    bn.moving_variance.assign((population_var - 0.2).astype("float32"))
+    moved = np.r_[
+        (bn.moving_mean.numpy() - population_mean) / np.sqrt(population_var + 1e-3),
+        (bn.moving_variance.numpy() - population_var) / (population_var + 1e-3),
+    ]
+    initial = np.r_[-population_mean / np.sqrt(population_var + 1e-3),
+                    (1 - population_var) / (population_var + 1e-3)]  # fmt: skip
+    pooled_cos2 = np.dot(moved, initial) ** 2 / (np.dot(moved, moved) * np.dot(initial, initial))
+    assert pooled_cos2 > 0.75  # what the pooled fit saw
+    row = keras_bn.diagnose(model, data, batch_size=256).rows[0]
+    assert row.initial_weight is None and row.verdict == Verdict.DRIFTED

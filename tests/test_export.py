@@ -487,3 +487,128 @@ def test_each_output_is_judged_against_its_own_scale(tmp_path, rng):
     report = export.verify(build(1e-3), path)
     failed = {r.output for r in report.rows if not r.passed}
     assert failed == {"small"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolutions as one ONNX Conv each; shapes from the model and the data.
+
+
+def conv_attributes(path):
+    proto = onnx.load(str(path))
+    return [
+        {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        for n in proto.graph.node
+        if n.op_type == "Conv"
+    ]
+
+
+@pytest.mark.parametrize(
+    "make_layer, shape",
+    [
+        (lambda: L.Conv1D(4, 3, dilation_rate=2, padding="same"), (20, 3)),
+        (lambda: L.Conv1D(4, 3, dilation_rate=4, padding="causal"), (20, 3)),
+        (lambda: L.Conv1D(4, 3, padding="valid"), (20, 3)),
+        (lambda: L.Conv2D(4, 3, dilation_rate=(2, 3), padding="same"), (12, 12, 3)),
+    ],
+)
+def test_conv1d_and_dilated_convs_are_one_onnx_conv_with_the_bias_inside(
+    make_layer, shape, tmp_path
+):
+    # Keras's trace wraps a dilated conv in SpaceToBatch/BatchToSpace (dozens of nodes) and adds
+    # a Conv1D's bias after its Squeeze; the export gives each one Conv with dilations and bias.
+    model = single(shape, make_layer, tail=False)
+    report = export.to_onnx(model, tmp_path / "m.onnx")
+    assert report.verification.passed and report.op_counts["Conv"] == 1
+    assert "Add" not in report.op_counts and "BatchNormalization" not in report.op_counts
+    assert sum(report.op_counts.values()) <= 6, report.op_counts  # Conv, (Un)Squeeze, Transposes
+    layer = model.layers[1]
+    (attributes,) = conv_attributes(tmp_path / "m.onnx")
+    assert list(attributes["dilations"])[-len(layer.dilation_rate) :] == list(layer.dilation_rate)
+    assert len(onnx.load(str(tmp_path / "m.onnx")).graph.node[0].input) <= 3
+
+
+def cropping_model():
+    """A variable-length sequence model that crops 40 positions from each side (SpliceAI's
+    shape in miniature): lengths up to 80 fail inside Keras."""
+    inputs = keras.Input((None, 4), name="sequence")
+    x = L.Conv1D(8, 3, dilation_rate=2, padding="same", name="conv")(inputs)
+    x = L.Cropping1D((40, 40), name="crop")(L.ReLU()(L.BatchNormalization(name="bn")(x)))
+    return randomize_bn(keras.Model(inputs, L.Conv1D(3, 1, name="head")(x)))
+
+
+def test_open_lengths_take_one_the_model_accepts_and_samples_give_theirs(tmp_path, rng):
+    model = cropping_model()
+    assert keras_bn.verification.input_shapes(model) == [(128, 4)]  # 16, 32, 64 refused
+    folded, report = keras_bn.fold_bn(model)
+    assert report.counts["folded backward"] == 1 and report.verification
+    samples = rng.normal(size=(2, 100, 4)).astype("float32")
+    _, report = keras_bn.fold_bn(model, samples=samples)
+    export_report = export.to_onnx(model, tmp_path / "m.onnx", samples=samples)
+    assert export_report.verification.passed
+    assert {r.input_set for r in export_report.verification.rows} == {"synthetic", "samples"}
+    # The synthetic inputs took the samples' length: the Keras outputs have 100 - 80 positions.
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"sequence": samples})[0].shape == (2, 20, 3)
+    # A length the model refuses, asked for: a KerasBNError naming it, the model's own words.
+    with pytest.raises(
+        keras_bn.KerasBNError, match=r"fails on the synthetic inputs .*\(4, 50, 4\).*cropping"
+    ):
+        keras_bn.fold_bn(model, input_shapes=(50, 4))
+    with pytest.raises(
+        keras_bn.KerasBNError, match=r"input shape for input 'sequence' does not fit"
+    ):
+        export.to_onnx(model, tmp_path / "x.onnx", input_shapes=(50, 5))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_no_length_that_works_asks_for_samples():
+    inputs = keras.Input((None, 2))
+    x = L.Cropping1D((70000, 0))(L.BatchNormalization()(L.Dense(2)(inputs)))
+    model = keras.Model(inputs, x)
+    with pytest.raises(keras_bn.KerasBNError, match=r"No input length is known to work.*--samples"):
+        keras_bn.fold_bn(model)
+
+
+def test_model_with_a_fixed_batch_size_verifies_at_that_batch(tmp_path):
+    inputs = keras.Input((6,), batch_size=3, name="x")
+    x = L.BatchNormalization()(L.Dense(4)(inputs))
+    model = randomize_bn(keras.Model(inputs, L.Reshape((2, 2))(x)))
+    _, report = keras_bn.fold_bn(model)
+    assert report.verification[0]["inputs"] == "synthetic inputs (batch 3, seed 0)"
+    export_report = export.to_onnx(model, tmp_path / "m.onnx")
+    assert export_report.verification.passed
+    assert {r.batch for r in export_report.verification.rows} == {3}  # no batch-1 check
+
+
+def test_two_conversions_on_two_threads_never_see_each_others_switch():
+    # The second conversion starts while the first one converts: it must neither take the
+    # first one's TF2ONNX_CATCH_ERRORS for the user's setting nor convert while it is unset.
+    import threading
+
+    first_inside, second_started, first_done = (threading.Event() for _ in range(3))
+    seen = {}
+
+    def convert_first():
+        first_inside.set()
+        second_started.wait(1.0)  # times out when the second conversion waits for the lock
+        return "first"
+
+    def convert_second():
+        seen["start"] = os.environ.get(converter._CATCH_ERRORS)
+        second_started.set()
+        first_done.wait(5.0)
+        seen["end"] = os.environ.get(converter._CATCH_ERRORS)
+        return "second"
+
+    def first():
+        converter._run_tf2onnx(convert_first)
+        first_done.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_inside.wait(5.0)
+    assert converter._run_tf2onnx(convert_second) == "second"
+    thread.join(10)
+    assert seen == {"start": "FALSE", "end": "FALSE"}
+    assert converter._CATCH_ERRORS not in os.environ

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import keras_bn
 from keras_bn import fold_math
-from keras_bn.fold import AFFINE, BACKWARD, BATCHNORM_TYPES, FORWARD, KEPT
-from tests.tolerances import FOLD_RTOL
+from keras_bn.fold import AFFINE, BACKWARD, BATCHNORM_TYPES, FORWARD, KEPT, THROUGH
+from tests.tolerances import FOLD_RTOL, THROUGH_RTOL
 
 
 def randomize_bn(model, seed=0):
@@ -254,7 +254,8 @@ def test_forward_fold_into_dense_and_valid_or_pointwise_conv(rng):
     assert (rows["bn_valid"].action, rows["bn_valid"].into) == (FORWARD, "valid_conv")
     assert (rows["bn_pointwise"].action, rows["bn_pointwise"].into) == (FORWARD, "pointwise")
     assert (rows["bn_dense"].action, rows["bn_dense"].into) == (FORWARD, "head")
-    assert rows["bn_same"].action == AFFINE
+    # After pointwise -> ReLU, through the ReLU: its shift stays, the next conv pads.
+    assert (rows["bn_same"].action, rows["bn_same"].into) == (THROUGH, "pointwise")
     assert "pads with zeros ('same'): forward folding is not exact" in rows["bn_same"].reason
     assert [type(l).__name__ for l in folded.layers].count("ChannelAffine") == 1
     assert batchnorms(folded) == []
@@ -280,13 +281,16 @@ def test_forward_fold_into_depthwise_and_separable(rng):
     rows = {r.name: r for r in report.rows}
     for bn, layer in (("bn_dw", "dw"), ("bn_sep", "sep"), ("bn_dw1x1", "dw1x1")):
         assert (rows[bn].action, rows[bn].into) == (FORWARD, layer)
-    for bn, layer in (("bn_dw_same", "dw_same"), ("bn_sep_same", "sep_same")):
-        assert rows[bn].action == AFFINE
+    # Each of these follows a conv and a ReLU: its scale folds through the ReLU into that conv,
+    # and its shift stays, as the next layer pads (or is a transposed conv).
+    for bn, previous, layer in (
+        ("bn_dw_same", "dw1x1", "dw_same"),
+        ("bn_sep_same", "dw_same", "sep_same"),
+    ):
+        assert (rows[bn].action, rows[bn].into) == (THROUGH, previous)
         assert f"the next layer '{layer}' pads with zeros ('same')" in rows[bn].reason
-    assert (
-        "Conv2DTranspose" in rows["bn_transpose"].reason
-        and "unevenly" in rows["bn_transpose"].reason
-    )
+    assert (rows["bn_transpose"].action, rows["bn_transpose"].into) == (THROUGH, "sep_same")
+    assert "unevenly" in rows["bn_transpose"].reason
     assert folded.get_layer("sep").use_bias  # the folded constant needs a bias
     assert len(batchnorms(folded)) == 0
     assert [type(l).__name__ for l in folded.layers].count("ChannelAffine") == 3
@@ -330,12 +334,16 @@ def test_negative_cases_are_left_exact_with_reasons(rng):
         assert_close_to_original(model, folded, rng.normal(size=(2, 8, 8, 3)).astype("float32"))
         rows = {r.name: r for r in report.rows}
         assert "the output of 'two_consumers' has 2 consumers" in rows["bn_after_branch"].reason
-        assert "'relu_conv' has a non-linear activation (relu)" in rows["bn_after_relu"].reason
+        # Not backward (relu), not forward (the next conv is shared): its positive scales fold
+        # through the relu into the conv, and its shift stays as one add.
+        assert rows["bn_after_relu"].action == THROUGH
+        assert "'relu_conv' has a non-linear activation (relu)" not in rows["bn_after_relu"].reason
+        assert "shift left as one add" in rows["bn_after_relu"].reason
         assert "'shared' is shared (called 2 times)" in rows["bn_after_shared"].reason
         expected = AFFINE if replace else KEPT
-        assert all(r.action == expected for r in report.rows)
-        assert len(batchnorms(folded)) == (0 if replace else 3)
-        assert len(report.not_folded) == 3 and report.counts[expected] == 3
+        assert all(r.action == expected for r in report.rows if r.name != "bn_after_relu")
+        assert len(batchnorms(folded)) == (0 if replace else 2)
+        assert len(report.not_folded) == 2 and report.counts[expected] == 2
 
 
 @pytest.mark.parametrize("bad", ["negative", "nan"])
@@ -431,11 +439,13 @@ def test_folded_value_beyond_float32_is_declined_not_written_as_inf(rng):
         and "its scale or shift" in row.reason
     )
     assert all(np.all(np.isfinite(np.asarray(w))) for w in folded.weights)
-    # epsilon 1e-300 with variance 0: var + eps > 0 in float64, but s = 1e150 is no float32.
+    # gamma 1e30, epsilon 1e-44 (a float32 subnormal) with variance 0: var + eps > 0 in float32
+    # too, but s = 1e30 / sqrt(9.8e-45) = 1e52 is no float32.
     model2 = keras.Model(
-        inputs, L.BatchNormalization(epsilon=1e-300, name="bn2")(L.Dense(2, name="dense2")(inputs))
+        inputs, L.BatchNormalization(epsilon=1e-44, name="bn2")(L.Dense(2, name="dense2")(inputs))
     )
     model2.get_layer("bn2").moving_variance.assign(np.zeros(2, np.float32))
+    model2.get_layer("bn2").gamma.assign(np.full(2, 1e30, np.float32))
     folded2, report2 = keras_bn.fold_bn(model2, verify=False)
     assert report2.rows[0].action == KEPT and "folded kernel" in report2.rows[0].reason
     assert all(np.all(np.isfinite(np.asarray(w))) for w in folded2.weights)
@@ -453,12 +463,19 @@ def test_folded_value_beyond_float32_is_declined_not_written_as_inf(rng):
 
 def test_affine_is_declined_when_its_scale_overflows():
     inputs = keras.Input((3,))
-    x = L.BatchNormalization(epsilon=1e-300, name="bn")(L.ReLU()(inputs))
+    x = L.BatchNormalization(epsilon=1e-44, name="bn")(L.ReLU()(inputs))
     model = keras.Model(inputs, x)
     model.get_layer("bn").moving_variance.assign(np.zeros(3, np.float32))
+    model.get_layer("bn").gamma.assign(np.full(3, 1e30, np.float32))
     _, report = keras_bn.fold_bn(model, verify=False)
     assert report.rows[0].action == KEPT
-    assert re.search(r"its scale or shift reaches 1e\+150, beyond float32's", report.rows[0].reason)
+    assert re.search(
+        r"its scale or shift reaches 1(\.0\d*)?e\+52, beyond float32's", report.rows[0].reason
+    )
+    # epsilon 1e-300 is 0 in float32, where the layer adds it: a bad statistic, not a fold.
+    model.get_layer("bn").epsilon = 1e-300
+    _, report = keras_bn.fold_bn(model, verify=False)
+    assert "must be positive (computed in float32)" in report.rows[0].reason
 
 
 def test_verification_never_counts_new_infinities_as_agreement():
@@ -732,7 +749,9 @@ def build_random_model(blocks, channels, kernel, use_bias, seed):
 LINEAR_PRODUCER_BLOCKS = {"conv", "dense_conv1x1", "depthwise", "separable", "transpose"}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: the same 12 architectures on every run, so that a failure is reproducible and the
+# suite never fails one run in a few on a draw it has not seen before.
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(
     blocks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=4),
     channels=st.integers(2, 5),
@@ -752,8 +771,20 @@ def test_random_architectures(blocks, channels, kernel, use_bias, seed, replace)
     assert report.counts[FORWARD] >= blocks.count("bn_valid_conv")
     assert len(batchnorms(folded)) == report.counts[KEPT]
     assert len(report.rows) == len(batchnorms(model))
+    # Conv(relu) -> BN folds through the relu, unless the next block starts with a layer that
+    # takes it forward: a Dense, or a 1x1 conv (the branch's always, the others' when kernel 1).
+    forward_takers = {"dense_conv1x1", "branch"} | (
+        {"conv", "depthwise", "separable", "conv_relu_bn"} if kernel == 1 else set()
+    )
+    through = [
+        b == "conv_relu_bn" and not set(blocks[i + 1 : i + 2]) & forward_takers
+        for i, b in enumerate(blocks)
+    ]
+    assert report.counts[THROUGH] == sum(through)
     affines = [l for l in folded.layers if isinstance(l, keras_bn.ChannelAffine)]
-    assert len(affines) == report.counts[AFFINE]
+    # Gammas are positive here: what a fold through a relu leaves is an add, never a multiply.
+    assert sum(a.use_scale for a in affines) == report.counts[AFFINE]
+    assert sum(not a.use_scale for a in affines) <= report.counts[THROUGH]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -845,3 +876,178 @@ def test_no_thread_without_verification(monkeypatch):
     assert not [n for n in started if n.startswith("keras-bn-reference")]
     keras_bn.fold_bn(model)
     assert [n for n in started if n.startswith("keras-bn-reference")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Folding through positively homogeneous activations: relu(s z) = s relu(z) for s > 0.
+
+
+def numpy_conv1d(x, kernel, bias, padding):
+    """Keras's Conv1D (stride 1, no dilation) in float64: x (N, W, C), kernel (k, C, O)."""
+    k = kernel.shape[0]
+    if padding == "same":
+        x = np.pad(x, ((0, 0), ((k - 1) // 2, k - 1 - (k - 1) // 2), (0, 0)))
+    width = x.shape[1] - (k - 1)
+    return sum(x[:, i : i + width, :] @ kernel[i] for i in range(k)) + bias
+
+
+def numpy_batchnorm(x, bn):
+    g, b, m, v = (np.asarray(w, np.float64) for w in bn.weights[:4])
+    return (x - m) / np.sqrt(v + bn.epsilon) * g + b
+
+
+def numpy_maxpool1d(x):
+    n = x.shape[1] // 2
+    return x[:, : 2 * n].reshape(x.shape[0], n, 2, x.shape[2]).max(axis=2)
+
+
+def relu_stack(rng):
+    """Conv1D(relu, 'same') -> BN -> MaxPool -> Conv1D('same') -> ReLU -> BN -> MaxPool ->
+    Dropout -> Conv1D(1x1) -> Flatten -> Dense, the first BN with a negative-gamma channel and a
+    dead channel (zero variance, its conv output always negative)."""
+    inputs = keras.Input((32, 3))
+    x = L.Conv1D(8, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.MaxPooling1D(2, name="pool1")(x)
+    x = L.ReLU(name="relu2")(L.Conv1D(6, 3, padding="same", name="c2")(x))
+    x = L.BatchNormalization(name="bn2")(x)
+    x = L.Dropout(0.5, name="drop")(L.MaxPooling1D(2, name="pool2")(x))
+    x = L.Flatten(name="flat")(L.Conv1D(5, 1, name="c3")(x))
+    model = randomize_bn(keras.Model(inputs, L.Dense(4, name="out")(x)), seed=3)
+    for layer in model.layers:
+        if layer.weights and not isinstance(layer, BATCHNORM_TYPES):
+            layer.set_weights([rng.normal(0, 0.5, w.shape) for w in layer.get_weights()])
+    c1, bn1 = model.get_layer("c1"), model.get_layer("bn1")
+    kernel, bias = c1.get_weights()
+    kernel[:, :, 2], bias[2] = -np.abs(kernel[:, :, 2]), -5.0  # channel 2 never fires
+    c1.set_weights([kernel, bias])
+    gamma, variance = bn1.gamma.numpy(), bn1.moving_variance.numpy()
+    gamma[5], variance[2] = -0.8, 0.0
+    bn1.gamma.assign(gamma)
+    bn1.moving_variance.assign(variance)
+    return model
+
+
+def numpy_relu_stack(model, x):
+    def weights(name):
+        return [np.asarray(w, np.float64) for w in model.get_layer(name).get_weights()]
+
+    h = np.maximum(numpy_conv1d(x, *weights("c1"), "same"), 0)
+    h = numpy_maxpool1d(numpy_batchnorm(h, model.get_layer("bn1")))
+    h = np.maximum(numpy_conv1d(h, *weights("c2"), "same"), 0)
+    h = numpy_maxpool1d(numpy_batchnorm(h, model.get_layer("bn2")))
+    h = numpy_conv1d(h, *weights("c3"), "valid").reshape(len(x), -1)
+    kernel, bias = weights("out")
+    return h @ kernel + bias
+
+
+def test_fold_through_relu_and_max_pooling_against_float64_numpy(rng):
+    model = relu_stack(rng)
+    folded, report = keras_bn.fold_bn(model)
+    x = rng.normal(size=(6, 32, 3))
+    reference = numpy_relu_stack(model, x)
+    out = np.asarray(folded.predict(x.astype("float32"), verbose=0), np.float64)
+    np.testing.assert_allclose(out, reference, rtol=0, atol=THROUGH_RTOL * np.abs(reference).max())
+    rows = {r.name: r for r in report.rows}
+    assert [r.action for r in report.rows] == [THROUGH, THROUGH]
+    assert rows["bn1"].into == "c1" and rows["bn2"].into == "c2"
+    assert "scale of 7 of 8 channels folded through relu" in rows["bn1"].reason
+    assert "1 channel(s) with gamma <= 0 keep a multiply" in rows["bn1"].reason
+    assert "the next layer 'c2' pads with zeros" in rows["bn1"].reason
+    assert "shift folded forward through pool2, drop into 'c3'" in rows["bn2"].reason
+    # What is left: bn1 as one multiply-add (its negative channel), bn2 nothing at all.
+    affines = [l for l in folded.layers if isinstance(l, keras_bn.ChannelAffine)]
+    assert [a.name for a in affines] == ["bn1"] and affines[0].use_scale
+    scale = affines[0].scale.numpy()
+    assert np.sum(scale != 1.0) == 1 and scale[5] < 0
+    assert not batchnorms(folded) and report.counts[THROUGH.value] == 2
+
+
+def test_fold_through_relu_leaves_only_an_add_and_pushes_through_flatten(rng):
+    inputs = keras.Input((4, 4, 2))
+    x = L.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = L.BatchNormalization(name="bn_same")(x)  # next conv pads: the shift stays
+    x = L.Conv2D(3, 3, padding="same", activation="relu", name="conv2")(x)
+    x = L.BatchNormalization(name="bn_flat")(x)
+    x = L.Dense(2, name="dense")(L.Flatten(name="flatten")(L.MaxPooling2D(name="pool")(x)))
+    model = randomize_bn(keras.Model(inputs, x), seed=5)
+    folded, report = keras_bn.fold_bn(model)
+    assert_close_to_original(model, folded, rng.normal(size=(3, 4, 4, 2)).astype("float32"))
+    rows = {r.name: r for r in report.rows}
+    assert "shift folded forward through pool, flatten into 'dense'" in rows["bn_flat"].reason
+    affines = [l for l in folded.layers if isinstance(l, keras_bn.ChannelAffine)]
+    assert [(a.name, a.use_scale) for a in affines] == [("bn_same", False)]
+    assert [w.name for w in affines[0].weights] == ["offset"]
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [
+        lambda: L.Dense(4, activation="relu6", name="producer"),
+        lambda: L.Dense(4, activation="elu", name="producer"),
+        lambda: L.ReLU(max_value=6.0, name="capped"),
+        lambda: L.ReLU(threshold=0.5, name="thresholded"),
+    ],
+)
+def test_activations_that_are_not_homogeneous_are_not_folded_through(activation, rng):
+    inputs = keras.Input((5,))
+    layer = activation()
+    x = layer(inputs) if isinstance(layer, L.Dense) else layer(L.Dense(4, name="producer")(inputs))
+    model = randomize_bn(keras.Model(inputs, L.BatchNormalization(name="bn")(x)))
+    folded, report = keras_bn.fold_bn(model)
+    assert report.rows[0].action == AFFINE, report.rows[0].reason
+    assert_close_to_original(model, folded, rng.normal(size=(3, 5)).astype("float32"))
+
+
+def test_all_negative_gammas_are_not_folded_through(rng):
+    inputs = keras.Input((5,))
+    bn = L.BatchNormalization(name="bn", gamma_initializer=keras.initializers.Constant(-1.0))
+    model = keras.Model(inputs, bn(L.Dense(4, activation="relu")(inputs)))
+    _, report = keras_bn.fold_bn(model)
+    assert report.rows[0].action == AFFINE
+    assert "no channel has a positive scale" in report.rows[0].reason
+
+
+class Unregistered:
+    """A callable activation object with a config but no registration: Keras cannot serialize
+    the layer that holds it."""
+
+    def __call__(self, x):
+        return x * keras.ops.sigmoid(x)
+
+    def get_config(self):
+        return {}
+
+
+def test_layer_that_cannot_be_rebuilt_is_shared_not_a_crash(rng):
+    inputs = keras.Input((4,))
+    x = L.Dense(3, activation=Unregistered(), name="dense")(inputs)
+    model = randomize_bn(keras.Model(inputs, L.BatchNormalization(name="bn")(x)))
+    with pytest.raises(TypeError):  # what Keras itself does with it
+        keras.models.clone_model(model)
+    folded, report = keras_bn.fold_bn(model)
+    assert report.rows[0].action == AFFINE
+    assert [name for name, _ in report.shared] == ["dense"]
+    assert "cannot be rebuilt from its config" in report.shared[0][1] and "shared" in str(report)
+    assert folded.get_layer("dense") is model.get_layer("dense")
+    assert_close_to_original(model, folded, rng.normal(size=(3, 4)).astype("float32"))
+
+
+def test_variance_of_minus_epsilon_in_float32_is_refused_as_the_layer_computes_it():
+    # float32(-1e-5) + float32(1e-5) is 0, where the layer divides by zero; in float64 the sum is
+    # 2.5e-14 > 0 (independent check below), which would fold into finite weights.
+    assert float(np.float32(-1e-5)) + 1e-5 > 0
+    assert np.float32(-1e-5) + np.float32(1e-5) == 0
+    inputs = keras.Input((3,))
+    bn = keras_bn.BatchNorm.from_torch(name="bn")  # epsilon 1e-5
+    model = keras.Model(inputs, bn(L.Dense(2, name="dense")(inputs)))
+    bn.moving_variance.assign(np.array([1.0, -1e-5], "float32"))
+    x = np.ones((2, 3), "float32")
+    assert np.isinf(np.asarray(model(x, training=False))[:, 1]).all()  # the layer's own output
+    _, report = keras_bn.fold_bn(model, verify=False)
+    assert report.rows[0].action == KEPT
+    assert (
+        "moving_variance + epsilon must be positive (computed in float32)" in report.rows[0].reason
+    )
+    with pytest.raises(keras_bn.KerasBNError, match="computed in float32"):
+        keras_bn.fold_bn(model, on_bad_statistics="raise")

@@ -402,3 +402,42 @@ def test_multi_input_multi_output_model_from_a_list_and_a_dict(rng):
         assert report.batches == 4
     with pytest.raises(KerasBNError, match="vector"):  # one input's data missing or misshapen
         keras_bn.recalibrate(model, [x_image, x_vector[:, :3]], progress=False)
+
+
+def test_a_pytorch_dataloader_over_x_y_is_read_as_keras_fit_reads_it(rng):
+    # A DataLoader over a TensorDataset yields lists [x, y]: for a one-input model that is
+    # (x, y), as Keras's fit and torch's update_bn read it, not two inputs.
+    torch = pytest.importorskip("torch")
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(L.Dense(3, name="dense")(inputs)))
+    x = rng.normal(2.0, 3.0, (40, 5)).astype("float32")
+    y = rng.integers(0, 3, 40)
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    assert isinstance(next(iter(loader)), list)
+    new, report = keras_bn.recalibrate(model, loader, progress=False)
+    dense = activations(model, "dense", x)
+    bn = new.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), dense.mean(0), atol=1e-6 * dense.std())
+    np.testing.assert_allclose(bn.moving_variance.numpy(), dense.var(0), rtol=1e-6)
+    assert report.batches == 3
+    # A two-input model fed lists of two arrays per batch still reads them as its two inputs.
+    a, b = keras.Input((2,), name="a"), keras.Input((2,), name="b")
+    two = keras.Model([a, b], L.BatchNormalization(name="bn")(L.Concatenate()([a, b])))
+    pairs = [[x[i : i + 8, :2], x[i : i + 8, 2:4]] for i in range(0, 40, 8)]
+    new, _ = keras_bn.recalibrate(two, pairs, progress=False)
+    np.testing.assert_allclose(
+        new.get_layer("bn").moving_mean.numpy(), x[:, :4].astype(np.float64).mean(0), atol=1e-6
+    )
+
+
+def test_means_far_from_zero_keep_the_digits_float32_can_store(rng):
+    # Mean 30 standard deviations from 0: the stored float32 mean is the float32 nearest to
+    # NumPy's float64 mean, within one unit in the last place, on every backend.
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras_bn.BatchNorm(name="bn")(inputs))
+    x = rng.normal(30.0, 1.0, (512, 4)).astype("float32")
+    new, _ = keras_bn.recalibrate(model, x, batch_size=32, progress=False)
+    mean = keras.ops.convert_to_numpy(new.get_layer("bn").moving_mean)
+    expected = x.astype(np.float64).mean(0).astype(np.float32)
+    assert np.all(np.abs(mean - expected) <= np.spacing(expected)), (mean, expected)

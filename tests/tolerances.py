@@ -1,10 +1,8 @@
-"""Named tolerances of the tests. Fold and onnxruntime agreement use the library's one table
-(`keras_bn.verification.TOLERANCES`), checked here with NumPy's own assert_allclose; the layer's
-parity with Keras has its own, since no model-level rule applies to it."""
-
-from keras_bn.verification import TOLERANCES
+"""Named tolerances of the tests, written here, not imported from the library: they are the
+bounds the library must meet, so they cannot come from it."""
 
 LAYER_RTOL = 1e-5  # keras_bn.BatchNorm vs keras.layers.BatchNormalization / NumPy, float32
 LAYER_ATOL = 1e-5
-FOLD_RTOL = TOLERANCES["float32"].rtol  # folded vs original, relative to max|output|
-ORT_ATOL = TOLERANCES["float32"].atol  # onnxruntime parity, plus FOLD_RTOL x max|output|
+FOLD_RTOL = 1e-5  # folded vs original, relative to max|output| (float32 reorders sums)
+ORT_ATOL = 1e-6  # onnxruntime parity, plus FOLD_RTOL x max|output|
+THROUGH_RTOL = 1e-6  # fold through ReLU vs float64 NumPy, relative to max|output|
