@@ -23,7 +23,7 @@ from keras_bn.fold import (
     statistics_problem,
 )
 from keras_bn.recalibration import recalibrate
-from keras_bn.verification import compare, run_inference
+from keras_bn.verification import compare, run_inference, run_original
 
 # An inference scale gamma / sqrt(var + eps) above this amplifies noise and, folded into a
 # float16 kernel, can overflow it.
@@ -335,7 +335,7 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
 
         first = next(_batches(model, data, batch_size), None)  # None: a spent one-shot iterator
         if first is not None:
-            before = keras.tree.flatten(run_inference(model, first, as_numpy=True))
+            before = keras.tree.flatten(run_original(model, first, "first batch of the data"))
             after = keras.tree.flatten(run_inference(recalibrated, first, as_numpy=True))
             report.output_error = max(compare(b, a).max_rel for b, a in zip(before, after))
     return report

@@ -42,7 +42,13 @@ from keras_bn import _keras_internals as internals
 from keras_bn.errors import KerasBNError, expected
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
 from keras_bn.layer import BatchNorm, fused_honours_epsilon, gamma_beta
-from keras_bn.verification import arrays_per_input, batch_shape_text, in_background, wrong_shape
+from keras_bn.verification import (
+    arrays_per_input,
+    batch_shape_text,
+    in_background,
+    one_line,
+    wrong_shape,
+)
 
 # TensorFlow keeps its compiled collection step (tf.function, tf.distribute, the fused kernel);
 # JAX and PyTorch collect with keras.ops, eagerly (`_ops_moments`).
@@ -569,6 +575,26 @@ class _BatchMean:
         return self.sum_mean / self.batches, self.sum_var / self.batches
 
 
+def _run_step(model, step, inputs, index):
+    """`step(inputs)`, with an exception the model raises on the caller's batch turned into a
+    `KerasBNError` that says which batch and what the model said (the data's problem, not a bug
+    of keras_bn)."""
+    try:
+        return step(inputs)
+    except KerasBNError:
+        raise
+    except Exception as error:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise KerasBNError(
+            expected(
+                f"Model '{model.name}' fails on batch {index} of the data (inputs of shape "
+                f"{shapes})",
+                "data the model runs on",
+                f"{type(error).__name__}: {one_line(error)}",
+            )
+        ) from None
+
+
 def recalibrate(
     model: keras.Model,
     data,
@@ -644,7 +670,7 @@ def recalibrate(
         for inputs in _batches(model, data, batch_size):
             if batches is not None and seen >= batches:
                 break
-            for key, calls in step(inputs).items():
+            for key, calls in _run_step(model, step, inputs, seen).items():
                 accumulator = accumulators.get(key)
                 if accumulator is None:
                     estimate = _Population if estimator == "population" else _BatchMean

@@ -441,3 +441,28 @@ def test_means_far_from_zero_keep_the_digits_float32_can_store(rng):
     mean = keras.ops.convert_to_numpy(new.get_layer("bn").moving_mean)
     expected = x.astype(np.float64).mean(0).astype(np.float32)
     assert np.all(np.abs(mean - expected) <= np.spacing(expected)), (mean, expected)
+
+
+def test_a_model_that_fails_on_the_data_is_a_clear_error(rng):
+    # A model that regroups 3 channels by 12 values cannot run on sequences of 50 (150 values a
+    # sample): what the model says, and which batch, in a KerasBNError (the command line's
+    # exit 2), not an internal error.
+    inputs = keras.Input((None, 4), name="sequence")
+    x = L.BatchNormalization(name="bn")(L.Reshape((-1, 12))(L.Conv1D(3, 1)(inputs)))
+    model = keras.Model(inputs, x)
+    short = rng.normal(size=(8, 50, 4)).astype("float32")
+    with pytest.raises(KerasBNError, match=r"fails on batch 0 of the data .*\(8, 50, 4\)"):
+        keras_bn.recalibrate(model, short, progress=False)
+    with pytest.raises(KerasBNError, match=r"fails on batch 0 of the data"):
+        keras_bn.diagnose(model, short)
+    # Cropping 40 positions from each side of 50: TF's compiled collection step slices to an
+    # empty tensor after the BatchNorm (its statistics are fine), the eager run that measures
+    # the output change raises; JAX and PyTorch raise in the collection step.
+    cropping = keras.Model(
+        inputs, L.Cropping1D((40, 40))(L.BatchNormalization()(L.Conv1D(3, 1)(inputs)))
+    )
+    with pytest.raises(KerasBNError, match=r"fails on (batch 0|the first batch) of the data"):
+        keras_bn.diagnose(cropping, short)
+    long = rng.normal(size=(8, 100, 4)).astype("float32")
+    new, _ = keras_bn.recalibrate(model, long, progress=False)  # the negative case: it runs
+    assert new.get_layer("bn").moving_variance.shape == (12,)
