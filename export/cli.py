@@ -472,8 +472,7 @@ def main(argv=None):
     debug = "--debug" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    from keras_bn.errors import KerasBNError, VerificationError
-    from keras_bn.verification import plain_text
+    from keras_bn.errors import KerasBNError, VerificationError, plain_text
 
     try:
         return args.func(args)

@@ -25,7 +25,7 @@ import threading
 import warnings
 import zipfile
 
-from keras_bn.errors import KerasBNError, expected
+from keras_bn.errors import KerasBNError, expected, one_line
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -48,14 +48,6 @@ DEFAULT_LIMITS = ArchiveLimits()
 
 def _refuse(what, expected_value, received, fix=None):
     raise KerasBNError(expected(what, expected_value, received, fix))
-
-
-def _short(text, limit=300):
-    """`text` on one line, cut at a word boundary."""
-    text = " ".join(str(text).split())
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def check_archive(path, limits=DEFAULT_LIMITS):
@@ -113,7 +105,7 @@ def check_archive(path, limits=DEFAULT_LIMITS):
             expected(
                 "The .keras archive is damaged",
                 "a complete zip archive",
-                f"{type(error).__name__}: {_short(error)}",
+                f"{type(error).__name__}: {one_line(error)}",
             )
         ) from error
     try:
@@ -123,7 +115,7 @@ def check_archive(path, limits=DEFAULT_LIMITS):
             expected(
                 "The archive's config.json is not JSON",
                 "a file written by model.save('x.keras')",
-                _short(error),
+                one_line(error),
             )
         ) from error
 
@@ -141,7 +133,7 @@ def _check_weights(data, size):
             expected(
                 "The archive's model.weights.h5 is not an HDF5 file",
                 "weights written by model.save('x.keras')",
-                _short(error),
+                one_line(error),
             )
         ) from error
     declared = []
@@ -205,7 +197,17 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
             RuntimeWarning,
             stacklevel=2,
         )
-        return keras.saving.load_model(path, safe_mode=False, compile=False)
+        try:
+            return keras.saving.load_model(path, safe_mode=False, compile=False)
+        except Exception as error:  # an unknown custom layer, a file Keras cannot read
+            raise KerasBNError(
+                expected(
+                    "The model could not be loaded",
+                    "an HDF5 model file Keras 3 can rebuild (custom layers need their code: "
+                    "load it yourself with custom_objects and save it as .keras)",
+                    f"{type(error).__name__}: {one_line(error)}",
+                )
+            ) from error
     if os.path.isdir(path):
         raise KerasBNError(expected("The model path is a directory", "a .keras file", repr(path)))
     if not path.endswith(".keras"):
@@ -222,7 +224,7 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as error:  # Keras raises ValueError/TypeError with long texts
-        from keras_bn.verification import plain_text
+        from keras_bn.errors import plain_text
 
         text = plain_text(error)
         if "safe_mode" in text or "safe mode" in text:
@@ -236,7 +238,7 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
                         else ""
                     ),
                     "a model Keras loads with safe_mode=True",
-                    _short(text),
+                    one_line(text),
                     "Replace the Lambda by a registered custom layer."
                     if has_lambda
                     else "Load it yourself with keras.saving.load_model(..., safe_mode=False) only if "
@@ -247,7 +249,7 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
             expected(
                 "The model could not be loaded",
                 "a loadable .keras file",
-                f"{type(error).__name__}: {_short(text)}",
+                f"{type(error).__name__}: {one_line(text)}",
             )
         ) from error
 

@@ -1,4 +1,8 @@
-"""The one exception type of keras_bn, and the helper that formats its messages."""
+"""The one exception type of keras_bn, and the helpers that format its messages."""
+
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class KerasBNError(ValueError):
@@ -23,3 +27,14 @@ class VerificationError(KerasBNError):
 
     The one kind of KerasBNError that is not about bad input; the command line exits with 1.
     """
+
+
+def plain_text(text) -> str:
+    """`text` without terminal escape codes (Keras colours some of its messages)."""
+    return _ANSI.sub("", str(text))
+
+
+def one_line(text, limit=300) -> str:
+    """An exception's (or any) text on one line, without escape codes, cut at a word boundary."""
+    text = " ".join(plain_text(text).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."

@@ -39,14 +39,13 @@ import numpy as np
 from keras import ops
 
 from keras_bn import _keras_internals as internals
-from keras_bn.errors import KerasBNError, expected
+from keras_bn.errors import KerasBNError, expected, one_line
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
 from keras_bn.layer import BatchNorm, fused_honours_epsilon, gamma_beta
 from keras_bn.verification import (
     arrays_per_input,
     batch_shape_text,
     in_background,
-    one_line,
     wrong_shape,
 )
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import re
 
 import keras
 import numpy as np
 
 from keras_bn import _keras_internals as internals
-from keras_bn.errors import KerasBNError, expected
+from keras_bn.errors import KerasBNError, expected, one_line, plain_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +236,14 @@ def input_shapes(model: keras.Model, shapes=None) -> list[tuple]:
         filled = [tuple(size if d is None else d for d in shape) for shape in declared]
         if _accepts(model, filled, batch):
             return filled
+    # Shape inference may refuse what running does (a custom layer without a shape function):
+    # one real run at the smallest length decides.
+    filled = [tuple(OPEN_DIMENSIONS[0] if d is None else d for d in shape) for shape in declared]
+    try:
+        run_inference(model, [np.zeros((batch, *s), x.dtype) for x, s in zip(inputs, filled)])
+        return filled
+    except Exception:
+        pass
     raise KerasBNError(
         expected(
             f"No input length is known to work for model '{model.name}': its inputs leave "
@@ -280,7 +287,7 @@ def _check_shapes(model, shapes):
             raise KerasBNError(
                 expected(
                     f"The input shape for input '{x.name}' does not fit it",
-                    f"the shape without the batch axis, {batch_shape_text(x)[len('(batch, ') : -1]} "
+                    f"the shape without the batch axis, ({', '.join(map(str, x.shape[1:]))}) "
                     "with every open dimension a positive length",
                     repr(shape),
                 )
@@ -290,7 +297,7 @@ def _check_shapes(model, shapes):
 
 
 def synthetic_inputs(
-    model: keras.Model, batch_size: int | None = 4, seed: int = 0, shapes=None
+    model: keras.Model, batch_size: int = 4, seed: int = 0, shapes=None
 ) -> list[np.ndarray]:
     """Deterministic inputs for a model: N(0, 1) floats (zeros for integer inputs).
 
@@ -299,7 +306,7 @@ def synthetic_inputs(
     batch is `batch_size`, or the one the model's inputs fix."""
     rng = np.random.default_rng(seed)
     shapes = input_shapes(model) if shapes is None else [tuple(s) for s in shapes]
-    batch = batch_size_of(model, batch_size or 4)
+    batch = batch_size_of(model, batch_size)
     arrays = []
     for x, shape in zip(keras.tree.flatten(model.inputs), shapes):
         if "int" in str(x.dtype):
@@ -307,14 +314,6 @@ def synthetic_inputs(
         else:
             arrays.append(rng.standard_normal((batch, *shape)).astype(x.dtype))
     return arrays
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def plain_text(text) -> str:
-    """`text` without terminal escape codes (Keras colours some of its messages)."""
-    return _ANSI.sub("", str(text))
 
 
 def _describe(array):
@@ -459,12 +458,6 @@ def run_inference(model, inputs, as_numpy=False):
                 )
             ) from None
         raise
-
-
-def one_line(error, limit=300) -> str:
-    """An exception's text on one line, without escape codes, cut at a word boundary."""
-    text = " ".join(plain_text(error).split())
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def run_original(model, inputs, label: str):

@@ -612,3 +612,23 @@ def test_two_conversions_on_two_threads_never_see_each_others_switch():
     thread.join(10)
     assert seen == {"start": "FALSE", "end": "FALSE"}
     assert converter._CATCH_ERRORS not in os.environ
+
+
+def test_relu_then_batchnorm_stack_exports_without_a_multiply(tmp_path, rng):
+    # Conv(relu, 'same') -> BN -> MaxPool twice (a Keras-2-era tagger), positive scales: each
+    # BatchNorm's scale folds through the relu into its conv; the first one's shift stays as one
+    # Add (the next conv pads), the last one's goes through the poolings into the Dense.
+    inputs = keras.Input((16, 16, 1), name="spectrogram")
+    x = inputs
+    for i in range(2):
+        x = L.Conv2D(4, 3, padding="same", activation="relu", name=f"conv{i}")(x)
+        x = L.MaxPooling2D(name=f"pool{i}")(L.BatchNormalization(name=f"bn{i}")(x))
+    x = L.GlobalMaxPooling2D(name="gmp")(x)
+    model = randomize_bn(keras.Model(inputs, L.Dense(3, name="tags")(x)))
+    unfolded = export.to_onnx(model, tmp_path / "unfolded.onnx", fold=False)
+    report = export.to_onnx(model, tmp_path / "m.onnx")
+    assert report.verification.passed
+    assert unfolded.op_counts.get("Mul", 0) >= 2  # what tf2onnx leaves of the two BatchNorms
+    # Adds: bn0's shift, and the Dense's bias (tf2onnx writes it as MatMul + Add).
+    assert "Mul" not in report.op_counts and report.op_counts["Add"] == 2
+    assert [r.action for r in report.fold.rows] == [keras_bn.fold.THROUGH] * 2

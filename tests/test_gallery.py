@@ -29,10 +29,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Keras 2 input-
 EXPECTED_FOLD = {
     "fer": {"folded backward": 14, "folded forward": 0, "replaced by affine": 0},
     "spliceai": {"folded backward": 16, "folded forward": 0, "replaced by affine": 16},
+    # MMSplice: each BatchNorm follows a Dense or a Conv1D with a linear activation.
+    "mmsplice_donor": {"folded backward": 2, "folded forward": 0, "replaced by affine": 0},
+    "mmsplice_exon": {"folded backward": 1, "folded forward": 0, "replaced by affine": 0},
 }
-# Real-looking inputs per model: fer's 64x64 faces in a batch of 32, SpliceAI's 10,100 positions
-# of DNA in a batch of 2 (a run of a batch of 32 takes seconds).
-BATCH = {"fer": 32, "spliceai": 2}
+# Real-looking inputs per model: fer's 64x64 faces and MMSplice's sequences in batches of 32,
+# SpliceAI's 10,100 positions of DNA in a batch of 2 (a run of a batch of 32 takes seconds).
+BATCH = {"fer": 32, "spliceai": 2, "mmsplice_donor": 32, "mmsplice_exon": 32}
 # float32 parity of the fold, relative to each output's largest value (float32 reorders sums).
 FOLD_RTOL = 1e-5
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -100,9 +103,15 @@ def test_fold_verifies_on_shapes_the_model_needs(entry, model):
 
 def test_synthetic_inputs_take_a_length_the_model_accepts(entry, model):
     # SpliceAI crops 5,000 positions from each side of its open length: 16 cannot work, and the
-    # first power of two past 10,000 does. fer's input is fixed at 64x64x1.
-    shapes = keras_bn.verification.input_shapes(model)
-    assert shapes == ([(16384, 4)] if entry.name == "spliceai" else [(64, 64, 1)])
+    # first power of two past 10,000 does. MMSplice's exon module takes any length (its conv pads
+    # 'same'): the first tried. The others' inputs are fixed.
+    expected = {
+        "spliceai": [(16384, 4)],
+        "mmsplice_exon": [(16, 4)],
+        "mmsplice_donor": [(18, 4)],
+        "fer": [(64, 64, 1)],
+    }
+    assert keras_bn.verification.input_shapes(model) == expected[entry.name]
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
@@ -162,7 +171,7 @@ def test_command_line_never_exits_70(entry, model, tmp_path, monkeypatch):
         # its Cropping1D cannot crop, for fer another image size.
         "export, bad shape": (
             "export", source, "-o", tmp_path / "short.onnx", "--input-shape",
-            "100,4" if entry.name == "spliceai" else "32,32,1",
+            {"spliceai": "100,4", "fer": "32,32,1"}.get(entry.name, "16,5"),
         ),
     }  # fmt: skip
     codes = {}
@@ -218,3 +227,15 @@ def _document(name, **cells):
     assert not stale, (
         f"docs/gallery.md is stale for {name} (documented, measured): {stale}; rerun with KERAS_BN_UPDATE_GALLERY=1"
     )
+
+
+def test_a_file_keras_cannot_load_is_a_clear_error(tmp_path, monkeypatch):
+    # MMSplice's acceptor module names a custom layer (ConvDNA) the file does not hold: Keras
+    # cannot build it. That is the file's problem: exit 2 naming the layer, never 70.
+    path = gallery.fetch(gallery.UNLOADABLE["mmsplice_acceptor"])
+    monkeypatch.chdir(tmp_path)
+    for command in ("inspect", "doctor"):
+        run = cli_in_process(command, "--unsafe", path)
+        assert run.returncode == 2, run.stderr[-1500:]
+        assert "could not be loaded" in run.stderr and "ConvDNA" in run.stderr
+    assert os.listdir(tmp_path) == []
