@@ -301,8 +301,8 @@ def _needs_lowering(layer):
     wraps them in SpaceToBatch/BatchToSpace, about 45 ONNX nodes each), and every Conv1D (its bias
     would be an Add after the Squeeze, outside the ONNX Conv). Not a subclass that overrides
     call(): that computes something else."""
-    kind, _ = keras_bn.fold.layer_kind(layer)
-    if kind != "conv" or isinstance(layer, (keras.layers.Conv1DTranspose,)):
+    kind, _ = keras_bn.fold.layer_kind(layer)  # "conv": Conv1D/2D/3D, not transposed
+    if kind != "conv":
         return False
     return layer.rank == 1 or layer.groups > 1 or any(d > 1 for d in layer.dilation_rate)
 

@@ -245,9 +245,11 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
     statistics, dead channels (moving variance below 1% of epsilon: the activation before them
     never fired), channels with `gamma <= 0` (they cannot fold through a ReLU), and folded
     weights that float16 cannot hold (`keras_bn.fold_math.float16_problem`: overflow, or more
-    than 1% of them below float16's smallest normal number). With `data` (any form `keras_bn.recalibrate` takes): each layer's drift from the
-    data's population statistics, in population standard deviations, the variance ratio, the
-    weight the initial 0/1 still has in the moving statistics (stale when it is 5% or more: a
+    than 1% of them below float16's smallest normal number).
+
+    With `data` (any form `keras_bn.recalibrate` takes): each layer's drift from the data's
+    population statistics, in population standard deviations, the variance ratio, the weight
+    the initial 0/1 still has in the moving statistics (stale when it is 5% or more: a
     short run whose exponential average has not forgotten its start, the usual "good in
     training, bad at inference"), and how much the model's outputs change when the statistics
     are recalibrated.

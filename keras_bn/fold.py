@@ -34,7 +34,7 @@ import numpy as np
 from keras_bn import _keras_internals as internals
 from keras_bn import fold_math
 from keras_bn.affine import ChannelAffine
-from keras_bn.errors import KerasBNError, VerificationError, expected
+from keras_bn.errors import KerasBNError, VerificationError, expected, one_line
 from keras_bn.layer import BatchNorm
 from keras_bn.verification import (
     check_samples,
@@ -228,7 +228,7 @@ def _clone(layer, **changes):
         config = {**layer.get_config(), **changes}
         return type(layer).from_config(config), None
     except Exception as error:
-        text = " ".join(str(error).split())[:200]
+        text = one_line(error, 200)
         return (
             None,
             f"'{layer.name}' cannot be rebuilt from its config ({type(error).__name__}: {text})",
@@ -380,7 +380,8 @@ def _match_through(graph, node, rank, bn_axis):
     if target_node is not first and not _is_linear(target):
         return (
             None,
-            f"'{target.name}' has an activation ({_activation_name(target)}) before the {activation}",
+            f"'{target.name}' has an activation ({_activation_name(target)}) "
+            f"before the {activation}",
         )
     if graph.calls[id(target)] > 1:
         return None, f"'{target.name}' is shared (called {graph.calls[id(target)]} times)"
@@ -430,7 +431,6 @@ def _shift_step(layer, node, rank, axis):
     cls = type(layer)
     if cls in _IDENTITIES or (cls is keras.layers.Activation and _is_linear(layer)):
         return rank, axis, 1
-    channel = None
     if cls in _MAX_POOLS + _GLOBAL_POOLS or (cls in _AVERAGE_POOLS and layer.padding == "valid"):
         channel = rank - 1 if layer.data_format == "channels_last" else 1
         if channel != axis:

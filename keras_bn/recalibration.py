@@ -39,13 +39,14 @@ import numpy as np
 from keras import ops
 
 from keras_bn import _keras_internals as internals
-from keras_bn.errors import KerasBNError, expected, one_line
+from keras_bn.errors import KerasBNError, expected
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
 from keras_bn.layer import BatchNorm, fused_honours_epsilon, gamma_beta
 from keras_bn.verification import (
     arrays_per_input,
     batch_shape_text,
     in_background,
+    model_failure,
     wrong_shape,
 )
 
@@ -399,9 +400,9 @@ def _normalize(bn, x, mean, variance):
 
 
 def _collector(model, targets):
-    """A function of one batch (a list of input tensors) returning {layer id: [(count, pivot, shifted_mean, M2)
-    per call]} for `targets` (the BatchNorms to recalibrate), running them on batch statistics
-    and everything else in inference mode. A BatchNorm called more than once in the graph (a
+    """A function of one batch (a list of input tensors) returning {layer id: [(count, pivot,
+    shifted_mean, M2) per call]} for `targets` (the BatchNorms to recalibrate), running them on
+    batch statistics and everything else in inference mode. A BatchNorm called more than once in the graph (a
     shared layer) reports each call. Traced once per replica under a strategy: each trace
     collects into its own dict."""
     graph = internals.graph_model(model)
@@ -438,8 +439,8 @@ def _collector(model, targets):
 
 
 def _step(model, targets, strategy):
-    """The compiled collection step: `step(inputs) -> {key: [(count, pivot, shifted_mean, M2), ...]}` as
-    NumPy.
+    """The compiled collection step, `step(inputs) -> {key: [(count, pivot, shifted_mean, M2),
+    ...]}` as NumPy.
 
     Without a strategy (or with one replica) one `tf.function` with a fixed input signature, so
     the partial last batch does not retrace. Under a strategy with several replicas each global
@@ -576,22 +577,13 @@ class _BatchMean:
 
 def _run_step(model, step, inputs, index):
     """`step(inputs)`, with an exception the model raises on the caller's batch turned into a
-    `KerasBNError` that says which batch and what the model said (the data's problem, not a bug
-    of keras_bn)."""
+    `KerasBNError` naming the batch (the data's problem, not a bug of keras_bn)."""
     try:
         return step(inputs)
     except KerasBNError:
         raise
     except Exception as error:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise KerasBNError(
-            expected(
-                f"Model '{model.name}' fails on batch {index} of the data (inputs of shape "
-                f"{shapes})",
-                "data the model runs on",
-                f"{type(error).__name__}: {one_line(error)}",
-            )
-        ) from None
+        raise model_failure(model, f"batch {index} of the data", inputs, error) from None
 
 
 def recalibrate(

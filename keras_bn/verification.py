@@ -463,22 +463,28 @@ def run_inference(model, inputs, as_numpy=False):
 def run_original(model, inputs, label: str):
     """`run_inference(model, inputs, as_numpy=True)` for the caller's own model. An exception the
     model raises on these inputs is the input's problem, not a bug of keras_bn: it becomes a
-    `KerasBNError` that says which inputs, what the model said, and how to give others."""
+    `KerasBNError` (`model_failure`)."""
     try:
         return run_inference(model, inputs, as_numpy=True)
     except KerasBNError:
         raise
     except Exception as error:
-        shapes = ", ".join(str(tuple(np.shape(a))) for a in inputs)
-        raise KerasBNError(
-            expected(
-                f"Model '{model.name}' fails on the {label} (inputs of shape {shapes})",
-                "inputs the model runs on",
-                f"{type(error).__name__}: {one_line(error)}",
-                "Pass real inputs (samples=, keras-bn --samples) or the shape to use "
-                "(input_shapes=, keras-bn --input-shape).",
-            )
-        ) from None
+        raise model_failure(model, f"the {label}", inputs, error) from None
+
+
+def model_failure(model, where: str, inputs, error) -> KerasBNError:
+    """The `KerasBNError` for the caller's model raising `error` on `inputs` (`where`: "the
+    samples", "batch 3 of the data"): which inputs, what the model said, how to give others."""
+    shapes = ", ".join(str(tuple(np.shape(a))) for a in inputs)
+    return KerasBNError(
+        expected(
+            f"Model '{model.name}' fails on {where} (inputs of shape {shapes})",
+            "inputs the model runs on",
+            f"{type(error).__name__}: {one_line(error)}",
+            "Pass real inputs (samples=, keras-bn --samples) or the shape to use "
+            "(input_shapes=, keras-bn --input-shape).",
+        )
+    )
 
 
 @contextlib.contextmanager
