@@ -211,13 +211,13 @@ def _not_plain(layer):
     return None
 
 
-def _layout_reason(layer, rank, bn_axis):
+def _layout_reason(graph, layer, rank, bn_axis):
     channel = _channel_axis(layer, rank)
     if channel != bn_axis:
         return (
             f"the BatchNorm normalizes axis {bn_axis} but {layer.name}'s channel axis is {channel}"
         )
-    return _not_plain(layer) or _unclonable(layer)
+    return _not_plain(layer) or _unclonable(graph, layer)
 
 
 def _clone(layer, **changes):
@@ -235,8 +235,12 @@ def _clone(layer, **changes):
         )
 
 
-def _unclonable(layer):
-    return _clone(layer)[1]
+def _unclonable(graph, layer):
+    """Why a fold target cannot be rebuilt, or None. The clone made to find out is the one the
+    rebuild uses (a fold gives its target a bias), kept in `graph.clones`: made once, not twice."""
+    if id(layer) not in graph.clones:
+        graph.clones[id(layer)] = _clone(layer, use_bias=True)
+    return graph.clones[id(layer)][1]
 
 
 class _Graph:
@@ -256,6 +260,9 @@ class _Graph:
                 self.consumers[id(tensor)].append(node)
         self.calls = collections.Counter(id(n.operation) for n in self.nodes)
         self.outputs = {id(t) for t in keras.tree.flatten(model.outputs)}
+        # {id(layer): (clone with a bias, None) or (None, reason)}: fold targets, made while
+        # planning (`_unclonable`), used by the rebuild.
+        self.clones = {}
 
     def producer(self, tensor):
         node = internals.producer_node(tensor)
@@ -283,7 +290,7 @@ def _match_backward(graph, node, rank, bn_axis):
         return None, f"the output of '{layer.name}' has {n_consumers} consumers"
     if id(source) in graph.outputs:
         return None, f"the output of '{layer.name}' is also a model output"
-    reason = _layout_reason(layer, rank, bn_axis)
+    reason = _layout_reason(graph, layer, rank, bn_axis)
     if reason:
         return None, reason
     return (layer, kind), None
@@ -316,7 +323,7 @@ def _match_forward(graph, node, rank, bn_axis):
             f"the next layer '{layer.name}' pads with zeros ('{layer.padding}'): "
             "forward folding is not exact at the borders"
         )
-    reason = _layout_reason(layer, rank, bn_axis)
+    reason = _layout_reason(graph, layer, rank, bn_axis)
     if reason:
         return None, reason
     return (layer, kind), None
@@ -390,7 +397,7 @@ def _match_through(graph, node, rank, bn_axis):
     for tensor in outputs:
         if len(graph.consumers[id(tensor)]) > 1 or id(tensor) in graph.outputs:
             return None, f"the output of '{target.name}' or its activation is used elsewhere"
-    reason = _layout_reason(target, rank, bn_axis)
+    reason = _layout_reason(graph, target, rank, bn_axis)
     if reason:
         return None, reason
     return (target, kind, activation), None
@@ -786,7 +793,11 @@ def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_le
                 changes["use_bias"] = True  # a fold gives every edited layer a bias
             if id(op) in rename:
                 changes["name"] = rename[id(op)]
-            new, reason = _clone(op, **changes)
+            planned = graph.clones.pop(id(op), (None, None))[0] if id(op) in edits else None
+            if planned is not None and id(op) not in rename:
+                new, reason = planned, None  # made while planning, with its bias
+            else:
+                new, reason = _clone(op, **changes)
             if new is None:  # never a fold target: the plan declined those
                 # The layer itself, untouched: the folded model shares its weights.
                 report.shared.append((prefix + op.name, reason))
