@@ -474,8 +474,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from keras_bn.errors import KerasBNError, VerificationError, plain_text
 
+    from .files import run_inputs
+
+    inputs = [
+        getattr(args, name, None)
+        for name in ("model", "samples", "data", "calibration", "labels", "onnx")
+    ]
     try:
-        return args.func(args)
+        with run_inputs(inputs):
+            return args.func(args)
     except KerasBNError as error:
         if debug:
             traceback.print_exc()

@@ -5,23 +5,27 @@ count, declared sizes, overlapping entries, the weights' declared dataset sizes)
 Keras with `safe_mode=True`. Limits are in `ArchiveLimits`; the command line can raise them.
 
 Writing: the new file is written as an unnamed file in the destination directory (Linux
-`O_TMPFILE`), so a process killed while writing, even by SIGKILL, leaves no trace; it gets a name
-only once complete (`linkat`, or a copy where the kernel refuses that), then replaces the output
-by `rename`. A kill in the instant between naming and renaming leaves a `.keras-bn-<pid>-*` file,
-which the next write into that directory removes.
+`O_TMPFILE`), so a process killed while writing, even by SIGKILL, leaves no trace. Once complete
+it is linked to its name (`linkat`); a file it replaces is replaced by `rename` from a temporary
+name. A kill in the instant between those two leaves a `.keras-bn-<pid>-<tag>-*` file, which a
+later write into that directory removes once it is stale (`remove_stale_temporaries`).
 """
 
 import contextlib
+import contextvars
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import stat
-import tempfile
 import threading
+import time
 import warnings
 import zipfile
 
@@ -313,8 +317,41 @@ def check_output_path(output, *, inputs=(), suffix=None):
 
 
 _TEMP_PREFIX = ".keras-bn-"
+# How long a temporary of a dead writer is left alone before a write into its directory removes
+# it: long enough that no file of a run in progress (a clock skewed on a network filesystem, a
+# writer in another PID namespace whose PID happens to be free here) is ever touched.
+STALE_AFTER_S = 600
 _pending = set()  # named temporary files of writes in progress (fallback path, rename window)
 _umask_lock = threading.Lock()
+_inputs = contextvars.ContextVar("keras_bn_run_inputs", default=())
+
+
+@contextlib.contextmanager
+def run_inputs(paths):
+    """Within the block, the removal of stale temporaries never touches `paths` (the files a run
+    reads), whatever their names: the command line wraps each command in it."""
+    token = _inputs.set(tuple(os.fspath(p) for p in paths if p is not None))
+    try:
+        yield
+    finally:
+        _inputs.reset(token)
+
+
+def _writer_tag():
+    """8 hex digits naming this machine's boot and PID namespace: a PID in a temporary's name
+    says whether its writer still runs only where this tag matches."""
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        with contextlib.suppress(OSError):
+            parts.append(
+                os.readlink(source) if source.endswith("/pid") else open(source).read().strip()
+            )
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+_WRITER_TAG = _writer_tag()
+# .keras-bn-<pid>-<writer tag>-<12 random hex digits><suffix>: nothing else is ever removed.
+_TEMP_NAME = re.compile(r"\.keras-bn-(\d{1,10})-([0-9a-f]{8})-[0-9a-f]{12}(\.[A-Za-z0-9]{1,8})?\Z")
 
 
 def remove_pending():
@@ -327,24 +364,50 @@ def remove_pending():
             pass
 
 
-def remove_stale_temporaries(directory):
-    """Removes `.keras-bn-<pid>-*` files left in `directory` by a keras-bn process that no longer
-    runs (killed in the instant between naming and renaming its output)."""
-    for name in os.listdir(directory):
-        if not name.startswith(_TEMP_PREFIX):
+def _writer_runs(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's live process, or not a PID we can ask about
+    return True
+
+
+def remove_stale_temporaries(directory, keep=()):
+    """Removes the temporary files a killed keras-bn writer left in `directory` (killed in the
+    instant between naming its output and renaming it). A file is removed only when all hold:
+
+    - its name is exactly `_TEMP_NAME`: `.keras-bn-<pid>-<tag>-<12 hex digits><suffix>`;
+    - its tag is this machine's boot and PID namespace (`_writer_tag`), so the PID means here
+      what it meant to the writer;
+    - no process with that PID runs;
+    - it is a regular file, unchanged for `STALE_AFTER_S` seconds;
+    - it is none of `keep`, nor of the paths of an enclosing `run_inputs` (the run's inputs).
+    """
+    keep = [os.fspath(k) for k in keep if k is not None] + list(_inputs.get())
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if match is None or match.group(2) != _WRITER_TAG:
             continue
-        pid = name[len(_TEMP_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        pid = int(match.group(1))
+        if pid == os.getpid() or _writer_runs(pid):
             continue
+        path = os.path.join(directory, name)
         try:
-            os.kill(int(pid), 0)
-            continue  # still running: its file
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # another user's live process
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(directory, name))
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < STALE_AFTER_S:
+                continue
+            if any(os.path.exists(k) and os.path.samefile(k, path) for k in keep):
+                continue
+            os.remove(path)
+        except OSError:
+            continue
 
 
 def _new_file_mode(path):
@@ -358,39 +421,67 @@ def _new_file_mode(path):
 
 
 def _temp_name(directory, suffix):
-    return os.path.join(directory, f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{suffix}")
+    name = f"{_TEMP_PREFIX}{os.getpid()}-{_WRITER_TAG}-{secrets.token_hex(6)}{suffix}"
+    return os.path.join(directory, name)
 
 
-def _name_unnamed_file(handle, directory, suffix, mode):
-    """Gives the complete O_TMPFILE file `handle` a temporary name in `directory` and returns
-    it: `linkat` through /proc, or, where the kernel refuses that (some sandboxes answer EXDEV),
-    a copy into a named file. Either takes an instant; a kill inside that instant leaves a
-    `.keras-bn-<pid>-*` file that the next write into the directory removes."""
+def _link_unnamed_file(handle, target, directory_fd):
+    """`linkat(AT_SYMLINK_FOLLOW)` of the O_TMPFILE file `handle` to `target`. CPython calls
+    `linkat` only when given a directory fd: plain `os.link` calls `link(2)`, which does not
+    follow /proc's magic link and fails with EXDEV on Linux."""
+    os.link(
+        f"/proc/self/fd/{handle.fileno()}", target, src_dir_fd=directory_fd, follow_symlinks=True
+    )
+
+
+def _publish_unnamed_file(handle, path, directory, directory_fd, suffix, mode):
+    """Gives the complete O_TMPFILE file `handle` the name `path`.
+
+    A new `path` is linked directly: no other name ever exists. An existing one is replaced by a
+    link under a temporary name, then `rename`: a kill in that instant leaves a
+    `.keras-bn-<pid>-<tag>-*` file that a later write into the directory removes once stale
+    (`remove_stale_temporaries`). Where the kernel refuses the link (some sandboxes), a copy into
+    a named temporary file, then `rename`."""
+    if not os.path.lexists(path):
+        try:
+            _link_unnamed_file(handle, path, directory_fd)
+            return
+        except FileExistsError:
+            pass  # created meanwhile: replace it below
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EOPNOTSUPP):
+                raise
     named = _temp_name(directory, suffix)
     _pending.add(named)
     try:
-        os.link(f"/proc/self/fd/{handle.fileno()}", named, follow_symlinks=True)
-        return named
-    except OSError:
-        pass
-    fd = os.open(named, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as copy:
-        handle.seek(0)
-        shutil.copyfileobj(handle, copy, 16 * MiB)
-        copy.flush()
-        os.fchmod(copy.fileno(), mode)
-        os.fsync(copy.fileno())
-    return named
+        try:
+            _link_unnamed_file(handle, named, directory_fd)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EOPNOTSUPP):
+                raise
+            fd = os.open(named, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as copy:
+                handle.seek(0)
+                shutil.copyfileobj(handle, copy, 16 * MiB)
+                copy.flush()
+                os.fchmod(copy.fileno(), mode)
+                os.fsync(copy.fileno())
+        os.replace(named, path)
+    finally:
+        _pending.discard(named)
+        with contextlib.suppress(OSError):
+            os.remove(named)
 
 
 @contextlib.contextmanager
-def atomic_output(path, suffix=""):
+def atomic_output(path, suffix="", keep=()):
     """Yields a binary file object; on success its content becomes `path` atomically (fsynced, with
     the mode of the file it replaces or 0o666 less the umask). On failure, or if the process is
-    killed at any moment, `path` and its directory stay as they were."""
+    killed at any moment, `path` and its directory stay as they were. `keep`: the run's input
+    files, which the removal of stale temporaries never touches, whatever their names."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
-    remove_stale_temporaries(directory)
+    remove_stale_temporaries(directory, keep)
     mode = _new_file_mode(path)
     named = None
     try:
@@ -403,10 +494,10 @@ def atomic_output(path, suffix=""):
             errno.ENOENT,
         ):
             raise
-        fd, named = tempfile.mkstemp(
-            prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=directory
-        )
+        named = _temp_name(directory, suffix)
+        fd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         _pending.add(named)
+    directory_fd = os.open(directory, os.O_RDONLY)
     try:
         with os.fdopen(fd, "w+b") as handle:
             yield handle
@@ -414,17 +505,15 @@ def atomic_output(path, suffix=""):
             os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
             if named is None:
-                named = _name_unnamed_file(handle, directory, suffix, mode)
-        os.replace(named, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+                _publish_unnamed_file(handle, path, directory, directory_fd, suffix, mode)
+        if named is not None:
+            os.replace(named, path)
+        os.fsync(directory_fd)
     finally:
+        os.close(directory_fd)
         if named is not None:
             _pending.discard(named)
-            if os.path.exists(named):
+            with contextlib.suppress(OSError):
                 os.remove(named)
 
 

@@ -339,21 +339,6 @@ def test_killed_export_leaves_the_directory_as_it_was(files, tmp_path, sig, phas
     assert os.listdir(tmp_path) == ["o.onnx"]  # no temporary file, even after SIGKILL
 
 
-def test_stale_temporary_of_a_dead_process_is_removed_on_the_next_write(tmp_path):
-    from keras_bn.export.files import atomic_output
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".keras-bn-{dead.pid}-abc.onnx"
-    stale.write_bytes(b"left by a killed run")
-    mine = tmp_path / f".keras-bn-{os.getpid()}-abc.onnx"  # a live process's (ours): kept
-    mine.write_bytes(b"in progress")
-    with atomic_output(tmp_path / "o.onnx", ".onnx") as handle:
-        handle.write(b"new")
-    assert sorted(os.listdir(tmp_path)) == sorted(["o.onnx", mine.name])
-    assert (tmp_path / "o.onnx").read_bytes() == b"new"
-
-
 def test_written_files_get_the_usual_mode(tmp_path):
     from keras_bn.export.files import atomic_output
 
