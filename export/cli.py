@@ -21,6 +21,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _positive_float(text):
+    """An argparse type: a finite number > 0 (`nan`, `inf`, 0 and negatives are usage errors)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def _progress(message):
     print(f"[keras-bn] {message}", file=sys.stderr, flush=True)
 
@@ -273,6 +286,10 @@ def cmd_export(args):
 def cmd_verify(args):
     from keras_bn import export
 
+    from .onnx_file import OnnxLimits, check_regular_file
+
+    limits = OnnxLimits(max_memory_gib=args.max_onnx_gib, max_seconds=args.max_onnx_seconds)
+    check_regular_file(args.onnx, "ONNX file")
     model = _load(args)
     samples = _load_samples(args.samples)
     with _Step("running Keras and onnxruntime"):
@@ -283,6 +300,7 @@ def cmd_verify(args):
             atol=args.atol,
             rtol=args.rtol,
             input_shapes=_input_shapes(args),
+            limits=limits,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
@@ -346,7 +364,7 @@ def build_parser():
             )
             p.add_argument(
                 "--max-archive-gib",
-                type=float,
+                type=_positive_float,
                 default=8.0,
                 help="refuse .keras archives declaring more uncompressed data (default 8)",
             )
@@ -427,6 +445,19 @@ def build_parser():
     p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")
     common(p)
     p.add_argument("onnx")
+    p.add_argument(
+        "--max-onnx-gib",
+        type=_positive_float,
+        default=8.0,
+        help="memory onnxruntime may take running the file, and the largest tensor it may "
+        "declare (default 8)",
+    )
+    p.add_argument(
+        "--max-onnx-seconds",
+        type=_positive_float,
+        default=300.0,
+        help="time onnxruntime may take for all runs (default 300)",
+    )
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser(
         "doctor", help="why a BatchNorm model is bad at inference; exit 1 when it finds a problem"

@@ -154,6 +154,10 @@ class QuantizationReport:
     # int8: 7-bit weights (onnxruntime's reduce_range), and why (this CPU, or the caller's word)
     reduce_range: bool = False
     reduce_range_reason: str = ""
+    # float16: the float32 graph's tensors checked against float16's range before converting
+    # (quantize.float16_range): how many, on how many inputs. onnxruntime's CPU provider runs
+    # many float16 ops in float32, so agreement there cannot show an overflow.
+    float16_range: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -179,6 +183,13 @@ class QuantizationReport:
             )
             bits = "7-bit (reduce_range)" if self.reduce_range else "8-bit"
             lines.append(f"  weights {bits}: {self.reduce_range_reason}")
+        if self.float16_range:
+            r = self.float16_range
+            lines.append(
+                f"  range: {r['checked_tensors']} float32 tensors within float16's "
+                f"+-{r['limit']:g} on {r['check_inputs']} inputs"
+                + (f"; kept float32: {', '.join(self.kept_float)}" if self.kept_float else "")
+            )
         for name, a in self.agreement.items():
             top1 = "-" if a.top1 is None else f"{a.top1:.4f}"
             accuracy = (
@@ -577,36 +588,111 @@ def _references(model, input_sets):
     ]
 
 
-def _verify_proto(model, model_bytes, nchw, references, tolerance):
+def _in_process(model_bytes):
+    """A runner for `_verify_proto` over a graph keras_bn made itself: onnxruntime sessions in
+    this process, at both optimization levels."""
+    sessions = {"disabled": _session(model_bytes, False), "enabled": _session(model_bytes, True)}
+
+    def run(feeds, outputs, runs):
+        return [sessions[level].run(outputs, feeds[i]) for i, level in runs]
+
+    return run
+
+
+def match_io(model, proto, nchw):
+    """The ONNX graph's inputs `[(name, numpy dtype, shape)]` in the Keras model's input order,
+    after checking that the graph's inputs and outputs are the model's, by name: an output
+    missing, extra or renamed is refused (a graph of another model, or one cut short), as is an
+    input of another rank. Shapes are the graph's (channels-first where `nchw`)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    graph_inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
+    model_inputs = [x.name for x in keras.tree.flatten(model.inputs)]
+    graph_outputs = [o.name for o in proto.graph.output]
+    for kind, ours, theirs in (
+        ("inputs", model_inputs, list(graph_inputs)),
+        ("outputs", output_names(model), graph_outputs),
+    ):
+        if sorted(ours) != sorted(theirs):
+            missing = [n for n in ours if n not in theirs]
+            extra = [n for n in theirs if n not in ours]
+            raise KerasBNError(
+                expected(
+                    f"The ONNX graph's {kind} are not the model's",
+                    f"{kind} named {ours} (model '{model.name}')",
+                    f"{theirs}"
+                    + (f"; missing {missing}" if missing else "")
+                    + (f"; not in the model {extra}" if extra else ""),
+                    "Verify the ONNX file against the model it was exported from.",
+                )
+            )
+    matched = []
+    for x, name in zip(keras.tree.flatten(model.inputs), model_inputs):
+        tensor_type = graph_inputs[name].type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if len(dims) != len(x.shape):
+            raise KerasBNError(
+                expected(
+                    f"The ONNX graph's input '{name}' has another rank than the model's",
+                    f"rank {len(x.shape)} (shape {tuple(x.shape)}"
+                    + (", channels-first" if nchw else "")
+                    + ")",
+                    f"rank {len(dims)} (shape {tuple(dims)})",
+                )
+            )
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        if dtype is None or dtype.kind not in "fiub":
+            raise KerasBNError(
+                expected(
+                    f"The ONNX graph's input '{name}' is not numeric",
+                    "a numeric input, as the Keras model's",
+                    f"ONNX element type {tensor_type.elem_type}",
+                )
+            )
+        matched.append((name, dtype, dims))
+    return matched
+
+
+def _verify_proto(model, model_bytes, nchw, references, tolerance, runner=None):
     """`references` from `_references`. onnxruntime runs each input set at its batch size and,
     for the synthetic one, on its first sample alone at batch 1 (the dynamic batch dimension),
-    at both optimization levels. Each output is judged against its own scale."""
+    at both optimization levels, through `runner` (`_in_process` by default; `verify` runs a
+    file from outside in a bounded process of its own). Outputs are fetched by name, and each
+    is judged against its own scale."""
     report = VerifyReport(atol=tolerance.atol, rtol=tolerance.rtol)
-    sessions = {"disabled": _session(model_bytes, False), "enabled": _session(model_bytes, True)}
-    names = [i.name for i in sessions["disabled"].get_inputs()]
+    inputs = match_io(model, onnx.load_from_string(model_bytes), nchw)
+    names = [name for name, _, _ in inputs]
     names_out = output_names(model)
+    feeds, runs, labels = [], [], []
     for label, arrays, reference in references:
         batches = [(False, slice(None))]
         if label == "synthetic" and not fixed_batch(model):
             batches.insert(0, (True, slice(0, 1)))
         for first_only, rows in batches:
             feed = _feed(names, [a[rows] for a in arrays], nchw)
-            for level, session in sessions.items():
-                outputs = session.run(None, feed)
-                for name, ref, out in zip(names_out, reference, outputs):
-                    result = compare(ref[rows], out)
-                    report.rows.append(
-                        VerifyRow(
-                            output=name,
-                            input_set=label,
-                            batch=1 if first_only else len(arrays[0]),
-                            first_sample_only=first_only,
-                            optimization=level,
-                            max_abs_error=result.max_abs,
-                            max_rel_error=result.max_rel,
-                            passed=tolerance.accepts(result.max_abs, result.scale),
-                        )
-                    )
+            # A graph taking float16 or float64 gets the same values in its own dtype.
+            feeds.append({name: feed[name].astype(dtype, copy=False) for name, dtype, _ in inputs})
+            for level in ("disabled", "enabled"):
+                runs.append((len(feeds) - 1, level))
+                labels.append((label, arrays, reference, first_only, rows, level))
+    results = (runner or _in_process(model_bytes))(feeds, names_out, runs)
+    for (label, arrays, reference, first_only, rows, level), outputs in zip(labels, results):
+        for name, ref, out in zip(names_out, reference, outputs, strict=True):
+            result = compare(ref[rows], out)
+            report.rows.append(
+                VerifyRow(
+                    output=name,
+                    input_set=label,
+                    batch=1 if first_only else len(arrays[0]),
+                    first_sample_only=first_only,
+                    optimization=level,
+                    max_abs_error=result.max_abs,
+                    max_rel_error=result.max_rel,
+                    passed=tolerance.accepts(result.max_abs, result.scale),
+                )
+            )
     return report
 
 
@@ -693,32 +779,32 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     input_shapes=None,
+    limits=None,
 ) -> VerifyReport:
     """Runs `model` (inference mode) and onnxruntime, with graph optimizations disabled and
     enabled, on deterministic synthetic inputs (batch 4, and its first sample as batch 1) and on
     `samples`. Returns a `VerifyReport`; `report.passed` says whether every output is within
     `atol + rtol * max|that keras output|` (None: the defaults of the model's compute dtype,
-    `keras_bn.verification.TOLERANCES`). `input_shapes` as in `to_onnx`."""
+    `keras_bn.verification.TOLERANCES`). `input_shapes` as in `to_onnx`.
+
+    The ONNX file is untrusted input (`keras_bn.export.onnx_file`): it is checked before it is
+    read further, its inputs and outputs must be the model's by name, and onnxruntime runs it in
+    a process of its own within `limits` (an `onnx_file.OnnxLimits`; None: the defaults)."""
+    from . import onnx_file
+
+    limits = limits or onnx_file.DEFAULT_LIMITS
     tolerance = tolerance_for(model, rtol, atol)
     input_sets = _input_sets(model, samples, input_shapes)
-    onnx_path = os.fspath(onnx_path)
-    if not os.path.isfile(onnx_path):
-        raise KerasBNError(
-            expected("The ONNX file does not exist", "a path to a .onnx file", repr(onnx_path))
-        )
-    try:
-        proto = onnx.load(onnx_path)
-    except Exception as error:
-        raise KerasBNError(
-            expected(
-                "The ONNX file could not be read",
-                "a valid .onnx file",
-                f"{type(error).__name__} for {onnx_path!r}",
-            )
-        ) from error
+    proto = onnx_file.load(onnx_path, limits)
     nchw = any(p.key == NCHW_KEY and p.value == "1" for p in proto.metadata_props)
+    match_io(model, proto, nchw)  # before the Keras runs: a graph of another model stops here
     references = _references(model, input_sets)
-    return _verify_proto(model, proto.SerializeToString(), nchw, references, tolerance)
+    model_bytes = proto.SerializeToString()
+
+    def bounded(feeds, outputs, runs):
+        return onnx_file.run(model_bytes, feeds, outputs, runs, limits)
+
+    return _verify_proto(model, model_bytes, nchw, references, tolerance, runner=bounded)
 
 
 def to_onnx(
@@ -1060,10 +1146,43 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
 
     float_session = _session(model_bytes, True)  # for the input names, then the latency
     names = [i.name for i in float_session.get_inputs()]
+    float16_range = {}
     if reduced.precision == "float16":
-        step("converting to float16")
+        step("checking float16's range")
         proto = onnx.load_from_string(model_bytes)
         kept = quantize.layer_nodes(proto, reduced.keep_float) if reduced.keep_float else []
+        checks = [arrays for _, arrays in input_sets]
+        if reduced.calibration is not None:
+            checks.append(reduced.calibration)
+        checked, overflows = quantize.float16_range(
+            model_bytes, [_feed(names, arrays, nchw) for arrays in checks]
+        )
+        layer_names = {layer.name for layer in internals.all_layers(model)}
+        if overflows:
+            where = [
+                (tensor, sorted({_layer_of(n, layer_names) or n for n in nodes}), top)
+                for tensor, nodes, top in overflows
+            ]
+            listed = "; ".join(
+                f"'{t}' (in {', '.join(held)}) up to {top:.4g}" for t, held, top in where[:5]
+            )
+            raise VerificationError(
+                expected(
+                    "The float16 graph would overflow: values the float32 graph computes on "
+                    "the check inputs exceed float16's largest number; nothing was written",
+                    f"|values| <= {quantize.FLOAT16_MAX:g} in every tensor (float16 holds "
+                    "every tensor between ops, keep_float layers' too)",
+                    f"{len(overflows)} tensor(s): {listed}",
+                    "Export float32 (or int8), or retrain or rescale the model so that its "
+                    "activations stay within float16.",
+                )
+            )
+        float16_range = {
+            "checked_tensors": checked,
+            "check_inputs": sum(len(a[0]) for a in checks),
+            "limit": quantize.FLOAT16_MAX,
+        }
+        step("converting to float16")
         reduced_bytes = quantize.to_float16(model_bytes, kept)
     else:
         step("calibrating and quantizing to int8")
@@ -1142,5 +1261,6 @@ def _reduce_precision(model, model_bytes, nchw, input_sets, reduced, step):
         kept_float=list(reduced.keep_float),
         reduce_range=reduced.reduce_range,
         reduce_range_reason=reduced.reduce_range_reason,
+        float16_range=float16_range,
     )
     return reduced_bytes, report

@@ -45,7 +45,9 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -120,6 +122,64 @@ def to_float16(model_bytes: bytes, keep_float_nodes=()) -> bytes:
         node_block_list=list(keep_float_nodes) or None,
     )
     return proto.SerializeToString()
+
+
+FLOAT16_MAX = 65504.0  # the largest finite float16
+
+
+def float16_range(model_bytes: bytes, feeds, rows=8):
+    """The float32 graph run with every float tensor exposed, on `feeds` (a list of {input
+    name: array}, `rows` samples at a time): `(checked, overflows)`, where `checked` is the
+    number of tensors looked at and `overflows` lists `(tensor, [nodes that make or read it],
+    max |value|)` for each tensor whose values leave float16's range (|x| > 65504, which float16
+    rounds to inf).
+
+    Every tensor counts, the graph's inputs and outputs and those of `keep_float` layers too:
+    onnxruntime's converter (`to_float16`) casts them all to float16 between ops (measured:
+    a kept MatMul's output goes through a Cast to float16 and back before the next op), so
+    keeping a layer in float32 does not keep its values from overflowing. onnxruntime's CPU
+    provider computes many float16 ops in float32, so agreement measured there can miss an
+    overflow that real float16 arithmetic (a GPU, an NPU) turns into inf or NaN: the float32
+    values are the ones to judge."""
+    proto = onnx.load_from_string(model_bytes)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    float_type = onnx.TensorProto.FLOAT
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.input})
+    types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.output})
+    weights = {t.name for t in proto.graph.initializer}  # checked when folded (float16_problem)
+    held = collections.defaultdict(list)  # tensor -> the nodes that make or read it
+    for node in proto.graph.node:
+        for name in [*node.output, *node.input]:
+            if name and name not in weights:
+                held[name].append(node.name)
+    watched = [name for name in held if types.get(name) == float_type]
+    exposed = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, float_type, None)
+        for name in watched
+        if name not in exposed
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    largest = dict.fromkeys(watched, 0.0)
+    for feed in feeds:
+        total = len(next(iter(feed.values())))
+        for start in range(0, total, rows):
+            part = {k: v[start : start + rows] for k, v in feed.items()}
+            for name, value in zip(watched, session.run(watched, part)):
+                value = np.abs(np.asarray(value, np.float32))
+                if value.size:
+                    top = float(np.max(np.where(np.isnan(value), 0.0, value)))
+                    largest[name] = max(largest[name], top)
+    overflows = [
+        (name, held[name], largest[name]) for name in watched if largest[name] > FLOAT16_MAX
+    ]
+    return len(watched), sorted(overflows, key=lambda o: -o[2])
 
 
 def layer_nodes(proto, layer_names) -> list[str]:

@@ -504,3 +504,53 @@ def test_float16_export_refuses_folded_weights_it_cannot_hold_unless_kept_float(
     convs = {scope[n.name]: n for n in graph.graph.node if n.op_type == "Conv"}
     assert convs["conv"].input[1] in floats and convs["head"].input[1] in halves
     assert report.quantization.agreement["head"].cosine >= 0.999
+
+
+def test_float16_export_refuses_activations_beyond_float16s_range(tmp_path, rng):
+    # A hidden activation reaching about 7e4 (float16's largest number is 65504), scaled back
+    # down by the next layer.
+    L = keras.layers
+    inputs = keras.Input((4,), name="x")
+    hidden = L.Dense(8, name="hidden", activation="relu")(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="out")(hidden))
+    model.get_layer("hidden").set_weights([np.full((4, 8), 1e4, "float32"), np.zeros(8, "float32")])
+    model.get_layer("out").set_weights(
+        [rng.normal(0, 1e-4, (8, 3)).astype("float32"), np.zeros(3, "float32")]
+    )
+    samples = np.abs(rng.normal(1.75, 0.1, (16, 4))).astype("float32")  # hidden ~ 7e4
+    assert np.abs(model.predict(samples, verbose=0)).max() < 100
+    path = tmp_path / "m.onnx"
+    pattern = r"float16 graph would overflow.*hidden_1/Relu:0' \(in hidden, out\) up to 7\.4"
+    with pytest.raises(VerificationError, match=pattern):
+        export.to_onnx(model, path, precision="float16", samples=samples)
+    # keep_float does not help: onnxruntime's converter stores the tensors between kept ops in
+    # float16 too (they pass through a Cast to float16 and back).
+    with pytest.raises(VerificationError, match=r"float16 graph would overflow"):
+        export.to_onnx(model, path, precision="float16", samples=samples, keep_float=["hidden"])
+    assert not path.exists()
+    # What the check prevents: the float16 graph as the converter makes it, in float16
+    # arithmetic (onnx's reference evaluator, NumPy float16), gives inf or NaN.
+    float32_path = tmp_path / "f32.onnx"
+    export.to_onnx(model, float32_path)
+    half = onnx.load_from_string(quantize.to_float16(float32_path.read_bytes()))
+    # The converter appends its input casts at the end; the reference evaluator wants the nodes
+    # in topological order.
+    ready = {i.name for i in half.graph.input} | {t.name for t in half.graph.initializer} | {""}
+    nodes, ordered = list(half.graph.node), []
+    while nodes:
+        node = next(n for n in nodes if all(i in ready for i in n.input))
+        nodes.remove(node)
+        ordered.append(node)
+        ready.update(node.output)
+    del half.graph.node[:]
+    half.graph.node.extend(ordered)
+    from onnx.reference import ReferenceEvaluator
+
+    (out,) = ReferenceEvaluator(half).run(None, {"x": samples})
+    assert not np.all(np.isfinite(out))
+    # Ten times smaller (hidden ~ 7e3): within range, checked and exported.
+    model.get_layer("hidden").set_weights([np.full((4, 8), 1e3, "float32"), np.zeros(8, "float32")])
+    report = export.to_onnx(model, path, precision="float16", samples=samples)
+    assert report.quantization.float16_range["checked_tensors"] >= 4
+    assert report.quantization.float16_range["check_inputs"] == 4 + 16
+    assert "within float16's +-65504 on 20 inputs" in str(report.quantization)
