@@ -34,6 +34,17 @@ def _positive_float(text):
     return value
 
 
+def _positive_int(text):
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _progress(message):
     print(f"[keras-bn] {message}", file=sys.stderr, flush=True)
 
@@ -78,30 +89,13 @@ class _Steps:
             self._end()
 
 
-def _load_samples(path):
-    import numpy as np
-
-    from keras_bn.errors import KerasBNError, expected
+def _load_samples(path, args=None, what="samples file"):
+    from .files import ArrayLimits, GiB, load_arrays
 
     if path is None:
         return None
-    if not os.path.isfile(path):
-        raise KerasBNError(
-            expected("The samples file does not exist", "a .npy or .npz file", repr(path))
-        )
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise KerasBNError(
-            expected(
-                "The samples file could not be read",
-                "a .npy or .npz file of numbers (no pickles)",
-                f"{type(error).__name__} for {path!r}",
-            )
-        ) from error
-    if isinstance(data, np.ndarray):
-        return data
-    return {name: data[name] for name in data.files}
+    gib = getattr(args, "max_samples_gib", None) or 4.0
+    return load_arrays(path, what, ArrayLimits(max_total_bytes=int(gib * GiB)))
 
 
 def _input_shapes(args):
@@ -228,7 +222,7 @@ def cmd_fold(args):
 
     output = check_output_path(args.output, inputs=[args.model, args.samples], suffix=".keras")
     model = _load(args)
-    samples = _load_samples(args.samples)
+    samples = _load_samples(args.samples, args)
     with _Step("folding and verifying"):
         folded, report = keras_bn.fold_bn(
             model,
@@ -254,9 +248,9 @@ def cmd_export(args):
     )
     check_opset(args.opset)
     model = _load(args)
-    samples = _load_samples(args.samples)
-    calibration = _load_samples(args.calibration)
-    labels = _load_samples(args.labels)
+    samples = _load_samples(args.samples, args)
+    calibration = _load_samples(args.calibration, args, "calibration file")
+    labels = _load_samples(args.labels, args, "labels file")
     with _Steps() as steps:
         report = export.to_onnx(
             model,
@@ -286,12 +280,13 @@ def cmd_export(args):
 def cmd_verify(args):
     from keras_bn import export
 
-    from .onnx_file import OnnxLimits, check_regular_file
+    from .files import check_regular_file
+    from .onnx_file import OnnxLimits
 
     limits = OnnxLimits(max_memory_gib=args.max_onnx_gib, max_seconds=args.max_onnx_seconds)
     check_regular_file(args.onnx, "ONNX file")
     model = _load(args)
-    samples = _load_samples(args.samples)
+    samples = _load_samples(args.samples, args)
     with _Step("running Keras and onnxruntime"):
         report = export.verify(
             model,
@@ -313,7 +308,7 @@ def cmd_recalibrate(args):
 
     output = check_output_path(args.output, inputs=[args.model, args.data], suffix=".keras")
     model = _load(args)
-    data = _load_samples(args.data)
+    data = _load_samples(args.data, args, "data file")
     with _Step("recalibrating"):
         new, report = keras_bn.recalibrate(
             model,
@@ -329,7 +324,7 @@ def cmd_doctor(args):
     import keras_bn
 
     model = _load(args)
-    data = _load_samples(args.data)
+    data = _load_samples(args.data, args, "data file")
     with _Step("diagnosing" + (" with data" if data is not None else "")):
         report = keras_bn.diagnose(model, data, batch_size=args.batch_size)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
@@ -367,6 +362,12 @@ def build_parser():
                 type=_positive_float,
                 default=8.0,
                 help="refuse .keras archives declaring more uncompressed data (default 8)",
+            )
+            p.add_argument(
+                "--max-samples-gib",
+                type=_positive_float,
+                default=4.0,
+                help="refuse .npy/.npz inputs declaring more data (default 4)",
             )
         if tolerances:
             p.add_argument(
@@ -464,7 +465,9 @@ def build_parser():
     )
     common(p, tolerances=False)
     p.add_argument("--data", help="inputs like the inference data: .npy, or .npz by input name")
-    p.add_argument("--batch-size", type=int, default=32, help="use the training batch size")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="use the training batch size"
+    )
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser(
         "recalibrate", help="precise BatchNorm statistics from data, written to a new .keras file"
@@ -472,12 +475,14 @@ def build_parser():
     common(p, tolerances=False)
     p.add_argument("--data", required=True, help="inputs: .npy, or .npz keyed by input name")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--batch-size", type=int, default=32, help="use the training batch size")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="use the training batch size"
+    )
     p.add_argument("--estimator", choices=["population", "batch_mean"], default="population")
     p.set_defaults(func=cmd_recalibrate)
     p = sub.add_parser("demo", help="train on bundled digits, fold, export, verify")
     p.add_argument("--out", default="keras-bn-demo")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=_positive_int, default=8)
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_demo)

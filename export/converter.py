@@ -1044,6 +1044,15 @@ def _check_precision(
             )
         )
     arrays = None if calibration is None else check_samples(model, calibration)
+    for name, a in zip([x.name for x in keras.tree.flatten(model.inputs)], arrays or []):
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            raise KerasBNError(
+                expected(
+                    f"Calibration data for input '{name}' holds NaN or Inf",
+                    "finite calibration inputs (int8 scales are measured on them)",
+                    f"{int(np.sum(~np.isfinite(a)))} non-finite values",
+                )
+            )
     bounds = {}
     for name, value in (("min_agreement", min_agreement), ("min_cosine", min_cosine)):
         if value is None:

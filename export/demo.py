@@ -79,11 +79,27 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     import keras_bn
     from keras_bn import _keras_internals as internals
     from keras_bn import export
+    from keras_bn.errors import KerasBNError, expected
 
     from .files import atomic_output, save_keras
 
     say = print if verbose else (lambda *a, **k: None)
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise KerasBNError(
+            expected(
+                "The demo's output folder is a file", "a folder (made if missing)", repr(out_dir)
+            )
+        )
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise KerasBNError(
+            expected(
+                "The demo's output folder cannot be made",
+                "a folder this user can write",
+                f"{out_dir!r}: {error.strerror}",
+            )
+        ) from None
     x_train, x_test, y_train, y_test = load_digits_split()
     say(f"data: scikit-learn digits, {len(x_train)} train / {len(x_test)} test images of 8x8")
 

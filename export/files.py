@@ -16,7 +16,6 @@ import contextvars
 import dataclasses
 import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -45,6 +44,9 @@ class ArchiveLimits:
     max_members: int = 1000  # Keras writes 3 (config.json, metadata.json, model.weights.h5)
     max_total_bytes: int = 8 * GiB  # sum of the members' declared uncompressed sizes
     max_config_bytes: int = 64 * MiB  # config.json and metadata.json
+    max_config_depth: int = 200  # nesting of config.json (Keras's own reader recurses)
+    max_layers: int = 20_000  # layers in config.json, nested models included
+    max_ratio: float = 100.0  # declared / stored bytes of a member over 64 MiB (Keras writes 1)
 
 
 DEFAULT_LIMITS = ArchiveLimits()
@@ -100,10 +102,28 @@ def check_archive(path, limits=DEFAULT_LIMITS):
                         f"at most {limits.max_config_bytes / MiB:g} MiB",
                         f"{names[name].file_size / MiB:.4g} MiB",
                     )
+            for info in infos:
+                if info.file_size > 64 * MiB and info.file_size > limits.max_ratio * max(
+                    info.compress_size, 1
+                ):
+                    _refuse(
+                        "The .keras archive has a member compressed beyond any real data "
+                        "(a zip bomb)",
+                        f"at most {limits.max_ratio:g} times its stored bytes",
+                        f"'{info.filename}': {info.file_size} bytes from {info.compress_size}",
+                    )
             config_text = archive.read("config.json")
-            weights = names.get("model.weights.h5")
-            if weights is not None:
-                _check_weights(archive.read(weights), weights.file_size)
+            weight_bytes = None
+            if "model.weights.h5" in names:
+                with archive.open("model.weights.h5") as stream:  # read as h5py seeks, never whole
+                    weight_bytes = _check_weights(stream, names["model.weights.h5"].file_size)
+            elif "model.weights.npz" in names:  # Keras reads this form too
+                with archive.open("model.weights.npz") as stream, zipfile.ZipFile(stream) as inner:
+                    weight_bytes = check_npz(
+                        inner,
+                        "archive's model.weights.npz",
+                        ArrayLimits(max_total_bytes=limits.max_total_bytes),
+                    )
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
         raise KerasBNError(
             expected(
@@ -113,25 +133,86 @@ def check_archive(path, limits=DEFAULT_LIMITS):
             )
         ) from error
     try:
-        return json.loads(config_text)
-    except ValueError as error:
+        config = json.loads(config_text)
+    except (ValueError, RecursionError) as error:
         raise KerasBNError(
             expected(
-                "The archive's config.json is not JSON",
+                "The archive's config.json is not JSON Keras can read",
                 "a file written by model.save('x.keras')",
-                one_line(error),
+                f"{type(error).__name__}: {one_line(error)}",
             )
-        ) from error
+        ) from None
+    _check_config(config, limits, weight_bytes)
+    return config
 
 
-def _check_weights(data, size):
+# Values a layer's weights hold at least, from its config and its build_config's input shape:
+# a config declaring a layer of 2.5 GB behind 892 bytes is refused before Keras builds it.
+def _implied_values(layer):
+    config = layer.get("config") or {}
+    shape = (layer.get("build_config") or {}).get("input_shape")
+    last = shape[-1] if isinstance(shape, list) and shape and isinstance(shape[-1], int) else None
+    kind = layer.get("class_name")
+    try:
+        if kind == "Embedding":
+            return int(config["input_dim"]) * int(config["output_dim"])
+        if kind == "Dense" and last:
+            return last * int(config["units"])
+        if kind in ("Conv1D", "Conv2D", "Conv3D") and last:
+            kernel = 1
+            for k in config["kernel_size"]:
+                kernel *= int(k)
+            return kernel * last // max(int(config.get("groups", 1)), 1) * int(config["filters"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return 0
+
+
+def _check_config(config, limits, weight_bytes):
+    """Refuses a config.json nested deeper than `limits.max_config_depth`, with more than
+    `limits.max_layers` layers, or declaring layers whose weights would hold more values than
+    the archive's weights file holds (at least 1 byte a value: float8 is the smallest)."""
+    layers, implied = 0, 0
+    stack = [(config, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limits.max_config_depth:
+            _refuse(
+                "The archive's config.json is nested too deeply",
+                f"at most {limits.max_config_depth} levels",
+                "deeper",
+            )
+        if isinstance(node, dict):
+            if isinstance(node.get("layers"), list):  # a model's config: its layers
+                members = [layer for layer in node["layers"] if isinstance(layer, dict)]
+                layers += len(members)
+                implied += sum(_implied_values(layer) for layer in members)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    if layers > limits.max_layers:
+        _refuse(
+            "The archive's config.json declares too many layers",
+            f"at most {limits.max_layers}",
+            f"{layers}",
+        )
+    if weight_bytes is not None and implied > max(weight_bytes, MiB):
+        _refuse(
+            "The archive's config.json declares layers larger than its weights",
+            f"layers whose weights fit in the {weight_bytes} bytes of weights the archive holds",
+            f"at least {implied} values",
+        )
+
+
+def _check_weights(stream, size):
     """Every HDF5 dataset must fit in the bytes the file holds: a dataset declared larger than
     its file has no data behind it (HDF5 would fill it), and reading it would allocate the
-    declared size. h5py reads shapes without reading data."""
+    declared size. h5py reads shapes without reading data, from `stream` (a seekable file
+    object: the archive member is never read whole into memory). Returns the declared bytes."""
     import h5py
 
     try:
-        handle = h5py.File(io.BytesIO(data), "r")
+        handle = h5py.File(stream, "r")
     except Exception as error:  # h5py raises OSError subclasses with long texts
         raise KerasBNError(
             expected(
@@ -159,6 +240,173 @@ def _check_weights(data, size):
             f"at most {size} bytes of weights",
             f"{total} bytes declared, the largest '{name}' with {largest} bytes",
         )
+    return total
+
+
+def check_regular_file(path, what):
+    """Refuses a path that is not a regular file (a FIFO, which would block for ever, a device
+    such as /dev/zero, which never ends, a socket, a folder) before anything opens it."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        _refuse(f"The {what} does not exist", "a path to an existing file", repr(path))
+    except OSError as error:
+        _refuse(f"The {what} cannot be read", "a readable file", f"{path!r}: {error.strerror}")
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(info.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a device or socket"
+        )
+        _refuse(f"The {what} is not a regular file", "a regular file", f"{path!r}, {kind}")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# Arrays (samples, calibration data, labels): .npy and .npz files
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayLimits:
+    """Bounds checked on a `.npy`/`.npz` file before any array in it is read: what the arrays
+    declare (shape x dtype), in all and against the bytes behind them (`keras-bn
+    --max-samples-gib` raises `max_total_bytes`)."""
+
+    max_total_bytes: int = 4 * GiB  # declared bytes of all the arrays of one file
+    max_arrays: int = 1000  # members of an .npz
+    max_ratio: float = 1000.0  # declared bytes / stored bytes of a compressed .npz member
+
+
+DEFAULT_ARRAY_LIMITS = ArrayLimits()
+
+
+def _array_header(stream, where):
+    """`(shape, dtype)` from the header of the .npy data in `stream`; a `KerasBNError` for a
+    damaged header or a dtype that is not plain numbers (object arrays would need pickle)."""
+    import numpy as np
+
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(stream)
+    except zipfile.BadZipFile:
+        raise  # a damaged .npz member: "could not be read" (load_arrays)
+    except Exception as error:  # ValueError for a bad magic string or header, EOFError
+        raise KerasBNError(
+            expected(
+                f"{where} is not .npy data",
+                "arrays written by numpy.save / numpy.savez",
+                f"{type(error).__name__}: {one_line(error)}",
+            )
+        ) from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise KerasBNError(
+            expected(
+                f"{where} does not hold numbers",
+                "an array of integers or floats (no objects, strings or records)",
+                f"dtype {dtype}",
+            )
+        )
+    return tuple(shape), dtype
+
+
+def _declared(shape, dtype):
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count * dtype.itemsize
+
+
+def check_npz(archive, what, limits=DEFAULT_ARRAY_LIMITS):
+    """Checks the open `.npz` `archive` (a `zipfile.ZipFile`) against `limits`, reading only the
+    zip directory and each array's header; returns the declared bytes of all its arrays."""
+    infos = archive.infolist()
+    if len(infos) > limits.max_arrays:
+        _refuse(
+            f"The {what} holds too many arrays", f"at most {limits.max_arrays}", f"{len(infos)}"
+        )
+    total = 0
+    for info in infos:
+        where = f"Member '{info.filename}' of the {what}"
+        if not info.filename.endswith(".npy"):
+            _refuse(f"{where} is not an array", "an .npz of .npy members", info.filename)
+        with archive.open(info) as member:
+            shape, dtype = _array_header(member, where)
+        declared = _declared(shape, dtype)
+        if declared > info.file_size:
+            _refuse(
+                f"{where} declares more data than it holds",
+                f"at most {info.file_size} bytes",
+                f"shape {shape} of {dtype}: {declared} bytes",
+            )
+        if declared > MiB and declared > limits.max_ratio * max(info.compress_size, 1):
+            _refuse(
+                f"{where} is compressed beyond any real data (a zip bomb)",
+                f"at most {limits.max_ratio:g} times its {info.compress_size} stored bytes",
+                f"{declared} bytes",
+            )
+        total += declared
+    if total > limits.max_total_bytes:
+        _refuse(
+            f"The {what} declares more data than allowed",
+            f"at most {limits.max_total_bytes / GiB:g} GiB",
+            f"{total / GiB:.3g} GiB",
+            f"If the file is trusted and really this large, raise the limit ({_SAMPLES_FLAG}).",
+        )
+    return total
+
+
+def load_arrays(path, what="samples file", limits=DEFAULT_ARRAY_LIMITS):
+    """The array of a `.npy` file, or {name: array} of a `.npz` file, at `path`, read only after
+    its declared sizes are checked against `limits` and against the bytes the file holds (a
+    1 MB .npz can declare gigabytes). Never unpickles. Anything wrong is a `KerasBNError`."""
+    import numpy as np
+
+    path = os.fspath(path)
+    size = check_regular_file(path, what).st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                check_npz(archive, what, limits)
+                data = np.load(path, allow_pickle=False)
+                with data:
+                    return {name: data[name] for name in data.files}
+        with open(path, "rb") as f:
+            shape, dtype = _array_header(f, f"The {what}")
+            declared, header = _declared(shape, dtype), f.tell()
+        if header + declared > size:
+            _refuse(
+                f"The {what} is shorter than its header declares (truncated?)",
+                f"{header + declared} bytes",
+                f"{size} bytes",
+            )
+        if declared > limits.max_total_bytes:
+            _refuse(
+                f"The {what} declares more data than allowed",
+                f"at most {limits.max_total_bytes / GiB:g} GiB",
+                f"{declared / GiB:.3g} GiB",
+                f"If the file is trusted and really this large, raise the limit ({_SAMPLES_FLAG}).",
+            )
+        return np.load(path, allow_pickle=False)
+    except KerasBNError:
+        raise
+    except Exception as error:  # a bad CRC (BadZipFile), a damaged member, a read error
+        raise KerasBNError(
+            expected(
+                f"The {what} could not be read",
+                "a .npy or .npz file of numbers (no pickles)",
+                f"{type(error).__name__}: {one_line(error)}",
+            )
+        ) from None
+
+
+_SAMPLES_FLAG = "--max-samples-gib"
 
 
 def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
@@ -186,6 +434,7 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
             )
         )
     if path.endswith((".h5", ".hdf5")):
+        check_regular_file(path, "model file")
         if not unsafe:
             raise KerasBNError(
                 expected(
@@ -209,11 +458,12 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
                     "The model could not be loaded",
                     "an HDF5 model file Keras 3 can rebuild (custom layers need their code: "
                     "load it yourself with custom_objects and save it as .keras)",
-                    f"{type(error).__name__}: {one_line(error)}",
+                    f"{type(error).__name__}: {one_line(error, limit=None)}",
                 )
             ) from error
     if os.path.isdir(path):
         raise KerasBNError(expected("The model path is a directory", "a .keras file", repr(path)))
+    check_regular_file(path, "model file")  # a FIFO would block, /dev/zero never end
     if not path.endswith(".keras"):
         raise KerasBNError(expected("Unknown model file type", "a .keras file", repr(path)))
     if not zipfile.is_zipfile(path):
@@ -253,7 +503,7 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
             expected(
                 "The model could not be loaded",
                 "a loadable .keras file",
-                f"{type(error).__name__}: {one_line(text)}",
+                f"{type(error).__name__}: {one_line(text, limit=None)}",
             )
         ) from error
 
@@ -295,6 +545,14 @@ def check_output_path(output, *, inputs=(), suffix=None):
         )
     if os.path.isdir(output):
         raise KerasBNError(expected("The output path is a directory", "a file path", repr(output)))
+    if os.path.lexists(output) and not stat.S_ISREG(os.lstat(output).st_mode):
+        raise KerasBNError(
+            expected(
+                "The output path exists and is not a regular file (a FIFO, device, socket or link)",
+                "a new path or a regular file to replace",
+                repr(output),
+            )
+        )
     # Mode bits too: root may write anywhere, but a directory or file made read-only says no.
     if not os.access(directory, os.W_OK | os.X_OK) or not os.stat(directory).st_mode & 0o222:
         raise KerasBNError(
@@ -473,6 +731,18 @@ def _publish_unnamed_file(handle, path, directory, directory_fd, suffix, mode):
             os.remove(named)
 
 
+def _write_failed(path, error):
+    """The `KerasBNError` for the filesystem refusing a write: the machine's problem, not ours."""
+    return KerasBNError(
+        expected(
+            f"Could not write {path!r}; nothing was written",
+            "room to write the output (disk space, quota, file size limit)",
+            f"{type(error).__name__}: {error.strerror or error}",
+            "Free some space or write elsewhere.",
+        )
+    )
+
+
 @contextlib.contextmanager
 def atomic_output(path, suffix="", keep=()):
     """Yields a binary file object; on success its content becomes `path` atomically (fsynced, with
@@ -499,13 +769,17 @@ def atomic_output(path, suffix="", keep=()):
         _pending.add(named)
     directory_fd = os.open(directory, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w+b") as handle:
-            yield handle
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-            if named is None:
-                _publish_unnamed_file(handle, path, directory, directory_fd, suffix, mode)
+        try:
+            # Closing flushes what is still buffered: a full disk can fail there too.
+            with os.fdopen(fd, "w+b") as handle:
+                yield handle
+                handle.flush()
+                os.fchmod(handle.fileno(), mode)
+                os.fsync(handle.fileno())
+                if named is None:
+                    _publish_unnamed_file(handle, path, directory, directory_fd, suffix, mode)
+        except OSError as error:  # a full disk, a quota, a file size limit
+            raise _write_failed(path, error) from None
         if named is not None:
             os.replace(named, path)
         os.fsync(directory_fd)

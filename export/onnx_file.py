@@ -24,7 +24,6 @@ import json
 import math
 import os
 import resource
-import stat
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import numpy as np
 import onnx
 
 from keras_bn.errors import KerasBNError, expected
+
+from .files import check_regular_file
 
 GiB = 1 << 30
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")  # the operator sets of the ONNX standard
@@ -53,27 +54,6 @@ DEFAULT_LIMITS = OnnxLimits()
 
 def _refuse(what, expected_value, received, fix=None):
     raise KerasBNError(expected(what, expected_value, received, fix))
-
-
-def check_regular_file(path, what):
-    """Refuses a path that is not a regular file (a FIFO, which would block for ever, a device
-    such as /dev/zero, which never ends, a socket, a folder) before anything opens it."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        _refuse(f"The {what} does not exist", "a path to an existing file", repr(path))
-    except OSError as error:
-        _refuse(f"The {what} cannot be read", "a readable file", f"{path!r}: {error.strerror}")
-    if not stat.S_ISREG(info.st_mode):
-        kind = (
-            "a folder"
-            if stat.S_ISDIR(info.st_mode)
-            else "a FIFO"
-            if stat.S_ISFIFO(info.st_mode)
-            else "a device or socket"
-        )
-        _refuse(f"The {what} is not a regular file", "a regular file", f"{path!r}, {kind}")
-    return info
 
 
 def _bytes(dims, elem_type):

@@ -35,6 +35,10 @@ def plain_text(text) -> str:
 
 
 def one_line(text, limit=300) -> str:
-    """An exception's (or any) text on one line, without escape codes, cut at a word boundary."""
+    """An exception's (or any) text on one line, without escape codes, cut at a word boundary
+    after `limit` characters (None: whole, for a message whose cause comes last, as Keras's
+    load errors)."""
     text = " ".join(plain_text(text).split())
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    if limit is None or len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import sys
 
@@ -173,7 +174,11 @@ def _batches(model, data, batch_size):
     iterable yields its own batches."""
     inputs = len(keras.tree.flatten(model.inputs))
     if _is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
-        source = data if _is_tf_dataset(data) else (data[i] for i in range(len(data)))
+        if _is_tf_dataset(data):
+            source = data
+        else:  # a PyDataset without num_batches never ends: `batches=` stops it
+            count = data.num_batches
+            source = (data[i] for i in (range(count) if count is not None else itertools.count()))
         for element in source:
             yield _as_input_list(model, _strip_labels(element, inputs))
         return
@@ -204,6 +209,14 @@ def _batches(model, data, batch_size):
         if isinstance(arrays, dict)
         else (list(arrays) if isinstance(arrays, list) else [arrays])
     )
+    if any(a.ndim == 0 for a in flat):
+        raise KerasBNError(
+            expected(
+                "The data arrays need a batch axis",
+                "arrays of shape (rows, ...)",
+                f"shapes {[a.shape for a in flat]}",
+            )
+        )
     total = len(flat[0])
     if any(len(a) != total for a in flat):
         raise KerasBNError(
@@ -224,20 +237,26 @@ def _batches(model, data, batch_size):
 
 
 def _known_batch_count(data, batch_size):
-    """The number of batches `_batches` will yield, when it is known without iterating."""
+    """The number of batches `_batches` will yield, when it is known without iterating (None
+    when not, `INFINITE` for a dataset that says it never ends)."""
     x = _strip_labels(data) if isinstance(data, tuple) else data
     if isinstance(x, np.ndarray):
-        return math.ceil(len(x) / batch_size)
+        return math.ceil(len(x) / batch_size) if x.ndim else None  # 0-d: _batches refuses it
     if isinstance(x, (list, dict)) and x:
         first = next(iter(x.values())) if isinstance(x, dict) else x[0]
-        if isinstance(first, np.ndarray):
+        if isinstance(first, np.ndarray) and first.ndim:
             return math.ceil(len(first) / batch_size)
     if isinstance(data, keras.utils.PyDataset):
-        return len(data)
+        return INFINITE if data.num_batches is None else data.num_batches
     if _is_tf_dataset(data):
         n = int(data.cardinality())
+        if n == -1:  # tf.data.INFINITE_CARDINALITY (-2: unknown)
+            return INFINITE
         return n if n >= 0 else None
     return None
+
+
+INFINITE = "infinite"  # what _known_batch_count says of data that never ends
 
 
 # ------------------------------------------------------------------------------------------------
@@ -550,29 +569,46 @@ class _Population:
 
 
 class _BatchMean:
-    """Equal-weight average of per-batch means and variances (fvcore / `update_bn`)."""
+    """Equal-weight average of per-batch means and variances (fvcore / `update_bn`). A trailing
+    batch with less than half the values of the first (a small remainder of the data) is merged
+    into the batch before it (Chan's merge) instead of weighing as much as a full one: one row
+    of data has variance 0, and as a batch of its own it would pull the average variance down
+    by a whole batch's weight. A remainder of half a batch or more counts as a batch, as in
+    `update_bn`."""
 
     def __init__(self, unbiased):
         self.unbiased = unbiased
-        self.sum_mean = self.sum_var = None
-        self.n = None
-        self.batches = 0
+        self.rows = []  # (count, mean, m2) per batch: the last two may still merge
+
+    @property
+    def batches(self):
+        return len(self.rows)
+
+    @property
+    def n(self):
+        return sum(count for count, _, _ in self.rows)
 
     def add(self, count, mean, m2):
-        count, mean, m2 = (np.asarray(v, np.float64) for v in (count, mean, m2))
-        var = m2 / (count - 1 if self.unbiased else count)
-        self.batches += 1
-        if self.sum_mean is None:
-            self.sum_mean, self.sum_var, self.n = mean, var, count
-        else:
-            self.sum_mean, self.sum_var, self.n = (
-                self.sum_mean + mean,
-                self.sum_var + var,
-                self.n + count,
-            )
+        self.rows.append(tuple(np.asarray(v, np.float64) for v in (count, mean, m2)))
 
     def result(self):
-        return self.sum_mean / self.batches, self.sum_var / self.batches
+        rows = list(self.rows)
+        if len(rows) > 1 and 2 * np.min(rows[-1][0]) < np.min(rows[0][0]):
+            (n1, mean1, m21), (n2, mean2, m22) = rows[-2], rows[-1]
+            n = n1 + n2
+            with np.errstate(invalid="ignore", divide="ignore"):
+                weight = np.where(n > 0, n2 / n, 0.0)
+                delta = mean2 - mean1
+                merged = (
+                    n,
+                    mean1 + delta * weight,
+                    m21 + m22 + np.where(n > 0, delta**2 * n1 * n2 / n, 0.0),
+                )
+            rows[-2:] = [merged]
+        means = [mean for _, mean, _ in rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            variances = [m2 / (count - 1 if self.unbiased else count) for count, _, m2 in rows]
+        return sum(means) / len(rows), sum(variances) / len(rows)
 
 
 def _run_step(model, step, inputs, index):
@@ -643,6 +679,16 @@ def recalibrate(
         strategy = tf.distribute.get_strategy()
     step = _step(model, targets, strategy)
     total = _known_batch_count(data, batch_size)
+    if total is INFINITE and batches is None:
+        raise KerasBNError(
+            expected(
+                "The data never ends",
+                "finite data, or `batches=` (keras-bn: the data file is finite)",
+                f"an infinite {type(data).__name__} (a repeat() without a count?)",
+            )
+        )
+    if total is INFINITE:
+        total = None
     if batches is not None:
         total = batches if total is None else min(total, batches)
     bar = keras.utils.Progbar(total, verbose=1 if progress else 0, unit_name="batch")
@@ -685,6 +731,16 @@ def recalibrate(
         accumulator = accumulators.get(str(key))
         if accumulator is None:
             continue
+        seen_min = int(np.min(accumulator.n))
+        if seen_min < 2:
+            raise KerasBNError(
+                expected(
+                    f"BatchNorm '{bn.name}' saw too few values to estimate a variance",
+                    "at least 2 values per channel (more rows of data)",
+                    f"{seen_min} value(s) in a channel",
+                    "Pass more data; the model is unchanged.",
+                )
+            )
         mean, var = accumulator.result()
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
             raise KerasBNError(
@@ -693,6 +749,24 @@ def recalibrate(
                     "finite data",
                     "NaN or Inf in its inputs",
                     "Check the data for NaN/Inf; the model is unchanged.",
+                )
+            )
+        # Judged in the dtype the layer stores them in: a float16 BatchNorm cannot hold a
+        # variance above 65504, and a cast would write inf.
+        stored = keras.backend.standardize_dtype(bn.moving_variance.dtype)
+        with np.errstate(over="ignore"):
+            fits = np.all(np.isfinite(mean.astype(stored))) and np.all(
+                np.isfinite(var.astype(stored))
+            )
+        if not fits:
+            largest = max(float(np.max(np.abs(mean))), float(np.max(var)))
+            raise KerasBNError(
+                expected(
+                    f"BatchNorm '{bn.name}' got statistics its {stored} variables cannot hold",
+                    f"statistics within {stored}'s range (largest {float(np.finfo(stored).max):g})",
+                    f"a value of {largest:.4g}",
+                    "Keep the BatchNorm's variables in float32 (mixed precision does), or "
+                    "scale its inputs; the model is unchanged.",
                 )
             )
         new_stats[id(bn)] = (mean, var, accumulator)

@@ -309,8 +309,20 @@ def synthetic_inputs(
     batch = batch_size_of(model, batch_size)
     arrays = []
     for x, shape in zip(keras.tree.flatten(model.inputs), shapes):
-        if "int" in str(x.dtype):
-            arrays.append(np.zeros((batch, *shape), x.dtype))
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        if dtype == "string":
+            raise KerasBNError(
+                expected(
+                    f"Model '{model.name}' takes text (input '{x.name}'), and verification "
+                    "runs it on inputs it makes up, which are numbers",
+                    "numeric model inputs",
+                    f"input '{x.name}' of dtype string",
+                    "Fold the numeric part of the model (a keras.Model from the first layer "
+                    "after the text preprocessing), or fold_bn(..., verify=False).",
+                )
+            )
+        if "int" in dtype or dtype == "bool":
+            arrays.append(np.zeros((batch, *shape), dtype))
         else:
             arrays.append(rng.standard_normal((batch, *shape)).astype(x.dtype))
     return arrays

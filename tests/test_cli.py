@@ -220,7 +220,7 @@ def test_fold_export_verify_round_trip(files, tmp_path):
         ),
         (
             ["fold", "{d}/model.keras", "-o", "{t}/out.keras", "--samples", "{d}/strings.npy"],
-            r"Samples for input 'image' have an unusable dtype",
+            r"The samples file does not hold numbers\. Expected: an array of integers or floats.*Received: dtype <U1",
         ),
     ],
 )

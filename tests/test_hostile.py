@@ -7,6 +7,7 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -263,3 +264,373 @@ def test_a_float16_input_graph_is_judged_not_an_internal_error(onnx_files, tmp_p
     model = keras.saving.load_model(onnx_files / "model.keras")
     report = export.verify(model, tmp_path / "half.onnx", rtol=1e-2, atol=1e-2)
     assert report.passed, report
+
+
+# ------------------------------------------------------------------------------------------------
+# Arrays and .keras archives that declare more than they hold
+
+
+def npy_header(shape, dtype="<f4"):
+    """The bytes of a .npy header declaring `shape` (what numpy.save writes before the data)."""
+    import io
+
+    buffer = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bombs(onnx_files):
+    """Hostile .npy/.npz samples and .keras archives, each a few kilobytes on disk."""
+    import json
+    import zipfile
+
+    root = onnx_files / "bombs"
+    root.mkdir()
+    good = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    # .npy declaring 4 GB behind a few bytes.
+    (root / "truncated.npy").write_bytes(npy_header((10**9,)) + b"\0" * 64)
+    np.save(root / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    # .npz: a member declaring 4 GB; a bzip2 bomb of 64 MiB of zeros; a bad CRC.
+    with zipfile.ZipFile(root / "declared.npz", "w") as z:
+        z.writestr("image.npy", npy_header((10**9,)) + b"\0" * 64)
+    with zipfile.ZipFile(root / "bz2.npz", "w", compression=zipfile.ZIP_BZIP2) as z:
+        z.writestr("image.npy", npy_header((16 << 20,)) + bytes(64 << 20))
+    np.savez(root / "crc.npz", image=good)
+    data = bytearray((root / "crc.npz").read_bytes())
+    data[200] ^= 0xFF  # inside the member's array data: its CRC no longer matches
+    (root / "crc.npz").write_bytes(bytes(data))
+    os.mkfifo(root / "fifo.npy")
+    # .keras archives from the real model's config and metadata.
+    with zipfile.ZipFile(onnx_files / "model.keras") as z:
+        config = json.loads(z.read("config.json"))
+        metadata = z.read("metadata.json")
+
+    def archive(name, members, compression=zipfile.ZIP_STORED):
+        with zipfile.ZipFile(root / name, "w", compression=compression) as z:
+            z.writestr("metadata.json", metadata)
+            for member, content in members.items():
+                z.writestr(member, content)
+
+    inner = root / "inner.npz"
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("0.npy", npy_header((10**9,)) + b"\0" * 64)
+    archive(
+        "npz_weights.keras",
+        {"config.json": json.dumps(config), "model.weights.npz": inner.read_bytes()},
+    )
+    archive(
+        "h5_bomb.keras",
+        {"config.json": json.dumps(config), "model.weights.h5": bytes(80 << 20)},
+        zipfile.ZIP_BZIP2,
+    )
+    dense = json.loads(json.dumps(config))
+    for layer in dense["config"]["layers"]:
+        if layer["class_name"] == "Dense":
+            layer["config"]["units"] = 10**9  # 4e9 weights behind a few kilobytes
+    with zipfile.ZipFile(onnx_files / "model.keras") as z:
+        weights = z.read("model.weights.h5")
+    archive("huge_dense.keras", {"config.json": json.dumps(dense), "model.weights.h5": weights})
+    deep = "[" * 100_000 + "]" * 100_000
+    archive("deep.keras", {"config.json": deep, "model.weights.h5": weights})
+    many = json.loads(json.dumps(config))
+    template = next(l for l in many["config"]["layers"] if l["class_name"] == "ReLU")
+    many["config"]["layers"] += [{**template, "name": f"r{i}"} for i in range(30_000)]
+    archive("many_layers.keras", {"config.json": json.dumps(many), "model.weights.h5": weights})
+    os.symlink("/dev/zero", root / "zero.keras")
+    os.mkfifo(root / "fifo.keras")
+    return root
+
+
+ARRAY_REFUSALS = [
+    ("truncated.npy", r"The samples file is shorter than its header declares"),
+    ("objects.npy", r"The samples file does not hold numbers.*dtype object"),
+    ("declared.npz", r"Member 'image\.npy' of the samples file declares more data than it holds"),
+    ("bz2.npz", r"compressed beyond any real data \(a zip bomb\)"),
+    ("crc.npz", r"The samples file could not be read.*BadZipFile: Bad CRC-32"),
+    ("fifo.npy", r"The samples file is not a regular file.*a FIFO"),
+]
+
+
+@pytest.mark.parametrize("name,pattern", ARRAY_REFUSALS, ids=[n for n, _ in ARRAY_REFUSALS])
+def test_hostile_samples_are_refused_before_they_are_read(
+    onnx_files, bombs, tmp_path, name, pattern
+):
+    run = cli_in_process(
+        "fold", onnx_files / "model.keras", "-o", tmp_path / "o.keras", "--samples", bombs / name
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    one_line_error(run, pattern)
+    assert os.listdir(tmp_path) == []
+
+
+ARCHIVE_REFUSALS = [
+    ("npz_weights.keras", r"Member '0\.npy' of the archive's model\.weights\.npz declares more"),
+    ("h5_bomb.keras", r"member compressed beyond any real data.*'model\.weights\.h5'"),
+    ("huge_dense.keras", r"config\.json declares layers larger than its weights"),
+    ("deep.keras", r"config\.json is not JSON Keras can read.*RecursionError"),
+    ("many_layers.keras", r"config\.json declares too many layers.*Received: 3000\d"),
+    ("zero.keras", r"The model file is not a regular file.*a device or socket"),
+    ("fifo.keras", r"The model file is not a regular file.*a FIFO"),
+]
+
+
+@pytest.mark.parametrize("name,pattern", ARCHIVE_REFUSALS, ids=[n for n, _ in ARCHIVE_REFUSALS])
+def test_hostile_archives_are_refused_before_keras_reads_them(bombs, name, pattern):
+    start = time.perf_counter()
+    run = cli_in_process("inspect", bombs / name)
+    assert run.returncode == 2, run.stderr[-2000:]
+    one_line_error(run, pattern)
+    assert time.perf_counter() - start < 30
+
+
+# The same inputs in one process of their own, for its peak memory: TensorFlow and Keras take
+# about 0.7 GB; each refusal must add next to nothing (a bomb read would add gigabytes).
+# The peak is VmHWM, this process image's own high-water mark: getrusage's ru_maxrss keeps the
+# peak of the process that forked it across exec (here an xdist worker of several GB).
+PEAK_SCRIPT = """
+import json, sys
+from keras_bn.export import cli
+
+def peak_mb():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+peaks = {"(import)": (0, peak_mb())}
+for args in json.loads(sys.argv[1]):
+    code = cli.main(args)
+    peaks[args[-1]] = (code, peak_mb())
+print(json.dumps(peaks))
+"""
+
+
+def test_refusals_take_no_memory(onnx_files, bombs, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cases = [["inspect", str(bombs / name)] for name, _ in ARCHIVE_REFUSALS]
+    cases += [
+        ["fold", str(onnx_files / "model.keras"), "-o", str(tmp_path / "o.keras"), "--samples",
+         str(bombs / name)]
+        for name, _ in ARRAY_REFUSALS
+    ]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    peaks = json.loads(run.stdout.strip().splitlines()[-1])
+    _, imported = peaks.pop("(import)")
+    assert {code for code, _ in peaks.values()} == {2}, peaks
+    assert max(mb for _, mb in peaks.values()) < 1500, (imported, peaks)  # MB, the issue's bound
+    # And each refusal adds next to nothing to what importing TensorFlow and Keras took.
+    assert max(mb for _, mb in peaks.values()) - imported < 300, (imported, peaks)
+
+
+# ------------------------------------------------------------------------------------------------
+# Census: every command, at least 50 malformed arguments and files each, never exit 70
+
+
+def malformed_cases(onnx_files, bombs, out):
+    """{command: [argv]}: each argv has one malformed argument or file, the rest valid."""
+    d = onnx_files
+    (out / "empty.keras").write_bytes(b"")
+    (out / "empty.npy").write_bytes(b"")
+    (out / "text.keras").write_text("not a model\n")
+    (out / "garbage.npy").write_bytes(os.urandom(500))
+    np.save(out / "scalar.npy", np.float32(1.0))
+    np.save(out / "rows0.npy", np.zeros((0, 8, 8, 3), np.float32))
+    np.save(out / "wrong.npy", np.zeros((3, 5), np.float32))
+    np.save(out / "nan.npy", np.full((4, 8, 8, 3), np.nan, np.float32))
+    if not os.path.lexists(out / "loop.keras"):
+        os.symlink(out / "loop.keras", out / "loop.keras")
+    (out / "ro").mkdir(exist_ok=True)
+    os.chmod(out / "ro", 0o555)
+    models = [
+        "missing.keras", out, bombs / "fifo.keras", bombs / "zero.keras", out / "empty.keras",
+        d / "garbage.onnx", out / "text.keras", d / "model.onnx", bombs / "objects.npy",
+        out / "loop.keras", "x" * 300 + ".keras", bombs / "npz_weights.keras",
+        bombs / "h5_bomb.keras", bombs / "huge_dense.keras", bombs / "deep.keras",
+        bombs / "many_layers.keras",
+    ]  # fmt: skip
+    arrays = [
+        "missing.npy", out, bombs / "fifo.npy", "/dev/zero", out / "empty.npy",
+        out / "garbage.npy", bombs / "truncated.npy", bombs / "objects.npy",
+        bombs / "declared.npz", bombs / "bz2.npz", bombs / "crc.npz", out / "scalar.npy",
+        out / "rows0.npy", out / "wrong.npy", d / "model.keras",
+    ]  # fmt: skip
+    numbers = ["nan", "inf", "-1", "-inf", "abc", "1e999", ""]  # bad for every numeric flag
+    shapes = ["", "a,b", "0,8,3", "-1", "x=8,8,3", "8,8", "99999999999,8,3"]
+    m = str(d / "model.keras")
+    cases = {
+        c: [] for c in ("inspect", "fold", "export", "verify", "doctor", "recalibrate", "demo")
+    }
+    for bad in models:
+        cases["inspect"].append(["inspect", bad])
+        cases["fold"].append(["fold", bad, "-o", out / "o.keras"])
+        cases["export"].append(["export", bad, "-o", out / "o.onnx"])
+        cases["verify"].append(["verify", bad, d / "model.onnx"])
+        cases["doctor"].append(["doctor", bad])
+        cases["recalibrate"].append(
+            ["recalibrate", bad, "--data", bombs / "crc.npz", "-o", out / "o.keras"]
+        )
+    for bad in arrays:
+        cases["fold"].append(["fold", m, "-o", out / "o.keras", "--samples", bad])
+        cases["export"].append(["export", m, "-o", out / "o.onnx", "--samples", bad])
+        cases["export"].append(
+            ["export", m, "-o", out / "o.onnx", "--precision", "int8", "--calibration", bad]
+        )
+        cases["verify"].append(["verify", m, d / "model.onnx", "--samples", bad])
+        cases["verify"].append(["verify", m, bad])
+        cases["doctor"].append(["doctor", m, "--data", bad])
+        cases["recalibrate"].append(["recalibrate", m, "--data", bad, "-o", out / "o.keras"])
+    for bad in numbers:
+        cases["inspect"].append(["inspect", m, "--max-archive-gib", bad])
+        for flag in ("--atol", "--rtol", "--max-samples-gib"):
+            cases["fold"].append(["fold", m, "-o", out / "o.keras", flag, bad])
+        for flag in ("--opset", "--min-agreement", "--min-cosine", "--max-archive-gib"):
+            cases["export"].append(
+                ["export", m, "-o", out / "o.onnx", "--precision", "float16", flag, bad]
+            )
+        for flag in ("--max-onnx-gib", "--max-onnx-seconds", "--atol"):
+            cases["verify"].append(["verify", m, d / "model.onnx", flag, bad])
+        cases["doctor"].append(["doctor", m, "--batch-size", bad])
+        cases["doctor"].append(["doctor", m, "--max-archive-gib", bad])
+        cases["recalibrate"].append(
+            [
+                "recalibrate",
+                m,
+                "--data",
+                out / "nan.npy",
+                "-o",
+                out / "o.keras",
+                "--batch-size",
+                bad,
+            ]
+        )
+    for bad in shapes:
+        cases["fold"].append(["fold", m, "-o", out / "o.keras", "--input-shape", bad])
+        cases["export"].append(["export", m, "-o", out / "o.onnx", "--input-shape", bad])
+        cases["verify"].append(["verify", m, d / "model.onnx", "--input-shape", bad])
+    outputs = [out / "missing" / "o", out, out / "o.txt", m, out / "ro" / "o", bombs / "fifo.keras"]
+    for bad in outputs:
+        cases["fold"].append(["fold", m, "-o", bad])
+        cases["export"].append(["export", m, "-o", bad])
+        cases["recalibrate"].append(["recalibrate", m, "--data", out / "nan.npy", "-o", bad])
+    for command in ("inspect", "doctor"):
+        cases[command] += [
+            [command, m, "--frobnicate"],
+            [command, m, "extra"],
+            [command, bombs / "objects.npy", "--unsafe"],
+        ]
+    cases["export"] += [
+        ["export", m, "-o", out / "o.onnx", "--precision", "bf16"],
+        ["export", m, "-o", out / "o.onnx", "--keep-float", "nope"],
+        ["export", m, "-o", out / "o.onnx", "--precision", "float16", "--keep-float", "nope"],
+        ["export", m, "-o", out / "o.onnx", "--precision", "int8"],  # no calibration
+        [
+            "export",
+            m,
+            "-o",
+            out / "o.onnx",
+            "--precision",
+            "int8",
+            "--calibration",
+            out / "nan.npy",
+        ],
+        [
+            "export",
+            m,
+            "-o",
+            out / "o.onnx",
+            "--labels",
+            out / "wrong.npy",
+            "--precision",
+            "float16",
+        ],
+        ["export", m, "-o", out / "o.onnx", "--calibrate-method", "magic"],
+        ["export", m, "-o", out / "o.onnx", "--reduce-range", "maybe"],
+    ]
+    cases["doctor"] += [["doctor", m, "--data", out / "nan.npy"]]
+    cases["inspect"] += [["inspect"], ["inspect", m, m], ["inspect", "--unsafe", d / "model.onnx"]]
+    cases["demo"] += [  # an --out that is a file: refused before any training
+        ["demo", "--out", bombs / "fifo.keras"],
+        ["demo", "--out", m],
+        ["demo", "positional"],
+    ]
+    epochs = [*numbers, "1.5", "0x10", "-0", " ", "1 2", "two", "+-1", "1e3"]
+    for bad in epochs:  # argparse refuses each before any training
+        for place in (out / "demo", m, out / "ro" / "demo", bombs / "fifo.keras"):
+            cases["demo"].append(["demo", "--epochs", bad, "--out", place])
+    for bad in models:  # the same files with --unsafe and --json
+        cases["inspect"].append(["inspect", bad, "--unsafe", "--json"])
+        cases["doctor"].append(["doctor", bad, "--unsafe"])
+        cases["inspect"].append(["inspect", bad, "--json"])
+    for bad in [*numbers, "population_mean", ""]:
+        cases["recalibrate"].append(
+            ["recalibrate", m, "--data", out / "nan.npy", "-o", out / "o.keras", "--estimator", bad]
+        )
+    return cases
+
+
+def test_census_no_command_exits_70_on_malformed_input(onnx_files, bombs, tmp_path):
+    out = tmp_path / "census"
+    out.mkdir()
+    cases = malformed_cases(onnx_files, bombs, out)
+    results = {}
+    for command, argvs in cases.items():
+        assert len(argvs) >= 50, (command, len(argvs))
+        for argv in argvs:
+            run = cli_in_process(*argv)
+            results[" ".join(map(str, argv))] = (
+                run.returncode,
+                run.stderr.strip().splitlines()[-1:],
+            )
+    internal = {k: v for k, v in results.items() if v[0] == 70 or "internal error" in str(v[1])}
+    assert internal == {}, internal
+    unexpected = {k: v for k, v in results.items() if v[0] not in (1, 2)}
+    assert unexpected == {}, list(unexpected)
+    assert sum(len(v) for v in cases.values()) >= 350
+    os.chmod(out / "ro", 0o755)
+    # Nothing but the census's own inputs is in its folder: no output of a refused command.
+    assert sorted(os.listdir(out)) == sorted(
+        ["empty.keras", "empty.npy", "text.keras", "garbage.npy", "scalar.npy", "rows0.npy",
+         "wrong.npy", "nan.npy", "loop.keras", "ro"]
+    )  # fmt: skip
+    assert os.listdir(out / "ro") == []
+
+
+def test_a_write_the_filesystem_refuses_is_a_clear_error_and_leaves_nothing(onnx_files, tmp_path):
+    # A file size limit stands in for a full disk: the kernel refuses the write (EFBIG, as
+    # ENOSPC for a full disk) in the middle of the .keras archive.
+    import resource
+    import signal
+
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        run = cli_in_process("fold", onnx_files / "model.keras", "-o", tmp_path / "o.keras")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert run.returncode == 2, run.stderr[-2000:]
+    one_line_error(run, r"Could not write '.*o\.keras'; nothing was written.*File too large")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_model_that_takes_text_is_refused_with_the_way_out(tmp_path):
+    inputs = keras.Input((1,), dtype="string", name="text")
+    x = L.StringLookup(vocabulary=["a", "b"], output_mode="one_hot")(inputs)
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(L.Dense(4)(x)))
+    model.save(tmp_path / "text.keras")
+    for command in (["fold", "-o", tmp_path / "o.keras"], ["export", "-o", tmp_path / "o.onnx"]):
+        run = cli_in_process(command[0], tmp_path / "text.keras", *command[1:])
+        assert run.returncode == 2, run.stderr[-2000:]
+        one_line_error(run, r"takes text \(input 'text'\).*Fold the numeric part")
+    assert sorted(os.listdir(tmp_path)) == ["text.keras"]

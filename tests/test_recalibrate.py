@@ -466,3 +466,67 @@ def test_a_model_that_fails_on_the_data_is_a_clear_error(rng):
     long = rng.normal(size=(8, 100, 4)).astype("float32")
     new, _ = keras_bn.recalibrate(model, long, progress=False)  # the negative case: it runs
     assert new.get_layer("bn").moving_variance.shape == (12,)
+
+
+def test_batch_mean_merges_a_trailing_remainder_smaller_than_half_a_batch(data):
+    # 300 rows in batches of 299: the last batch holds one row (variance 0). As a batch of its
+    # own it would halve the average variance; merged into the batch before it, the two are one
+    # batch of all 300 rows: NumPy's statistics of the whole data.
+    model = two_branch_model()
+    new, report = keras_bn.recalibrate(
+        model, data, batch_size=299, estimator="batch_mean", progress=False
+    )
+    conv = activations(model, "conv", data)
+    np.testing.assert_allclose(
+        new.get_layer("bn_a").moving_variance.numpy(), conv.var(0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new.get_layer("bn_a").moving_mean.numpy(), conv.mean(0), atol=1e-6 * conv.std()
+    )
+    assert report.batches == 2  # both batches were seen
+    # Negative case: a remainder of half a batch or more stays a batch of its own (update_bn),
+    # here 150 + 150 rows, each batch's variance averaged.
+    halves, _ = keras_bn.recalibrate(
+        model, data, batch_size=150, estimator="batch_mean", progress=False
+    )
+    first, second = activations(model, "conv", data[:150]), activations(model, "conv", data[150:])
+    np.testing.assert_allclose(
+        halves.get_layer("bn_a").moving_variance.numpy(),
+        (first.var(0) + second.var(0)) / 2,
+        rtol=1e-5,
+    )
+
+
+def test_statistics_a_layer_cannot_store_or_cannot_estimate_are_refused(rng):
+    # A float16 BatchNorm on data of std 300: variance 9e4 > 65504, float16's largest number.
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras_bn.BatchNorm(name="bn", dtype="float16")(inputs))
+    before = [np.array(w) for w in model.weights]
+    wide = rng.normal(0.0, 300.0, size=(64, 4)).astype("float32")
+    with pytest.raises(
+        KerasBNError, match=r"BatchNorm 'bn' got statistics its float16 variables cannot hold"
+    ):
+        keras_bn.recalibrate(model, wide, progress=False)
+    # One row of data: one value per channel, no variance to estimate.
+    with pytest.raises(KerasBNError, match=r"BatchNorm 'bn' saw too few values.*1 value"):
+        keras_bn.recalibrate(model, wide[:1], progress=False)
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, model.weights))
+    # Within float16's range: recalibrated, in float16, finite.
+    new, _ = keras_bn.recalibrate(model, wide / 10, progress=False)
+    variance = np.asarray(new.get_layer("bn").moving_variance)
+    assert variance.dtype == np.float16 and np.all(np.isfinite(variance))
+    np.testing.assert_allclose(variance, (wide / 10).astype(np.float64).var(0), rtol=2e-3)
+
+
+def test_data_that_never_ends_needs_batches(rng):
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras_bn.BatchNorm(name="bn")(inputs))
+    x = rng.normal(size=(16, 4)).astype("float32")
+    endless = tf.data.Dataset.from_tensor_slices(x).batch(8).repeat()
+    with pytest.raises(KerasBNError, match=r"The data never ends.*batches="):
+        keras_bn.recalibrate(model, endless, progress=False)
+    new, report = keras_bn.recalibrate(model, endless, batches=3, progress=False)
+    assert report.batches == 3
+    # Three batches: the two halves of x, then the first half again.
+    seen = np.concatenate([x, x[:8]]).astype(np.float64)
+    np.testing.assert_allclose(new.get_layer("bn").moving_variance.numpy(), seen.var(0), rtol=1e-5)
