@@ -48,6 +48,7 @@ from keras_bn.verification import (
     batch_shape_text,
     in_background,
     model_failure,
+    refuse_sparse,
     wrong_shape,
 )
 
@@ -173,6 +174,7 @@ def _batches(model, data, batch_size):
     are cut into `batch_size` rows; a `tf.data.Dataset`, a `keras.utils.PyDataset` or any
     iterable yields its own batches."""
     inputs = len(keras.tree.flatten(model.inputs))
+    refuse_sparse(_strip_labels(data) if isinstance(data, tuple) else data, "data")
     if _is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
         if _is_tf_dataset(data):
             source = data

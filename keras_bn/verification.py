@@ -344,11 +344,38 @@ _SUBJECTS = {
 }
 
 
+def refuse_sparse(value, subject: str) -> None:
+    """Raises `KerasBNError` when `value` is a sparse array (TensorFlow's SparseTensor, a SciPy
+    sparse matrix, JAX's BCOO, a PyTorch sparse tensor): keras_bn reads dense arrays, and NumPy
+    would make a 0-d object array of it, whose error would say nothing about why."""
+    kind = type(value)
+    sparse = (
+        kind.__name__ in ("SparseTensor", "SparseTensorValue", "BCOO", "BCSR")
+        or kind.__module__.startswith("scipy.sparse")
+        or getattr(value, "is_sparse", False) is True  # torch
+    )
+    if sparse:
+        raise KerasBNError(
+            expected(
+                f"The {subject} {'is' if subject == 'batch' else 'are'} sparse",
+                "dense arrays (NumPy or backend tensors)",
+                f"a {kind.__module__}.{kind.__name__}",
+                "Convert them first: tf.sparse.to_dense(x) (TensorFlow), x.toarray() (SciPy), "
+                "x.todense() (JAX), x.to_dense() (PyTorch).",
+            )
+        )
+
+
 def arrays_per_input(model: keras.Model, data, subject: str = "samples"):
     """`(names, inputs, arrays)`: `data` (one array, a list/tuple with one array per input, or a
     dict keyed by input name) split in `model.inputs` order. Raises `KerasBNError` when the keys
     or the count do not match; `subject` ("samples" or "batch") words the message."""
     keys_message, count_message = _SUBJECTS[subject]
+    refuse_sparse(data, subject)
+    for value in (
+        data.values() if isinstance(data, dict) else data if isinstance(data, (list, tuple)) else ()
+    ):
+        refuse_sparse(value, subject)
     inputs = keras.tree.flatten(model.inputs)
     names = [x.name for x in inputs]
     if isinstance(data, dict):

@@ -634,3 +634,29 @@ def test_a_model_that_takes_text_is_refused_with_the_way_out(tmp_path):
         assert run.returncode == 2, run.stderr[-2000:]
         one_line_error(run, r"takes text \(input 'text'\).*Fold the numeric part")
     assert sorted(os.listdir(tmp_path)) == ["text.keras"]
+
+
+def test_sparse_samples_and_data_are_refused_with_the_conversion_to_use():
+    import scipy.sparse
+    import tensorflow as tf
+
+    import keras_bn
+
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(L.Dense(3)(inputs)))
+    before = [np.array(w) for w in model.weights]
+    dense = np.eye(8, 4, dtype="float32")
+    for sparse, fix in (
+        (tf.sparse.from_dense(dense), r"tf\.sparse\.to_dense"),
+        (scipy.sparse.csr_matrix(dense), r"x\.toarray\(\)"),
+    ):
+        with pytest.raises(keras_bn.KerasBNError, match=rf"The samples are sparse.*{fix}"):
+            keras_bn.fold_bn(model, samples=sparse)
+        with pytest.raises(keras_bn.KerasBNError, match=rf"The data are sparse.*{fix}"):
+            keras_bn.recalibrate(model, sparse, progress=False)
+        with pytest.raises(keras_bn.KerasBNError, match=r"The data are sparse"):
+            keras_bn.recalibrate(model, (sparse, np.zeros(8)), progress=False)
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, model.weights))
+    # Dense, the same values recalibrate (the negative case).
+    new, _ = keras_bn.recalibrate(model, dense, progress=False)
+    assert np.all(np.isfinite(np.asarray(new.get_layer("bn").moving_variance)))
