@@ -1,10 +1,24 @@
 """keras_bn: BatchNorm for Keras 3 with explicit conventions, exact folding and verified export."""
 
+from keras_bn import _environment
+from keras_bn.errors import KerasBNError
+
+# Before Keras is imported: an unknown or missing backend fails inside Keras's own import.
+try:
+    _environment.check_keras_backend()
+except KerasBNError as _error:
+    if not _environment.running_the_command_line():
+        raise
+    import sys as _sys
+
+    print(f"keras-bn: error: {_error}", file=_sys.stderr)
+    raise SystemExit(2) from None
+
 from keras_bn.affine import ChannelAffine
 from keras_bn.callbacks import SkippedUpdatesWarning
 from keras_bn.conventions import keras_momentum_to_torch, torch_momentum_to_keras
 from keras_bn.diagnosis import DiagnosisReport, diagnose
-from keras_bn.errors import KerasBNError, VerificationError
+from keras_bn.errors import VerificationError
 from keras_bn.fold import FoldReport, fold_bn
 from keras_bn.layer import BatchNorm
 from keras_bn.recalibration import RecalibrationReport, recalibrate

@@ -660,3 +660,43 @@ def test_sparse_samples_and_data_are_refused_with_the_conversion_to_use():
     # Dense, the same values recalibrate (the negative case).
     new, _ = keras_bn.recalibrate(model, dense, progress=False)
     assert np.all(np.isfinite(np.asarray(new.get_layer("bn").moving_variance)))
+
+
+@pytest.mark.parametrize(
+    "env,pattern",
+    [
+        ({"KERAS_BACKEND": "foo"}, r"Keras's backend 'foo' \(from KERAS_BACKEND\) is not one of"),
+        ({"KERAS_BACKEND": "openvino"}, r"'openvino' \(from KERAS_BACKEND\) is not installed"),
+        ({"KERAS_BACKEND": "", "KERAS_HOME": "{home}"}, r"'mxnet' \(from .*keras\.json\)"),
+    ],
+    ids=["unknown", "not-installed", "keras-json"],
+)
+def test_an_unusable_keras_backend_is_one_line_not_a_traceback(tmp_path, env, pattern):
+    import importlib.util
+    import subprocess
+    import sys
+
+    if "openvino" in env.values() and importlib.util.find_spec("openvino") is not None:
+        pytest.skip("openvino is installed here")
+    (tmp_path / "keras.json").write_text('{"backend": "mxnet"}')
+    env = {k: v.format(home=tmp_path) for k, v in env.items()}
+    exe = os.path.join(os.path.dirname(sys.executable), "keras-bn")
+    for argv in (
+        [exe, "inspect", "m.keras"],
+        [sys.executable, "-m", "keras_bn.export.cli", "inspect", "m.keras"],
+    ):
+        run = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+        )
+        assert run.returncode == 2, run.stderr[-2000:]
+        one_line_error(run, pattern)
+    # A library user gets the same message as an exception, raised before Keras is imported.
+    run = subprocess.run(
+        [sys.executable, "-c", "import keras_bn"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert run.returncode == 1 and "keras_bn.errors.KerasBNError" in run.stderr
+    assert "Unable to import backend" not in run.stderr  # Keras's own import never started

@@ -1,0 +1,74 @@
+"""What keras_bn checks before it imports Keras: the backend Keras is about to load.
+
+Keras picks its backend at import time (`KERAS_BACKEND`, else `backend` in `~/.keras/keras.json`,
+else TensorFlow) and fails inside its own import when the name is unknown or the package is not
+installed: a traceback, not a message. keras_bn checks the same two things first and says what
+to set or install. The `keras-bn` command line, which cannot catch an error raised while its own
+package is imported, prints that one line and exits 2 instead.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+from keras_bn.errors import KerasBNError, expected
+
+# Keras 3's backends, and the package each one imports.
+BACKEND_PACKAGES = {
+    "tensorflow": "tensorflow",
+    "jax": "jax",
+    "torch": "torch",
+    "numpy": "numpy",
+    "openvino": "openvino",
+}
+INSTALL = {"jax": 'pip install "keras-bn[jax]"', "torch": "pip install torch"}
+
+
+def configured_backend():
+    """`(name, where it was set)`, as Keras reads it: the environment, then keras.json."""
+    name = os.environ.get("KERAS_BACKEND")
+    if name:
+        return name, "KERAS_BACKEND"
+    base = os.path.expanduser("~")
+    base = base if os.access(base, os.W_OK) else "/tmp"  # Keras's own fallback
+    home = os.environ.get("KERAS_HOME") or os.path.join(base, ".keras")
+    path = os.path.join(home, "keras.json")
+    try:
+        with open(path) as f:
+            name = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return (name, path) if name else ("tensorflow", "the default")
+
+
+def check_keras_backend():
+    """Raises `KerasBNError` when Keras's backend is unknown or its package is missing."""
+    name, where = configured_backend()
+    if name not in BACKEND_PACKAGES:
+        raise KerasBNError(
+            expected(
+                f"Keras's backend {name!r} (from {where}) is not one of Keras's backends",
+                ", ".join(BACKEND_PACKAGES),
+                repr(name),
+                "Set KERAS_BACKEND to one of them, or unset it for tensorflow.",
+            )
+        )
+    package = BACKEND_PACKAGES[name]
+    if importlib.util.find_spec(package) is None:
+        raise KerasBNError(
+            expected(
+                f"Keras's backend {name!r} (from {where}) is not installed",
+                f"the {package} package",
+                "no such package in this Python",
+                f"Install it ({INSTALL.get(name, f'pip install {package}')}), or set "
+                "KERAS_BACKEND to an installed backend.",
+            )
+        )
+
+
+def running_the_command_line() -> bool:
+    """Whether this process is the `keras-bn` command (console script or `python -m`)."""
+    return os.path.basename(sys.argv[0]) == "keras-bn" or "keras_bn.export.cli" in getattr(
+        sys, "orig_argv", ()
+    )
