@@ -510,14 +510,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from keras_bn.errors import KerasBNError, VerificationError, plain_text
 
-    from .files import run_inputs
+    from .files import private_tempdir, run_inputs
 
     inputs = [
         getattr(args, name, None)
         for name in ("model", "samples", "data", "calibration", "labels", "onnx")
     ]
     try:
-        with run_inputs(inputs):
+        # Keras's own temporaries (a .keras with assets is extracted whole while it loads) in
+        # a folder that is removed even when the command is stopped.
+        with run_inputs(inputs), private_tempdir():
             return args.func(args)
     except KerasBNError as error:
         if debug:

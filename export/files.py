@@ -23,6 +23,7 @@ import secrets
 import shutil
 import socket
 import stat
+import tempfile
 import threading
 import time
 import warnings
@@ -45,7 +46,7 @@ class ArchiveLimits:
     max_total_bytes: int = 8 * GiB  # sum of the members' declared uncompressed sizes
     max_config_bytes: int = 64 * MiB  # config.json and metadata.json
     max_config_depth: int = 200  # nesting of config.json (Keras's own reader recurses)
-    max_layers: int = 20_000  # layers in config.json, nested models included
+    max_layers: int = 5_000  # layers in config.json, nested models included (NASNetLarge: 1041)
     max_ratio: float = 100.0  # declared / stored bytes of a member over 64 MiB (Keras writes 1)
 
 
@@ -613,13 +614,47 @@ _TEMP_NAME = re.compile(r"\.keras-bn-(\d{1,10})-([0-9a-f]{8})-[0-9a-f]{12}(\.[A-
 
 
 def remove_pending():
-    """Removes the named temporary files of writes in progress (for a signal handler that is
-    about to end the process)."""
+    """Removes the named temporary files of writes in progress and the private temporary folder
+    of a Keras load or save (`private_tempdir`), for a signal handler that is about to end the
+    process."""
     for tmp in list(_pending):
         try:
-            os.remove(tmp)
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.remove(tmp)
         except OSError:
             pass
+
+
+_TEMPDIR_SUFFIX = ".tmp"  # a private temporary folder: .keras-bn-<pid>-<tag>-<12 hex>.tmp
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    """Within the block, Python's `tempfile`, and so Keras's saving library, works in a folder
+    of its own under $TMPDIR, `.keras-bn-<pid>-<tag>-<12 hex>.tmp`, removed when the block ends,
+    by the command line's SIGTERM/SIGINT handler (`remove_pending`), or, after a SIGKILL, by a
+    later run once stale (`remove_stale_temporaries`). Keras extracts a whole `.keras` archive
+    with assets into `tempfile.mkdtemp()` while it loads it, and removes it only if it is not
+    killed. For the command line: `tempfile.tempdir` is process-wide."""
+    base = tempfile.gettempdir()
+    remove_stale_temporaries(base)
+    path = _temp_name(base, _TEMPDIR_SUFFIX)
+    try:
+        os.mkdir(path, 0o700)
+    except OSError:  # an unwritable $TMPDIR: Keras's own temporaries go where they would
+        yield base
+        return
+    _pending.add(path)
+    previous = tempfile.tempdir
+    tempfile.tempdir = path
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(path, ignore_errors=True)
+        _pending.discard(path)
 
 
 def _writer_runs(pid):
@@ -640,7 +675,8 @@ def remove_stale_temporaries(directory, keep=()):
     - its tag is this machine's boot and PID namespace (`_writer_tag`), so the PID means here
       what it meant to the writer;
     - no process with that PID runs;
-    - it is a regular file, unchanged for `STALE_AFTER_S` seconds;
+    - it is a regular file, or a `.tmp` folder (`private_tempdir`), unchanged for
+      `STALE_AFTER_S` seconds;
     - it is none of `keep`, nor of the paths of an enclosing `run_inputs` (the run's inputs).
     """
     keep = [os.fspath(k) for k in keep if k is not None] + list(_inputs.get())
@@ -659,11 +695,15 @@ def remove_stale_temporaries(directory, keep=()):
         path = os.path.join(directory, name)
         try:
             info = os.lstat(path)
-            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < STALE_AFTER_S:
+            folder = stat.S_ISDIR(info.st_mode) and name.endswith(_TEMPDIR_SUFFIX)
+            if not (stat.S_ISREG(info.st_mode) or folder) or now - info.st_mtime < STALE_AFTER_S:
                 continue
             if any(os.path.exists(k) and os.path.samefile(k, path) for k in keep):
                 continue
-            os.remove(path)
+            if folder:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
         except OSError:
             continue
 

@@ -3,10 +3,14 @@ moment, and its removal of temporaries that killed writers left, which must neve
 else."""
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+
+import pytest
 
 from keras_bn.export import files
 from keras_bn.export.files import atomic_output, remove_stale_temporaries, run_inputs
@@ -133,3 +137,62 @@ def test_sigkill_anywhere_in_the_write_leaves_no_temporary_and_no_partial_output
     expected = bytes(range(256)) * 256 * 128
     for name in os.listdir(tmp_path):
         assert (tmp_path / name).read_bytes() == expected, name
+
+
+# keras-bn fold in a subprocess that pauses inside Keras's own save, after Keras made its
+# temporary folder in $TMPDIR (every .keras save makes one for the model's assets).
+PAUSED_IN_KERAS_SAVE = textwrap.dedent("""
+    import sys, time
+    from keras.src.saving import saving_lib
+    from keras_bn.export import cli
+
+    real = saving_lib._save_state
+
+    def paused(*args, **kwargs):
+        print("PAUSED", flush=True)
+        time.sleep(600)
+
+    saving_lib._save_state = paused
+    sys.argv = ["keras-bn", *sys.argv[1:]]
+    sys.exit(cli.console_main())
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_keras_temporaries_of_a_stopped_command_do_not_stay_in_tmpdir(tmp_path, sig):
+    import keras
+
+    from tests.test_cli import cli_in_process
+
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.Dense(3)(inputs)))
+    model.save(tmp_path / "m.keras")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_IN_KERAS_SAVE, "fold", str(tmp_path / "m.keras"), "-o",
+         str(tmp_path / "o.keras")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "PAUSED", proc.stderr.read()[-3000:]
+    # Keras's folder exists, inside keras-bn's own one.
+    (private,) = os.listdir(tmpdir)
+    assert private.startswith(".keras-bn-") and private.endswith(".tmp")
+    assert os.listdir(tmpdir / private), "Keras made no temporary folder: nothing is tested"
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:  # the handler removes it
+        assert os.listdir(tmpdir) == []
+    else:  # nothing runs after SIGKILL: the next command removes it once stale
+        assert os.listdir(tmpdir) == [private]
+        age(tmpdir / private, files.STALE_AFTER_S + 60)
+        previous = tempfile.tempdir
+        tempfile.tempdir = str(tmpdir)
+        try:
+            run = cli_in_process("inspect", tmp_path / "m.keras")
+        finally:
+            tempfile.tempdir = previous
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert os.listdir(tmpdir) == []
+    assert sorted(os.listdir(tmp_path)) == ["m.keras", "tmp"]
