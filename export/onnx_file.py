@@ -2,7 +2,7 @@
 
 Reading is bounded before any tensor is made: the file is a regular file of at most
 `OnnxLimits.max_file_bytes`; external data must lie inside the file's folder; only the standard
-operator domain is accepted (no custom ops, whose kernels would be code); `onnx.checker` passes;
+operator domains are accepted (no custom ops, whose kernels would be code); `onnx.checker` passes;
 every tensor the file stores or declares (initializers, Constant nodes) and every tensor whose
 shape ONNX's shape inference can tell (with constant folding of shapes, `data_prop=True`: a
 `ConstantOfShape` of 2.5e9 values is caught here) fits in the memory the run may take.
@@ -13,8 +13,8 @@ whose size only the inputs decide ends as a clear error, and Ctrl-C or SIGTERM e
 parent.
 
 Example:
-    proto = load(path)                       # KerasBNError if the file is refused
-    outputs = run(path, [feed], ["logits"], [("0", "enabled")])
+    proto = load(path)  # KerasBNError if the file is refused
+    (outputs,) = run(proto.SerializeToString(), [{"image": x}], ["logits"], [(0, "enabled")])
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ import onnx
 
 from keras_bn.errors import KerasBNError, expected
 
-from .files import check_regular_file
+from .files import GiB, check_regular_file
 
-GiB = 1 << 30
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")  # the operator sets of the ONNX standard
 
 
@@ -86,7 +85,7 @@ def _check_external_data(proto, folder, limits):
     from onnx import external_data_helper
 
     total = 0
-    for tensor in external_data_helper._get_all_tensors(proto):
+    for tensor in _all_tensors(proto.graph):
         if not external_data_helper.uses_external_data(tensor):
             continue
         info = external_data_helper.ExternalDataInfo(tensor)
@@ -146,12 +145,8 @@ def load(path, limits=DEFAULT_LIMITS) -> onnx.ModelProto:
             "only standard ONNX operators, as a Keras model exports to",
             f"domains {custom}",
         )
-    for tensor in proto.graph.initializer:
-        _check_tensor(tensor, "initializer", limits)
-    for node in _all_nodes(proto.graph):
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                _check_tensor(attribute.t, f"node '{node.name}' ({node.op_type}) attribute", limits)
+    for tensor in _all_tensors(proto.graph):  # initializers and Constant values, subgraphs too
+        _check_tensor(tensor, "tensor", limits)
     _check_external_data(proto, os.path.dirname(os.path.abspath(path)), limits)
     try:
         onnx.checker.check_model(proto)
@@ -174,6 +169,20 @@ def load(path, limits=DEFAULT_LIMITS) -> onnx.ModelProto:
                 limits,
             )
     return proto
+
+
+def _all_tensors(graph):
+    """Every tensor a graph stores: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _all_tensors(sub)
 
 
 def _all_nodes(graph):

@@ -189,7 +189,7 @@ VERIFY_REFUSALS = [
     ("runtime_size.onnx", r"onnxruntime needs more memory for the ONNX file than allowed"),
     ("loop.onnx", r"onnxruntime did not finish the ONNX file in the time allowed"),
     ("custom_domain.onnx", r"operators outside the standard domain.*\['com\.example'\]"),
-    ("declared_40gb.onnx", r"declares initializer 'big' larger than allowed"),
+    ("declared_40gb.onnx", r"declares tensor 'big' larger than allowed"),
     ("external_outside.onnx", r"external data lies outside its folder"),
     ("fifo.onnx", r"The ONNX file is not a regular file.*a FIFO"),
     ("/dev/zero", r"The ONNX file is not a regular file.*a device or socket"),
