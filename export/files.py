@@ -637,7 +637,8 @@ def private_tempdir():
     by the command line's SIGTERM/SIGINT handler (`remove_pending`), or, after a SIGKILL, by a
     later run once stale (`remove_stale_temporaries`). Keras extracts a whole `.keras` archive
     with assets into `tempfile.mkdtemp()` while it loads it, and removes it only if it is not
-    killed. For the command line: `tempfile.tempdir` is process-wide."""
+    killed. The environment's TMPDIR points there too, for native code (onnxruntime writes a
+    `.ses` file into $TMPDIR for each session). For the command line: both are process-wide."""
     base = tempfile.gettempdir()
     remove_stale_temporaries(base)
     path = _temp_name(base, _TEMPDIR_SUFFIX)
@@ -647,12 +648,17 @@ def private_tempdir():
         yield base
         return
     _pending.add(path)
-    previous = tempfile.tempdir
+    previous, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = path
+    os.environ["TMPDIR"] = path  # for native code: onnxruntime writes $TMPDIR/.ses per session
     try:
         yield path
     finally:
         tempfile.tempdir = previous
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
         shutil.rmtree(path, ignore_errors=True)
         _pending.discard(path)
 

@@ -262,10 +262,12 @@ def test_unwritable_destination_is_refused_before_loading(files, tmp_path, comma
 PAUSED_CLI = textwrap.dedent("""
     import sys, time
     import tf2onnx.convert
-    from keras_bn.export import cli, converter
+    # Not the converter module: it imports onnxruntime, which writes $TMPDIR/.ses on import,
+    # and the command imports it itself inside its private temporary folder.
+    from keras_bn.export import cli, files
 
     phase = sys.argv[1]
-    real_convert, real_output = tf2onnx.convert.from_function, converter.atomic_output
+    real_convert, real_output = tf2onnx.convert.from_function, files.atomic_output
 
     def paused_convert(*args, **kwargs):
         result = real_convert(*args, **kwargs)
@@ -292,7 +294,7 @@ PAUSED_CLI = textwrap.dedent("""
             yield PausedHandle(handle) if phase == "writing" else handle
 
     tf2onnx.convert.from_function = paused_convert
-    converter.atomic_output = paused_output
+    files.atomic_output = paused_output  # before the converter imports it
     sys.argv = ["keras-bn"] + sys.argv[2:]
     sys.exit(cli.console_main())
 """)
@@ -310,7 +312,10 @@ PAUSED_CLI = textwrap.dedent("""
     ],
 )
 def test_killed_export_leaves_the_directory_as_it_was(files, tmp_path, sig, phase):
-    out = tmp_path / "o.onnx"
+    out_dir, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmpdir.mkdir()
+    out = out_dir / "o.onnx"
     out.write_bytes(b"previous export")
     proc = subprocess.Popen(
         [
@@ -326,7 +331,7 @@ def test_killed_export_leaves_the_directory_as_it_was(files, tmp_path, sig, phas
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env={**ENV, "TMPDIR": str(tmpdir)},
     )
     assert proc.stdout.readline().strip() == "PAUSED", proc.stderr.read()[-3000:]
     proc.send_signal(sig)
@@ -336,7 +341,14 @@ def test_killed_export_leaves_the_directory_as_it_was(files, tmp_path, sig, phas
         word = "interrupted" if sig == signal.SIGINT else "terminated"
         assert f"keras-bn: error: {word}" in err and "Traceback" not in err
     assert out.read_bytes() == b"previous export"
-    assert os.listdir(tmp_path) == ["o.onnx"]  # no temporary file, even after SIGKILL
+    assert os.listdir(out_dir) == ["o.onnx"]  # no temporary file, even after SIGKILL
+    # $TMPDIR: the handlers remove keras-bn's temporary folder; after SIGKILL it stays, named
+    # for a later command to remove once stale (tests/test_files.py).
+    left = os.listdir(tmpdir)
+    if sig == signal.SIGKILL:
+        assert len(left) == 1 and left[0].startswith(".keras-bn-") and left[0].endswith(".tmp")
+    else:
+        assert left == []
 
 
 def test_written_files_get_the_usual_mode(tmp_path):
