@@ -59,6 +59,7 @@ def one_line_error(run, pattern):
     import re
 
     assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -700,3 +700,37 @@ def test_an_unusable_keras_backend_is_one_line_not_a_traceback(tmp_path, env, pa
     )
     assert run.returncode == 1 and "keras_bn.errors.KerasBNError" in run.stderr
     assert "Unable to import backend" not in run.stderr  # Keras's own import never started
+
+
+def test_a_load_error_keeps_keras_s_whole_message(onnx_files, tmp_path):
+    # Dense units changed in the config (5 instead of 3) but not in the weights: Keras builds
+    # the model and then refuses the weights, with its reason at the end of a long message.
+    import json
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(onnx_files / "model.keras") as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    config = json.loads(members["config.json"])
+    for layer in config["config"]["layers"]:
+        if layer["class_name"] == "Dense":
+            layer["config"]["units"] = 5
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "mismatch.keras", "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    try:  # Keras's own words, independently
+        keras.saving.load_model(tmp_path / "mismatch.keras")
+    except Exception as error:  # noqa: BLE001 - whatever Keras raises, its text is the oracle
+        keras_text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(error)).split())
+    else:
+        pytest.fail("Keras loaded a model whose weights do not fit its config")
+    assert len(keras_text) > 300  # the old cut would have dropped its end
+    run = cli_in_process("inspect", tmp_path / "mismatch.keras")
+    assert run.returncode == 2
+    line = one_line_error(run, r"The model could not be loaded")
+    # Its beginning and its end, which names the layer (the middle holds the values of a fresh,
+    # randomly initialized variable).
+    tail = keras_text.rsplit("]]>", 1)[-1].strip()
+    assert "could not be loaded: [<Dense name=logits" in tail
+    assert keras_text[:60] in line and tail in line, (keras_text, line)
