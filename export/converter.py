@@ -655,14 +655,14 @@ def match_io(model, proto, nchw):
     return matched
 
 
-def _verify_proto(model, model_bytes, nchw, references, tolerance, runner=None):
-    """`references` from `_references`. onnxruntime runs each input set at its batch size and,
+def _verify_proto(model, proto, model_bytes, nchw, references, tolerance, runner=None):
+    """`proto` and its `model_bytes`; `references` from `_references`. onnxruntime runs each input set at its batch size and,
     for the synthetic one, on its first sample alone at batch 1 (the dynamic batch dimension),
     at both optimization levels, through `runner` (`_in_process` by default; `verify` runs a
     file from outside in a bounded process of its own). Outputs are fetched by name, and each
     is judged against its own scale."""
     report = VerifyReport(atol=tolerance.atol, rtol=tolerance.rtol)
-    inputs = match_io(model, onnx.load_from_string(model_bytes), nchw)
+    inputs = match_io(model, proto, nchw)
     names = [name for name, _, _ in inputs]
     names_out = output_names(model)
     feeds, runs, labels = [], [], []
@@ -804,7 +804,7 @@ def verify(
     def bounded(feeds, outputs, runs):
         return onnx_file.run(model_bytes, feeds, outputs, runs, limits)
 
-    return _verify_proto(model, model_bytes, nchw, references, tolerance, runner=bounded)
+    return _verify_proto(model, proto, model_bytes, nchw, references, tolerance, runner=bounded)
 
 
 def to_onnx(
@@ -907,7 +907,7 @@ def to_onnx(
         step("verifying with onnxruntime")
         references = pending.result()
     model_bytes = proto.SerializeToString()
-    verification = _verify_proto(model, model_bytes, nchw_inputs, references, tolerance)
+    verification = _verify_proto(model, proto, model_bytes, nchw_inputs, references, tolerance)
     timings["verify"] = time.perf_counter() - start
     if not verification.passed:
         worst = max((r for r in verification.rows if not r.passed), key=lambda r: r.max_abs_error)

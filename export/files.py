@@ -16,6 +16,7 @@ import contextvars
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -116,7 +117,7 @@ def check_archive(path, limits=DEFAULT_LIMITS):
             config_text = archive.read("config.json")
             weight_bytes = None
             if "model.weights.h5" in names:
-                with archive.open("model.weights.h5") as stream:  # read as h5py seeks, never whole
+                with _member_file(path, archive, names["model.weights.h5"]) as stream:
                     weight_bytes = _check_weights(stream, names["model.weights.h5"].file_size)
             elif "model.weights.npz" in names:  # Keras reads this form too
                 with archive.open("model.weights.npz") as stream, zipfile.ZipFile(stream) as inner:
@@ -205,11 +206,61 @@ def _check_config(config, limits, weight_bytes):
         )
 
 
+class _Window(io.RawIOBase):
+    """Bytes `start` to `start + size` of the open binary file `handle`, as a seekable file."""
+
+    def __init__(self, handle, start, size):
+        self.handle, self.start, self.size, self.position = handle, start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer):
+        count = max(0, min(len(buffer), self.size - self.position))
+        self.handle.seek(self.start + self.position)
+        data = self.handle.read(count)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+@contextlib.contextmanager
+def _member_file(path, archive, info):
+    """A seekable file object over archive member `info` that never holds it whole in memory.
+
+    A stored member (Keras writes .keras archives uncompressed) is a window on the archive file
+    itself: h5py's random reads cost nothing (ZipExtFile would re-read the member from its start
+    at every backward seek: 2.5 s instead of 0.13 s on ResNet50's 98 MB of weights). A compressed
+    one is read into memory, which its ratio check has bounded."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        yield io.BytesIO(archive.read(info))
+        return
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)  # the local file header: its name and extra field lengths
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")
+        start = info.header_offset + 30 + int.from_bytes(header[26:28], "little")
+        start += int.from_bytes(header[28:30], "little")
+        yield _Window(handle, start, info.file_size)
+
+
 def _check_weights(stream, size):
     """Every HDF5 dataset must fit in the bytes the file holds: a dataset declared larger than
     its file has no data behind it (HDF5 would fill it), and reading it would allocate the
     declared size. h5py reads shapes without reading data, from `stream` (a seekable file
-    object: the archive member is never read whole into memory). Returns the declared bytes."""
+    object, `_member_file`). Returns the declared bytes."""
     import h5py
 
     try:
