@@ -120,7 +120,11 @@ def check_archive(path, limits=DEFAULT_LIMITS):
                 with _member_file(path, archive, names["model.weights.h5"]) as stream:
                     weight_bytes = _check_weights(stream, names["model.weights.h5"].file_size)
             elif "model.weights.npz" in names:  # Keras reads this form too
-                with archive.open("model.weights.npz") as stream, zipfile.ZipFile(stream) as inner:
+                member = names["model.weights.npz"]
+                with (
+                    _member_file(path, archive, member) as stream,
+                    zipfile.ZipFile(stream) as inner,
+                ):
                     weight_bytes = check_npz(
                         inner,
                         "archive's model.weights.npz",
