@@ -46,6 +46,7 @@ from keras_bn.layer import BatchNorm, fused_honours_epsilon, gamma_beta
 from keras_bn.verification import (
     arrays_per_input,
     batch_shape_text,
+    cast_numbers,
     in_background,
     model_failure,
     refuse_sparse,
@@ -144,6 +145,17 @@ def _as_input_list(model, x):
                     f"dtype {'string' if dtype.startswith('str') else dtype}",
                 )
             )
+        target = keras.backend.standardize_dtype(spec.dtype)
+        if isinstance(tensor, np.ndarray) and target != "bfloat16" and tensor.dtype != target:
+            tensor, overflows = cast_numbers(tensor, target)
+            if overflows:
+                raise KerasBNError(
+                    expected(
+                        f"Data for input '{name}' overflow {target}",
+                        f"values within {target}'s range",
+                        f"dtype {dtype} with values beyond it",
+                    )
+                )
         batch.append(ops.cast(tensor, spec.dtype))
     return batch
 

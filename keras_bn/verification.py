@@ -409,6 +409,18 @@ def batch_shape_text(model_input) -> str:
     return f"(batch, {', '.join(str(d) for d in tuple(model_input.shape)[1:])})"
 
 
+def cast_numbers(array: np.ndarray, target) -> tuple[np.ndarray, bool]:
+    """`(array cast to target, whether the cast made a finite value inf)`: the one check that
+    user numbers (samples, calibration, recalibration data) fit the model's input dtype, rather
+    than becoming inf there and being reported later as NaN or Inf in the data."""
+    target = np.dtype(target)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = array.astype(target)
+    if target.kind != "f":
+        return cast, False
+    return cast, not np.array_equal(np.isfinite(cast), np.isfinite(array.astype(np.float64)))
+
+
 def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
     """Returns `samples` as a list of arrays, one per model input in `model.inputs` order, or
     raises `KerasBNError` naming what was expected. Checked before any work: the number of
@@ -447,11 +459,8 @@ def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
                         _describe(array),
                     )
                 )
-            with np.errstate(over="ignore", invalid="ignore"):
-                cast = array.astype(target)
-            if target.kind == "f" and not np.array_equal(
-                np.isfinite(cast), np.isfinite(array.astype(np.float64))
-            ):
+            cast, overflows = cast_numbers(array, target)
+            if overflows:
                 raise KerasBNError(
                     expected(
                         f"Samples for input '{name}' overflow {target}",

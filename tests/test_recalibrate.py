@@ -530,3 +530,19 @@ def test_data_that_never_ends_needs_batches(rng):
     # Three batches: the two halves of x, then the first half again.
     seen = np.concatenate([x, x[:8]]).astype(np.float64)
     np.testing.assert_allclose(new.get_layer("bn").moving_variance.numpy(), seen.var(0), rtol=1e-5)
+
+
+def test_data_that_overflows_the_input_dtype_is_refused_not_reported_as_nan(rng):
+    # float64 data of 1e300 for a float32 input: cast, it would be inf, and the statistics
+    # would be refused later as "NaN or Inf in its inputs" (which the data does not hold).
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras_bn.BatchNorm(name="bn")(inputs))
+    data = rng.normal(size=(16, 4))
+    data[3, 1] = 1e300
+    with pytest.raises(KerasBNError, match=r"Data for input 'x' overflow float32"):
+        keras_bn.recalibrate(model, data, progress=False)
+    # Within float32's range, float64 data is cast and used (the negative case).
+    new, _ = keras_bn.recalibrate(model, data.clip(-10, 10), progress=False)
+    np.testing.assert_allclose(
+        new.get_layer("bn").moving_variance.numpy(), data.clip(-10, 10).var(0), rtol=1e-5
+    )
