@@ -89,13 +89,13 @@ class _Steps:
             self._end()
 
 
-def _load_samples(path, args=None, what="samples file"):
+def _load_samples(path, args, what="samples file"):
     from .files import ArrayLimits, GiB, load_arrays
 
     if path is None:
         return None
-    gib = getattr(args, "max_samples_gib", None) or 4.0
-    return load_arrays(path, what, ArrayLimits(max_total_bytes=int(gib * GiB)))
+    limits = ArrayLimits(max_total_bytes=int(args.max_samples_gib * GiB))
+    return load_arrays(path, what, limits)
 
 
 def _input_shapes(args):

@@ -588,41 +588,61 @@ class _BatchMean:
     into the batch before it (Chan's merge) instead of weighing as much as a full one: one row
     of data has variance 0, and as a batch of its own it would pull the average variance down
     by a whole batch's weight. A remainder of half a batch or more counts as a batch, as in
-    `update_bn`."""
+    `update_bn`. The two newest batches wait outside the sums, so that merging never subtracts
+    from them."""
 
     def __init__(self, unbiased):
         self.unbiased = unbiased
-        self.rows = []  # (count, mean, m2) per batch: the last two may still merge
+        self.sum_mean = self.sum_var = 0.0
+        self.summed = 0  # batches in the sums
+        self.pending = []  # (count, mean, m2) of the newest batches, at most two
+        self.n = None  # values per channel, all batches
+        self.first = None  # the first batch's values per channel (its smallest)
+
+    def _variance(self, count, m2):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return m2 / (count - 1 if self.unbiased else count)
+
+    def _sum(self, row):
+        count, mean, m2 = row
+        self.sum_mean = self.sum_mean + mean
+        self.sum_var = self.sum_var + self._variance(count, m2)
+        self.summed += 1
 
     @property
     def batches(self):
-        return len(self.rows)
-
-    @property
-    def n(self):
-        return sum(count for count, _, _ in self.rows)
+        return self.summed + len(self.pending)
 
     def add(self, count, mean, m2):
-        self.rows.append(tuple(np.asarray(v, np.float64) for v in (count, mean, m2)))
+        row = tuple(np.asarray(v, np.float64) for v in (count, mean, m2))
+        self.n = row[0] if self.n is None else self.n + row[0]
+        if self.first is None:
+            self.first = float(np.min(row[0]))
+        self.pending.append(row)
+        if len(self.pending) > 2:
+            self._sum(self.pending.pop(0))
 
     def result(self):
-        rows = list(self.rows)
-        if len(rows) > 1 and 2 * np.min(rows[-1][0]) < np.min(rows[0][0]):
-            (n1, mean1, m21), (n2, mean2, m22) = rows[-2], rows[-1]
+        sum_mean, sum_var, summed = self.sum_mean, self.sum_var, self.summed
+        rows = list(self.pending)
+        if len(rows) == 2 and 2 * np.min(rows[1][0]) < self.first:
+            (n1, mean1, m21), (n2, mean2, m22) = rows
             n = n1 + n2
             with np.errstate(invalid="ignore", divide="ignore"):
                 weight = np.where(n > 0, n2 / n, 0.0)
                 delta = mean2 - mean1
-                merged = (
-                    n,
-                    mean1 + delta * weight,
-                    m21 + m22 + np.where(n > 0, delta**2 * n1 * n2 / n, 0.0),
-                )
-            rows[-2:] = [merged]
-        means = [mean for _, mean, _ in rows]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            variances = [m2 / (count - 1 if self.unbiased else count) for count, _, m2 in rows]
-        return sum(means) / len(rows), sum(variances) / len(rows)
+                rows = [
+                    (
+                        n,
+                        mean1 + delta * weight,
+                        m21 + m22 + np.where(n > 0, delta**2 * n1 * n2 / n, 0.0),
+                    )
+                ]
+        for count, mean, m2 in rows:
+            sum_mean = sum_mean + mean
+            sum_var = sum_var + self._variance(count, m2)
+            summed += 1
+        return sum_mean / summed, sum_var / summed
 
 
 def _run_step(model, step, inputs, index):

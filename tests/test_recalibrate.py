@@ -484,6 +484,18 @@ def test_batch_mean_merges_a_trailing_remainder_smaller_than_half_a_batch(data):
         new.get_layer("bn_a").moving_mean.numpy(), conv.mean(0), atol=1e-6 * conv.std()
     )
     assert report.batches == 2  # both batches were seen
+    # Three batches, 140 + 140 + 20 rows: the remainder merges into the second, and the first
+    # and the merged one weigh equally.
+    thirds, report = keras_bn.recalibrate(
+        model, data, batch_size=140, estimator="batch_mean", progress=False
+    )
+    first, rest = activations(model, "conv", data[:140]), activations(model, "conv", data[140:])
+    np.testing.assert_allclose(
+        thirds.get_layer("bn_a").moving_variance.numpy(),
+        (first.var(0) + rest.var(0)) / 2,
+        rtol=1e-5,
+    )
+    assert report.batches == 3
     # Negative case: a remainder of half a batch or more stays a batch of its own (update_bn),
     # here 150 + 150 rows, each batch's variance averaged.
     halves, _ = keras_bn.recalibrate(
