@@ -147,15 +147,7 @@ def _as_input_list(model, x):
             )
         target = keras.backend.standardize_dtype(spec.dtype)
         if isinstance(tensor, np.ndarray) and target != "bfloat16" and tensor.dtype != target:
-            tensor, overflows = cast_numbers(tensor, target)
-            if overflows:
-                raise KerasBNError(
-                    expected(
-                        f"Data for input '{name}' overflow {target}",
-                        f"values within {target}'s range",
-                        f"dtype {dtype} with values beyond it",
-                    )
-                )
+            tensor = cast_numbers(tensor, target, f"Data for input '{name}'")
         batch.append(ops.cast(tensor, spec.dtype))
     return batch
 

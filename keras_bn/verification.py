@@ -409,16 +409,23 @@ def batch_shape_text(model_input) -> str:
     return f"(batch, {', '.join(str(d) for d in tuple(model_input.shape)[1:])})"
 
 
-def cast_numbers(array: np.ndarray, target) -> tuple[np.ndarray, bool]:
-    """`(array cast to target, whether the cast made a finite value inf)`: the one check that
-    user numbers (samples, calibration, recalibration data) fit the model's input dtype, rather
-    than becoming inf there and being reported later as NaN or Inf in the data."""
+def cast_numbers(array: np.ndarray, target, what: str) -> np.ndarray:
+    """`array` cast to `target`, or a `KerasBNError` ("<what> overflow <target>") when the cast
+    would make a finite value inf: the one check that user numbers (samples, calibration,
+    recalibration data) fit the model's input dtype, rather than becoming inf there and being
+    reported later as NaN or Inf in the data."""
     target = np.dtype(target)
     with np.errstate(over="ignore", invalid="ignore"):
         cast = array.astype(target)
-    if target.kind != "f":
-        return cast, False
-    return cast, not np.array_equal(np.isfinite(cast), np.isfinite(array.astype(np.float64)))
+    if target.kind == "f" and not np.array_equal(
+        np.isfinite(cast), np.isfinite(array.astype(np.float64))
+    ):
+        raise KerasBNError(
+            expected(
+                f"{what} overflow {target}", f"values within {target}'s range", _describe(array)
+            )
+        )
+    return cast
 
 
 def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
@@ -459,16 +466,7 @@ def check_samples(model: keras.Model, samples) -> list[np.ndarray]:
                         _describe(array),
                     )
                 )
-            cast, overflows = cast_numbers(array, target)
-            if overflows:
-                raise KerasBNError(
-                    expected(
-                        f"Samples for input '{name}' overflow {target}",
-                        f"values within {target}'s range",
-                        _describe(array),
-                    )
-                )
-            array = cast
+            array = cast_numbers(array, target, f"Samples for input '{name}'")
         checked.append(array)
     batches = {len(a) for a in checked}
     if len(batches) > 1 or 0 in batches:
