@@ -484,29 +484,22 @@ def test_batch_mean_merges_a_trailing_remainder_smaller_than_half_a_batch(data):
         new.get_layer("bn_a").moving_mean.numpy(), conv.mean(0), atol=1e-6 * conv.std()
     )
     assert report.batches == 2  # both batches were seen
-    # Three batches, 140 + 140 + 20 rows: the remainder merges into the second, and the first
-    # and the merged one weigh equally.
-    thirds, report = keras_bn.recalibrate(
-        model, data, batch_size=140, estimator="batch_mean", progress=False
-    )
-    first, rest = activations(model, "conv", data[:140]), activations(model, "conv", data[140:])
-    np.testing.assert_allclose(
-        thirds.get_layer("bn_a").moving_variance.numpy(),
-        (first.var(0) + rest.var(0)) / 2,
-        rtol=1e-5,
-    )
-    assert report.batches == 3
-    # Negative case: a remainder of half a batch or more stays a batch of its own (update_bn),
-    # here 150 + 150 rows, each batch's variance averaged.
-    halves, _ = keras_bn.recalibrate(
-        model, data, batch_size=150, estimator="batch_mean", progress=False
-    )
-    first, second = activations(model, "conv", data[:150]), activations(model, "conv", data[150:])
-    np.testing.assert_allclose(
-        halves.get_layer("bn_a").moving_variance.numpy(),
-        (first.var(0) + second.var(0)) / 2,
-        rtol=1e-5,
-    )
+    # Three batches of 140 + 140 + 20 rows: the remainder merges into the second, and the first
+    # and the merged one weigh equally. Negative case: 150 + 150 rows, a remainder of half a
+    # batch or more, stays a batch of its own (update_bn). Either way: two equal-weight halves.
+    for batch_size, batches in ((140, 3), (150, 2)):
+        new, report = keras_bn.recalibrate(
+            model, data, batch_size=batch_size, estimator="batch_mean", progress=False
+        )
+        head = activations(model, "conv", data[:batch_size])
+        tail = activations(model, "conv", data[batch_size:])
+        np.testing.assert_allclose(
+            new.get_layer("bn_a").moving_variance.numpy(),
+            (head.var(0) + tail.var(0)) / 2,
+            rtol=1e-5,
+            err_msg=f"batch_size={batch_size}",
+        )
+        assert report.batches == batches
 
 
 def test_statistics_a_layer_cannot_store_or_cannot_estimate_are_refused(rng):
