@@ -23,7 +23,7 @@ TORCH_EPSILON = 1e-5
 ONNX_EPSILON = 1e-5
 
 
-def _check_momentum(momentum, name):
+def check_momentum(momentum, name):
     if momentum is None:
         return None
     if (
@@ -47,7 +47,7 @@ def torch_momentum_to_keras(momentum: float | None) -> float | None:
 
     `keras = 1 - torch`; `None` (cumulative average) stays `None`.
     """
-    momentum = _check_momentum(momentum, "momentum")
+    momentum = check_momentum(momentum, "momentum")
     return None if momentum is None else 1.0 - momentum
 
 
@@ -56,5 +56,5 @@ def keras_momentum_to_torch(momentum: float | None) -> float | None:
 
     `torch = 1 - keras`; `None` (cumulative average) stays `None`.
     """
-    momentum = _check_momentum(momentum, "momentum")
+    momentum = check_momentum(momentum, "momentum")
     return None if momentum is None else 1.0 - momentum

@@ -40,9 +40,10 @@ import numpy as np
 from keras import ops
 
 from keras_bn import _keras_internals as internals
+from keras_bn import _stats
 from keras_bn.errors import KerasBNError, expected
 from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
-from keras_bn.layer import BatchNorm, fused_honours_epsilon, gamma_beta
+from keras_bn.layer import BatchNorm
 from keras_bn.verification import (
     arrays_per_input,
     batch_shape_text,
@@ -58,6 +59,8 @@ from keras_bn.verification import (
 BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
     import tensorflow as tf
+
+    from keras_bn import _tf_kernels
 
 ESTIMATORS = ("population", "batch_mean")
 
@@ -269,70 +272,19 @@ INFINITE = "infinite"  # what _known_batch_count says of data that never ends
 # Collection
 
 
-def _in_rows(x, axis):
-    """Whether `x` is channels-last (`axis` its last) of rank >= 3 with a known, non-empty
-    second-to-last axis, so that it can be viewed as rows `(-1, W, C)`: the fast paths of
-    `_shift_sums` and `_normalize`."""
-    rank = len(x.shape)
-    return axis == rank - 1 and rank >= 3 and (x.shape[-2] or 0) > 0
-
-
-def _shift_sums(bn, x, mask):
-    """Per-channel `(count, S1, S2, pivot)` of one BatchNorm's batch input `x`, on this device:
-    `S1 = sum(x - p)`, `S2 = sum((x - p)**2)` in float64, with `p` one sample of `x`.
-
-    The shift keeps `S1` small, so `M2 = S2 - S1**2 / n` cancels little. Two ways to sum:
-
-    - Channels-last input of rank >= 3 without a mask (images, sequences): `x - p` in float32,
-      summed in float32 along the second-to-last axis only (one image row, at most a few hundred
-      values, relative error about 1e-7), and those row sums in float64. This is one float32 pass
-      over the activation where a float64 copy of it costs three (measured: ResNet50's
-      (16, 56, 56, 256) input, 16 ms against 57 ms); the row sums keep agreement with NumPy's
-      float64 statistics to about 1e-7 relative, where plain float32 sums over a batch miss by
-      1e-5 (FusedBatchNormV3's do: 2.2e-5 on (16, 112, 112, 64)).
-    - Anything else (a mask, channels-first, rank 2, float64): float64 throughout; masked values
-      get weight 0, and are not shifted (padding may be anything).
-    """
-    rank = len(x.shape)
-    axis = bn.axis % rank
-    axes = [i for i in range(rank) if i != axis]
-    first = tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))
-    if mask is None and x.dtype != tf.float64 and _in_rows(x, axis):
-        x32 = tf.cast(x, tf.float32)
-        pivot = tf.reduce_sum(x32[first], axis=axes, keepdims=True)  # empty batch: 0
-        rows = tf.reshape(x32 - pivot, [-1, x.shape[-2], x.shape[-1]])
-        s1 = tf.reduce_sum(tf.cast(tf.reduce_sum(rows, 1), tf.float64), 0)
-        s2 = tf.reduce_sum(tf.cast(tf.reduce_sum(tf.square(rows), 1), tf.float64), 0)
-        count = tf.cast(tf.shape(rows)[0] * tf.shape(rows)[1], tf.float64)
-        return tf.fill(tf.shape(s1), count), s1, s2, tf.cast(tf.reshape(pivot, [-1]), tf.float64)
-    x64 = tf.cast(x, tf.float64)
-    if mask is None:
-        pivot = tf.reduce_sum(x64[first], axis=axes, keepdims=True)
-        shifted = x64 - pivot
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x64), axes)), tf.float64)
-        count = tf.fill(tf.shape(pivot)[axis : axis + 1], count)
-        s1 = tf.reduce_sum(shifted, axes)
-        s2 = tf.reduce_sum(tf.square(shifted), axes)
-        return count, s1, s2, tf.reshape(pivot, [-1])
-    # Keras's mask lacks the last axis: broadcast it over the channels.
-    weights = tf.broadcast_to(tf.expand_dims(tf.cast(mask, tf.float64), -1), tf.shape(x64))
-    count = tf.reduce_sum(weights, axes)
-    s1 = tf.reduce_sum(x64 * weights, axes)
-    s2 = tf.reduce_sum(tf.square(x64) * weights, axes)
-    return count, s1, s2, tf.zeros_like(s1)
-
-
 def _moments(bn, x, mask):
     """Per-channel `(count, pivot, shifted_mean, M2)` of one BatchNorm's batch input (its mean
     is `pivot + shifted_mean`, added in float64 by the caller), and its training-mode
-    output, normalized with those statistics: `_tf_moments` on TensorFlow, `_ops_moments` on
-    the other backends."""
-    return (_tf_moments if BACKEND == "tensorflow" else _ops_moments)(bn, x, mask)
+    output, normalized with those statistics: `_tf_kernels.recalibration_moments` on TensorFlow
+    (float64 sums), `_ops_moments` on the other backends."""
+    if BACKEND == "tensorflow":
+        return _tf_kernels.recalibration_moments(bn, x, mask)
+    return _ops_moments(bn, x, mask)
 
 
 def _ops_moments(bn, x, mask):
     """`_moments` in keras.ops (JAX, PyTorch): the layer's own training statistics
-    (`BatchNorm._ops_moments`: shifted by one sample, then two passes), in float32 (float64 for
+    (`_stats.moments`: shifted by one sample, then two passes), in float32 (float64 for
     float64 inputs; JAX has none without jax_enable_x64), merged across batches in float64 on
     the host. The two-pass M2 of a batch is the sum of squared deviations from its own mean,
     so it keeps its digits without the float64 sums of the TensorFlow path (measured against
@@ -344,84 +296,20 @@ def _ops_moments(bn, x, mask):
     axes = [i for i in range(rank) if i != axis]
     dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
     out_dtype, x = x.dtype, ops.cast(x, dtype)
-    gamma, beta = gamma_beta(bn, x.shape[axis], dtype)
+    gamma, beta = _stats.gamma_beta(bn, x.shape[axis], dtype)
     shape = [1] * rank
     shape[axis] = -1
     epsilon = ops.convert_to_tensor(bn.epsilon, dtype=dtype)
     if mask is None:
-        pivot, shifted_mean, variance, count = BatchNorm._ops_moments(x, None, axes, shift=True)
+        pivot, shifted_mean, variance, count = _stats.moments(x, axes, shift=True)
         centered = (x - pivot) - shifted_mean
     else:
-        centered, pivot, variance, count = BatchNorm._ops_moments(x, mask, axes)
+        centered, pivot, variance, count = _stats.moments(x, axes, mask)
         shifted_mean = ops.zeros_like(pivot)
     inv = ops.reshape(gamma, shape) * ops.rsqrt(variance + epsilon)
     outputs = ops.cast(centered * inv + ops.reshape(beta, shape), out_dtype)
     count, pivot, shifted_mean = (ops.reshape(t, (-1,)) for t in (count, pivot, shifted_mean))
     return (count, pivot, shifted_mean, ops.reshape(variance, (-1,)) * count), outputs
-
-
-def _tf_moments(bn, x, mask):
-    """`_moments` on TensorFlow, in float64 sums (`_shift_sums`).
-
-    Under a `tf.distribute` strategy with several replicas the statistics are those of the global
-    batch, as a synchronized BatchNorm computes them: the replicas' (n_r, mean_r, M2_r) are
-    all-reduced as `n = sum n_r`, `mean = sum n_r * mean_r / n`,
-    `M2 = sum (M2_r + n_r * (mean_r - mean)**2)` (Chan's merge, exact), and every replica
-    normalizes with them, so the layers after see what one device would show them."""
-    count, s1, s2, pivot = _shift_sums(bn, x, mask)
-    shifted_mean = tf.math.divide_no_nan(s1, count)
-    m2 = tf.maximum(s2 - s1 * shifted_mean, 0.0)
-    mean = shifted_mean + pivot
-    context = tf.distribute.get_replica_context()
-    if context is not None and context.num_replicas_in_sync > 1:
-        local_count, local_mean = count, mean
-        count = context.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
-        mean = tf.math.divide_no_nan(
-            context.all_reduce(tf.distribute.ReduceOp.SUM, local_count * local_mean), count
-        )
-        m2 = context.all_reduce(
-            tf.distribute.ReduceOp.SUM, m2 + local_count * tf.square(local_mean - mean)
-        )
-    variance = tf.math.divide_no_nan(m2, count)
-    return (count, mean, tf.zeros_like(mean), m2), _normalize(bn, x, mean, variance)
-
-
-def _normalize(bn, x, mean, variance):
-    """`(x - mean) * gamma / sqrt(variance + eps) + beta` along the BatchNorm's axis, in `x`'s
-    dtype (float32 arithmetic for float16/bfloat16, as Keras's BatchNorm).
-
-    Channels-last float32/float16 inputs of rank >= 3 go through one fused pass,
-    FusedBatchNormV3 in inference mode (viewed as 4-D), the kernel Keras's own inference uses; it
-    centers before it scales, so a large mean does not cancel. Where it might not keep the
-    layer's epsilon (below 1.001e-5 with a GPU visible, `layer.fused_honours_epsilon`), the plain
-    ops, as in `BatchNorm` itself. Anything else: the same formula in plain ops."""
-    rank = len(x.shape)
-    axis = bn.axis % rank
-    gamma, beta = gamma_beta(bn, x.shape[axis], tf.float32)
-    if (
-        _in_rows(x, axis)
-        and x.dtype in (tf.float32, tf.float16)
-        and fused_honours_epsilon(bn.epsilon)
-    ):
-        view = x if rank == 4 else tf.reshape(x, [-1, 1, x.shape[-2], x.shape[-1]])
-        # The op itself: tf.nn.fused_batch_norm would raise an epsilon below 1.001e-5.
-        outputs = tf.raw_ops.FusedBatchNormV3(
-            x=view,
-            scale=gamma,
-            offset=beta,
-            mean=tf.cast(mean, tf.float32),
-            variance=tf.cast(variance, tf.float32),
-            epsilon=bn.epsilon,
-            is_training=False,
-        )[0]
-        return outputs if rank == 4 else tf.reshape(outputs, tf.shape(x))
-    compute = tf.float64 if x.dtype == tf.float64 else tf.float32
-    shape = [1] * rank
-    shape[axis] = -1
-    inv = tf.cast(tf.math.rsqrt(variance + bn.epsilon), compute) * tf.cast(gamma, compute)
-    centered = tf.cast(x, compute) - tf.reshape(tf.cast(mean, compute), shape)
-    outputs = centered * tf.reshape(inv, shape) + tf.reshape(tf.cast(beta, compute), shape)
-    return tf.cast(outputs, x.dtype)
 
 
 def _collector(model, targets):

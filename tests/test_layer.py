@@ -23,6 +23,8 @@ from tests.tolerances import LAYER_ATOL, LAYER_RTOL
 BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
     import tensorflow as tf
+
+    from keras_bn import _tf_kernels
 tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow machinery")
 
 
@@ -447,7 +449,9 @@ def test_epsilon_below_fused_minimum_is_honoured(shape, rng):
         np.testing.assert_allclose(y_inf, expected, rtol=1e-3, atol=1e-3)
         if BACKEND == "tensorflow":
             # On a CPU-only TensorFlow this is FusedBatchNormV3, compiled by XLA too.
-            assert bn._use_fused(tf.constant(x), None) is keras_bn.layer.fused_honours_epsilon(eps)
+            assert _tf_kernels.use_fused(
+                bn, tf.constant(x), None
+            ) is _tf_kernels.fused_honours_epsilon(eps)
             xla = tf.function(lambda t, bn=bn: bn(t, training=True), jit_compile=True)
             y_xla = to_np(xla(tf.constant(x))).reshape(-1, 3)
             np.testing.assert_allclose(y_xla, expected, rtol=1e-3, atol=1e-3)
@@ -464,23 +468,23 @@ def test_fused_path_is_taken_only_where_exact():
     bn = BatchNorm()
     bn.build((None, 4, 4, 3))
     x = tf.zeros((2, 4, 4, 3))
-    assert bn._use_fused(x, None)
+    assert _tf_kernels.use_fused(bn, x, None)
     # PyTorch's epsilon: the kernel honours it on the CPU (this process has no GPU; the numbers
     # are held in test_epsilon_below_fused_minimum_is_honoured); where a GPU or TPU is visible
     # only from 1.001e-5 up, as tf.nn.fused_batch_norm clamps for cuDNN.
     small = BatchNorm(epsilon=1e-5)
     small.build((None, 4, 4, 3))
-    assert small._use_fused(x, None) is keras_bn.layer.fused_honours_epsilon(1e-5)
-    assert keras_bn.layer.fused_honours_epsilon(1e-5, accelerators=False)
-    assert keras_bn.layer.fused_honours_epsilon(1.001e-5, accelerators=True)
-    assert not keras_bn.layer.fused_honours_epsilon(1e-5, accelerators=True)
+    assert _tf_kernels.use_fused(small, x, None) is _tf_kernels.fused_honours_epsilon(1e-5)
+    assert _tf_kernels.fused_honours_epsilon(1e-5, accelerators=False)
+    assert _tf_kernels.fused_honours_epsilon(1.001e-5, accelerators=True)
+    assert not _tf_kernels.fused_honours_epsilon(1e-5, accelerators=True)
     synced = BatchNorm(synchronized=True)
     synced.build((None, 4, 4, 3))
-    assert not synced._use_fused(x, None)
-    assert not bn._use_fused(x, tf.ones((2, 4, 4), tf.bool))
+    assert not _tf_kernels.use_fused(synced, x, None)
+    assert not _tf_kernels.use_fused(bn, x, tf.ones((2, 4, 4), tf.bool))
     cf = BatchNorm(axis=1)
     cf.build((None, 3, 4, 4))
-    assert not cf._use_fused(tf.zeros((2, 3, 4, 4)), None)
+    assert not _tf_kernels.use_fused(cf, tf.zeros((2, 3, 4, 4)), None)
 
 
 def unshifted_fused_variance(x, jit_compile):
