@@ -238,7 +238,7 @@ def cmd_fold(args):
 def cmd_export(args):
     from keras_bn import export
 
-    from .converter import check_opset
+    from .convert import check_opset
     from .files import check_output_path
 
     check_output_path(
@@ -272,6 +272,7 @@ def cmd_export(args):
             keep_float=args.keep_float,
             reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
             input_shapes=_input_shapes(args),
+            measure_latency=args.benchmark,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
@@ -441,6 +442,12 @@ def build_parser():
         default="auto",
         help="int8: 7-bit weights (on), as onnxruntime advises for x86-64 CPUs without VNNI; "
         "auto: on where this CPU is one",
+    )
+    p.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="float16 or int8: also time both graphs in onnxruntime (batch 1 and 32, about a "
+        "second each; a rough guide, benchmarks/bench_quantize.py is the benchmark)",
     )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="compare a .keras model with an .onnx file in onnxruntime")

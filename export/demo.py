@@ -72,34 +72,13 @@ def _median_latency(fn, repeats=30):
 
 
 def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
-    import keras
-    import onnxruntime as ort
-    import tensorflow as tf
-
     import keras_bn
-    from keras_bn import _keras_internals as internals
     from keras_bn import export
-    from keras_bn.errors import KerasBNError, expected
 
     from .files import atomic_output, save_keras
 
     say = print if verbose else (lambda *a, **k: None)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise KerasBNError(
-            expected(
-                "The demo's output folder is a file", "a folder (made if missing)", repr(out_dir)
-            )
-        )
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as error:
-        raise KerasBNError(
-            expected(
-                "The demo's output folder cannot be made",
-                "a folder this user can write",
-                f"{out_dir!r}: {error.strerror}",
-            )
-        ) from None
+    _make_folder(out_dir)
     x_train, x_test, y_train, y_test = load_digits_split()
     say(f"data: scikit-learn digits, {len(x_train)} train / {len(x_test)} test images of 8x8")
 
@@ -110,22 +89,7 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         return path
 
     say("1. train with Keras's default momentum 0.99")
-    model = build_model(momentum=0.99)
-    model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    history = model.fit(
-        x_train,
-        y_train,
-        batch_size=64,
-        epochs=epochs,
-        validation_split=0.1,
-        verbose=1 if verbose else 0,
-    )
-    # Keras keeps the first ceil(0.9 n) samples for training (validation_split=0.1).
-    steps = epochs * math.ceil(math.ceil(len(x_train) * 0.9) / 64)
+    model, history, steps = _train(x_train, y_train, epochs, verbose)
     trained_path = write(model, "trained.keras")
 
     say(f"\n2. diagnose ({steps} training steps; momentum 0.99 needs 459 to forget 0/1)")
@@ -145,56 +109,14 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     folded_path = write(folded, "folded.keras")
     onnx_path = os.path.join(out_dir, "folded.onnx")
     export_report = export.to_onnx(recalibrated, onnx_path, samples=x_test)
+    models = {"trained Keras": model, "recalibrated Keras": recalibrated, "folded Keras": folded}
+    table = _compare(models, onnx_path, x_test, y_test)
 
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    logits = {
-        "trained Keras": model.predict(x_test, verbose=0),
-        "recalibrated Keras": recalibrated.predict(x_test, verbose=0),
-        "folded Keras": folded.predict(x_test, verbose=0),
-        "ONNX (onnxruntime)": session.run(None, {input_name: x_test})[0],
-    }
-    accuracy = {k: float(np.mean(np.argmax(v, 1) == y_test)) for k, v in logits.items()}
-    # Everything after recalibration is compared with the recalibrated model it came from.
-    deployed = {k: v for k, v in logits.items() if k != "trained Keras"}
-    reference = logits["recalibrated Keras"]
-    identical = {
-        k: bool(np.array_equal(np.argmax(v, 1), np.argmax(reference, 1)))
-        for k, v in deployed.items()
-    }
-    max_err = {k: float(np.max(np.abs(v - reference))) for k, v in deployed.items()}
-
-    batch = tf.constant(x_test[:64])
-    functions = {
-        name: tf.function(lambda x, m=m: m(x, training=False))
-        for name, m in (
-            ("trained Keras", model),
-            ("recalibrated Keras", recalibrated),
-            ("folded Keras", folded),
-        )
-    }
-    latency = {k: _median_latency(lambda f=f: f(batch).numpy()) for k, f in functions.items()}
-    latency["ONNX (onnxruntime)"] = _median_latency(
-        lambda: session.run(None, {input_name: x_test[:64]})
-    )
-
-    def count_batchnorms(m):
-        return sum(
-            isinstance(layer, keras_bn.fold.BATCHNORM_TYPES) for layer in internals.all_layers(m)
-        )
-
-    bn_before, bn_after = count_batchnorms(model), count_batchnorms(folded)
+    bn_before, bn_after = _count_batchnorms(model), _count_batchnorms(folded)
     train_accuracy = float(history.history["accuracy"][-1])
-
+    accuracy = table["accuracy"]
     say("")
-    say(
-        f"{'model':<20} {'test accuracy':>13} {'same predictions':>17} {'max |logit err|':>16} "
-        f"{'latency, batch 64 (ms)':>23}"
-    )
-    for k in logits:
-        same = str(identical[k]) if k in identical else "-"
-        err = f"{max_err[k]:.2e}" if k in max_err else "-"
-        say(f"{k:<20} {accuracy[k]:>13.4f} {same:>17} {err:>16} {latency[k]:>23.2f}")
+    _print_table(say, table)
     say(
         f"trained with momentum 0.99 for {steps} steps: training accuracy {train_accuracy:.4f}, "
         f"test accuracy {accuracy['trained Keras']:.4f} from its moving statistics "
@@ -216,12 +138,106 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         "accuracy": accuracy,
         "diagnosis": diagnosis.to_dict(),
         "recalibration": recalibration.to_dict(),
-        "identical_predictions": identical,
-        "max_abs_error": max_err,
-        "latency_ms_batch64": latency,
+        "identical_predictions": table["identical"],
+        "max_abs_error": table["max_err"],
+        "latency_ms_batch64": table["latency"],
         "batchnorms_before": bn_before,
         "batchnorms_after": bn_after,
         "onnx_op_counts": export_report.op_counts,
         "verification_passed": export_report.verification.passed,
         "files": [trained_path, recalibrated_path, folded_path, onnx_path],
     }
+
+
+def _count_batchnorms(model):
+    import keras_bn
+    from keras_bn import _keras_internals as internals
+
+    return sum(
+        isinstance(layer, keras_bn.fold.BATCHNORM_TYPES) for layer in internals.all_layers(model)
+    )
+
+
+def _make_folder(out_dir):
+    from keras_bn.errors import KerasBNError, expected
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise KerasBNError(
+            expected(
+                "The demo's output folder is a file", "a folder (made if missing)", repr(out_dir)
+            )
+        )
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise KerasBNError(
+            expected(
+                "The demo's output folder cannot be made",
+                "a folder this user can write",
+                f"{out_dir!r}: {error.strerror}",
+            )
+        ) from None
+
+
+def _train(x_train, y_train, epochs, verbose):
+    """(model, history, training steps): the demo CNN trained with Keras's momentum 0.99."""
+    import keras
+
+    model = build_model(momentum=0.99)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    history = model.fit(
+        x_train,
+        y_train,
+        batch_size=64,
+        epochs=epochs,
+        validation_split=0.1,
+        verbose=1 if verbose else 0,
+    )
+    # Keras keeps the first ceil(0.9 n) samples for training (validation_split=0.1).
+    steps = epochs * math.ceil(math.ceil(len(x_train) * 0.9) / 64)
+    return model, history, steps
+
+
+def _compare(models, onnx_path, x_test, y_test):
+    """Accuracy, agreement with the recalibrated model, and batch-64 latency of each Keras model
+    and of the ONNX graph in onnxruntime."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    logits = {name: m.predict(x_test, verbose=0) for name, m in models.items()}
+    logits["ONNX (onnxruntime)"] = session.run(None, {input_name: x_test})[0]
+    accuracy = {k: float(np.mean(np.argmax(v, 1) == y_test)) for k, v in logits.items()}
+    # Everything after recalibration is compared with the recalibrated model it came from.
+    deployed = {k: v for k, v in logits.items() if k != "trained Keras"}
+    reference = logits["recalibrated Keras"]
+    identical = {
+        k: bool(np.array_equal(np.argmax(v, 1), np.argmax(reference, 1)))
+        for k, v in deployed.items()
+    }
+    max_err = {k: float(np.max(np.abs(v - reference))) for k, v in deployed.items()}
+    batch = tf.constant(x_test[:64])
+    functions = {
+        name: tf.function(lambda x, m=m: m(x, training=False)) for name, m in models.items()
+    }
+    latency = {k: _median_latency(lambda f=f: f(batch).numpy()) for k, f in functions.items()}
+    latency["ONNX (onnxruntime)"] = _median_latency(
+        lambda: session.run(None, {input_name: x_test[:64]})
+    )
+    return {"accuracy": accuracy, "identical": identical, "max_err": max_err, "latency": latency}
+
+
+def _print_table(say, table):
+    say(
+        f"{'model':<20} {'test accuracy':>13} {'same predictions':>17} {'max |logit err|':>16} "
+        f"{'latency, batch 64 (ms)':>23}"
+    )
+    for k, accuracy in table["accuracy"].items():
+        same = str(table["identical"][k]) if k in table["identical"] else "-"
+        err = f"{table['max_err'][k]:.2e}" if k in table["max_err"] else "-"
+        say(f"{k:<20} {accuracy:>13.4f} {same:>17} {err:>16} {table['latency'][k]:>23.2f}")

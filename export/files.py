@@ -58,62 +58,68 @@ def _refuse(what, expected_value, received, fix=None):
     raise KerasBNError(expected(what, expected_value, received, fix))
 
 
+def _check_directory(infos, limits):
+    """Checks a .keras archive's zip directory against `limits`: member count, declared size,
+    overlapping entries, config size, compression ratio. Returns the members by name."""
+    raise_limit = (
+        "If the file is trusted and really this large, raise the limit (--max-archive-gib)."
+    )
+    if len(infos) > limits.max_members:
+        _refuse(
+            "The .keras archive has too many members",
+            f"at most {limits.max_members}",
+            f"{len(infos)} members",
+        )
+    total = sum(i.file_size for i in infos)
+    if total > limits.max_total_bytes:
+        _refuse(
+            "The .keras archive declares more data than allowed",
+            f"at most {limits.max_total_bytes / GiB:g} GiB uncompressed",
+            f"{total / GiB:.3g} GiB in {len(infos)} members",
+            raise_limit,
+        )
+    by_offset = sorted(infos, key=lambda i: i.header_offset)
+    for a, b in zip(by_offset, by_offset[1:]):
+        if a.header_offset + a.compress_size > b.header_offset:
+            _refuse(
+                "The .keras archive has overlapping entries (a zip bomb)",
+                "a zip archive whose members do not share data",
+                f"'{a.filename}' and '{b.filename}' overlap",
+            )
+    names = {i.filename: i for i in infos}
+    if "config.json" not in names:
+        _refuse(
+            "The .keras archive is damaged",
+            "config.json and weights",
+            f"members {sorted(names)[:10]}",
+        )
+    for name in ("config.json", "metadata.json"):
+        if name in names and names[name].file_size > limits.max_config_bytes:
+            _refuse(
+                f"The archive's {name} is too large",
+                f"at most {limits.max_config_bytes / MiB:g} MiB",
+                f"{names[name].file_size / MiB:.4g} MiB",
+            )
+    for info in infos:
+        if info.file_size > 64 * MiB and info.file_size > limits.max_ratio * max(
+            info.compress_size, 1
+        ):
+            _refuse(
+                "The .keras archive has a member compressed beyond any real data (a zip bomb)",
+                f"at most {limits.max_ratio:g} times its stored bytes",
+                f"'{info.filename}': {info.file_size} bytes from {info.compress_size}",
+            )
+    return names
+
+
 def check_archive(path, limits=DEFAULT_LIMITS):
     """Refuses a `.keras` archive whose directory promises more than `limits` allow, or whose
     entries overlap (a zip bomb), reading only the zip directory and the HDF5 metadata of the
     weights. Returns the parsed config.json."""
-    raise_limit = (
-        "If the file is trusted and really this large, raise the limit (--max-archive-gib)."
-    )
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-            if len(infos) > limits.max_members:
-                _refuse(
-                    "The .keras archive has too many members",
-                    f"at most {limits.max_members}",
-                    f"{len(infos)} members",
-                )
-            total = sum(i.file_size for i in infos)
-            if total > limits.max_total_bytes:
-                _refuse(
-                    "The .keras archive declares more data than allowed",
-                    f"at most {limits.max_total_bytes / GiB:g} GiB uncompressed",
-                    f"{total / GiB:.3g} GiB in {len(infos)} members",
-                    raise_limit,
-                )
-            by_offset = sorted(infos, key=lambda i: i.header_offset)
-            for a, b in zip(by_offset, by_offset[1:]):
-                if a.header_offset + a.compress_size > b.header_offset:
-                    _refuse(
-                        "The .keras archive has overlapping entries (a zip bomb)",
-                        "a zip archive whose members do not share data",
-                        f"'{a.filename}' and '{b.filename}' overlap",
-                    )
-            names = {i.filename: i for i in infos}
-            if "config.json" not in names:
-                _refuse(
-                    "The .keras archive is damaged",
-                    "config.json and weights",
-                    f"members {sorted(names)[:10]}",
-                )
-            for name in ("config.json", "metadata.json"):
-                if name in names and names[name].file_size > limits.max_config_bytes:
-                    _refuse(
-                        f"The archive's {name} is too large",
-                        f"at most {limits.max_config_bytes / MiB:g} MiB",
-                        f"{names[name].file_size / MiB:.4g} MiB",
-                    )
-            for info in infos:
-                if info.file_size > 64 * MiB and info.file_size > limits.max_ratio * max(
-                    info.compress_size, 1
-                ):
-                    _refuse(
-                        "The .keras archive has a member compressed beyond any real data "
-                        "(a zip bomb)",
-                        f"at most {limits.max_ratio:g} times its stored bytes",
-                        f"'{info.filename}': {info.file_size} bytes from {info.compress_size}",
-                    )
+            names = _check_directory(infos, limits)
             config_text = archive.read("config.json")
             weight_bytes = None
             if "model.weights.h5" in names:
@@ -465,6 +471,39 @@ def load_arrays(path, what="samples file", limits=DEFAULT_ARRAY_LIMITS):
 _SAMPLES_FLAG = "--max-samples-gib"
 
 
+def _load_legacy_h5(path, unsafe):
+    """A legacy `.h5` model, only with `unsafe=True`: its loader can run code from the file."""
+    import keras
+
+    check_regular_file(path, "model file")
+    if not unsafe:
+        raise KerasBNError(
+            expected(
+                "Refusing to load a legacy HDF5 file: its loader ignored safe_mode in several "
+                "Keras releases, so code stored in it can run",
+                "a .keras file",
+                repr(path),
+                "Re-save it as .keras from trusted code, or pass --unsafe if you trust the file.",
+            )
+        )
+    warnings.warn(
+        f"loading legacy HDF5 file {path!r} without safe_mode: code in it can run",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    try:
+        return keras.saving.load_model(path, safe_mode=False, compile=False)
+    except Exception as error:  # an unknown custom layer, a file Keras cannot read
+        raise KerasBNError(
+            expected(
+                "The model could not be loaded",
+                "an HDF5 model file Keras 3 can rebuild (custom layers need their code: "
+                "load it yourself with custom_objects and save it as .keras)",
+                f"{type(error).__name__}: {one_line(error, limit=None)}",
+            )
+        ) from error
+
+
 def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
     """Loads a model file; `.keras` always with `safe_mode=True`, after `check_archive`.
 
@@ -490,33 +529,7 @@ def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
             )
         )
     if path.endswith((".h5", ".hdf5")):
-        check_regular_file(path, "model file")
-        if not unsafe:
-            raise KerasBNError(
-                expected(
-                    "Refusing to load a legacy HDF5 file: its loader ignored safe_mode in several "
-                    "Keras releases, so code stored in it can run",
-                    "a .keras file",
-                    repr(path),
-                    "Re-save it as .keras from trusted code, or pass --unsafe if you trust the file.",
-                )
-            )
-        warnings.warn(
-            f"loading legacy HDF5 file {path!r} without safe_mode: code in it can run",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        try:
-            return keras.saving.load_model(path, safe_mode=False, compile=False)
-        except Exception as error:  # an unknown custom layer, a file Keras cannot read
-            raise KerasBNError(
-                expected(
-                    "The model could not be loaded",
-                    "an HDF5 model file Keras 3 can rebuild (custom layers need their code: "
-                    "load it yourself with custom_objects and save it as .keras)",
-                    f"{type(error).__name__}: {one_line(error, limit=None)}",
-                )
-            ) from error
+        return _load_legacy_h5(path, unsafe)
     if os.path.isdir(path):
         raise KerasBNError(expected("The model path is a directory", "a .keras file", repr(path)))
     check_regular_file(path, "model file")  # a FIFO would block, /dev/zero never end

@@ -15,10 +15,10 @@ import math
 import keras
 import numpy as np
 
+from keras_bn import _data
+from keras_bn._graph import BATCHNORM_TYPES, require_graph, walk
 from keras_bn.fold import (
-    BATCHNORM_TYPES,
     DisplayEnum,
-    _check_foldable,
     fold_bn,
     statistics_problem,
 )
@@ -207,25 +207,62 @@ class DiagnosisReport:
         return "\n".join(lines)
 
 
-def _walk(model, frozen_by=None):
-    """(layer, training=False call?, the frozen model containing it or None), nested included."""
-    from keras_bn import _keras_internals as internals
-
-    graph = internals.graph_model(model)
-    calls = {}
-    if graph is not None and internals.is_functional(graph):
-        for nodes in internals.nodes_by_depth(graph).values():
-            for node in nodes:
-                if node.operation is not None:
-                    kwargs = node.arguments.kwargs if node.arguments else {}
-                    calls.setdefault(id(node.operation), []).append(kwargs.get("training"))
-    for layer in model.layers:
-        inference_call = any(t is False for t in calls.get(id(layer), []))
-        if isinstance(layer, keras.Model):
-            frozen = frozen_by or (None if layer.trainable else layer.name)
-            yield from _walk(layer, frozen)
-        else:
-            yield layer, inference_call, frozen_by
+def _diagnose_layer(site, float16, population):
+    """The `DiagnosisRow` of one BatchNorm; `population` is its recalibrated copy, or None
+    without data."""
+    layer = site.layer
+    if site.frozen_by:
+        mode, why = "inference", f"inside frozen model '{site.frozen_by}'"
+    elif not layer.trainable:
+        mode, why = "inference", "trainable=False"
+    elif site.inference_call:
+        mode, why = "inference", "called with training=False"
+    else:
+        mode, why = "training", ""
+    mean = np.asarray(layer.moving_mean, np.float64)
+    var = np.asarray(layer.moving_variance, np.float64)
+    gamma = np.asarray(layer.gamma, np.float64) if layer.scale else np.ones_like(mean)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.abs(gamma) / np.sqrt(var + layer.epsilon)
+    row = DiagnosisRow(
+        name=site.path,
+        mode_under_fit=mode,
+        mode_reason=why,
+        momentum=layer.momentum,
+        updates_to_forget_init=_updates_to_forget(layer.momentum),
+        initial_values=bool(np.all(mean == 0.0) and np.all(var == 1.0)),
+        large_scale_channels=int(np.sum(scale > LARGE_SCALE)),
+        problem=statistics_problem(layer),
+        dead_channels=int(np.sum(var < DEAD_VARIANCE * layer.epsilon)),
+        nonpositive_gammas=int(np.sum(gamma <= 0)),
+        float16=float16,
+    )
+    if population is not None and row.problem is None:
+        pop_mean = np.asarray(population.moving_mean, np.float64)
+        pop_var = np.asarray(population.moving_variance, np.float64)
+        std = np.sqrt(pop_var + layer.epsilon)
+        row.drift = float(np.max(np.abs(mean - pop_mean) / std))
+        ratio = (var + layer.epsilon) / (pop_var + layer.epsilon)
+        row.variance_ratio = float(np.max(np.maximum(ratio, 1.0 / ratio)))
+        row.initial_weight = _initial_weight(mean, var, pop_mean, pop_var, layer.epsilon)
+        momentum = layer.momentum
+        if row.initial_weight and momentum and 0.0 < momentum < 1.0:
+            row.updates_seen = round(math.log(row.initial_weight) / math.log(momentum))
+    if row.problem:
+        row.verdict = Verdict.CORRUPT
+    elif mode == "training" and (
+        row.initial_values
+        or (row.initial_weight is not None and row.initial_weight >= STALE_WEIGHT)
+    ):
+        row.verdict = Verdict.STALE
+    elif row.drift is not None and (row.drift > DRIFT_LIMIT or row.variance_ratio > 2.0):
+        row.verdict = Verdict.DRIFTED
+    elif row.float16:
+        row.verdict = Verdict.FLOAT16
+    elif row.dead_channels:
+        row.verdict = Verdict.DEAD
+    row.action = _ACTIONS[row.verdict]
+    return row
 
 
 def _updates_to_forget(momentum):
@@ -254,74 +291,23 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
     training, bad at inference"), and how much the model's outputs change when the statistics
     are recalibrated.
     """
-    _check_foldable(model)
+    require_graph(model, "diagnose")
     report = DiagnosisReport()
     _, plan = fold_bn(model, verify=False)  # what folding would write, for float16
-    float16 = {row.name.rsplit("/", 1)[-1]: row.float16 for row in plan.rows}
+    float16 = {row.name: row.float16 for row in plan.rows}  # by path, "outer/inner/bn"
     population = None
     if data is not None:
         recalibrated, _ = recalibrate(model, data, batch_size=batch_size, progress=False)
+        # By path: same-named BatchNorms in two nested models are two layers.
         population = {
-            layer.name: layer
-            for layer, _, _ in _walk(recalibrated)
-            if isinstance(layer, BATCHNORM_TYPES)
+            site.path: site.layer
+            for site in walk(recalibrated)
+            if isinstance(site.layer, BATCHNORM_TYPES)
         }
-    for layer, inference_call, frozen_by in _walk(model):
-        if not isinstance(layer, BATCHNORM_TYPES):
-            continue
-        if frozen_by:
-            mode, why = "inference", f"inside frozen model '{frozen_by}'"
-        elif not layer.trainable:
-            mode, why = "inference", "trainable=False"
-        elif inference_call:
-            mode, why = "inference", "called with training=False"
-        else:
-            mode, why = "training", ""
-        mean = np.asarray(layer.moving_mean, np.float64)
-        var = np.asarray(layer.moving_variance, np.float64)
-        gamma = np.asarray(layer.gamma, np.float64) if layer.scale else np.ones_like(mean)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = np.abs(gamma) / np.sqrt(var + layer.epsilon)
-        row = DiagnosisRow(
-            name=layer.name,
-            mode_under_fit=mode,
-            mode_reason=why,
-            momentum=layer.momentum,
-            updates_to_forget_init=_updates_to_forget(layer.momentum),
-            initial_values=bool(np.all(mean == 0.0) and np.all(var == 1.0)),
-            large_scale_channels=int(np.sum(scale > LARGE_SCALE)),
-            problem=statistics_problem(layer),
-            dead_channels=int(np.sum(var < DEAD_VARIANCE * layer.epsilon)),
-            nonpositive_gammas=int(np.sum(gamma <= 0)),
-            float16=float16.get(layer.name),
-        )
-        if population is not None and row.problem is None:
-            ref = population[layer.name]
-            pop_mean = np.asarray(ref.moving_mean, np.float64)
-            pop_var = np.asarray(ref.moving_variance, np.float64)
-            std = np.sqrt(pop_var + layer.epsilon)
-            row.drift = float(np.max(np.abs(mean - pop_mean) / std))
-            ratio = (var + layer.epsilon) / (pop_var + layer.epsilon)
-            row.variance_ratio = float(np.max(np.maximum(ratio, 1.0 / ratio)))
-            row.initial_weight = _initial_weight(mean, var, pop_mean, pop_var, layer.epsilon)
-            momentum = layer.momentum
-            if row.initial_weight and momentum and 0.0 < momentum < 1.0:
-                row.updates_seen = round(math.log(row.initial_weight) / math.log(momentum))
-        if row.problem:
-            row.verdict = Verdict.CORRUPT
-        elif mode == "training" and (
-            row.initial_values
-            or (row.initial_weight is not None and row.initial_weight >= STALE_WEIGHT)
-        ):
-            row.verdict = Verdict.STALE
-        elif row.drift is not None and (row.drift > DRIFT_LIMIT or row.variance_ratio > 2.0):
-            row.verdict = Verdict.DRIFTED
-        elif row.float16:
-            row.verdict = Verdict.FLOAT16
-        elif row.dead_channels:
-            row.verdict = Verdict.DEAD
-        row.action = _ACTIONS[row.verdict]
-        report.rows.append(row)
+    for site in walk(model):
+        if isinstance(site.layer, BATCHNORM_TYPES):
+            ref = None if population is None else population[site.path]
+            report.rows.append(_diagnose_layer(site, float16.get(site.path), ref))
     if not report.rows:
         from keras_bn.errors import KerasBNError, expected
 
@@ -333,9 +319,9 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
             )
         )
     if population is not None:
-        from keras_bn.recalibration import _batches
-
-        first = next(_batches(model, data, batch_size), None)  # None: a spent one-shot iterator
+        first = next(
+            _data.batches(model, data, batch_size), None
+        )  # None: a spent one-shot iterator
         if first is not None:
             before = keras.tree.flatten(run_original(model, first, "first batch of the data"))
             after = keras.tree.flatten(run_inference(recalibrated, first, as_numpy=True))

@@ -33,9 +33,9 @@ import numpy as np
 
 from keras_bn import _keras_internals as internals
 from keras_bn import fold_math
+from keras_bn._graph import BATCHNORM_TYPES, Graph, require_graph
 from keras_bn.affine import ChannelAffine
 from keras_bn.errors import KerasBNError, VerificationError, expected, one_line
-from keras_bn.layer import BatchNorm
 from keras_bn.verification import (
     check_samples,
     compare,
@@ -47,8 +47,6 @@ from keras_bn.verification import (
     tolerance_for,
 )
 from keras_bn.verification import input_shapes as shapes_to_verify
-
-BATCHNORM_TYPES = (keras.layers.BatchNormalization, BatchNorm)
 
 
 class DisplayEnum(str, enum.Enum):
@@ -241,32 +239,6 @@ def _unclonable(graph, layer):
     if id(layer) not in graph.clones:
         graph.clones[id(layer)] = _clone(layer, use_bias=True)
     return graph.clones[id(layer)][1]
-
-
-class _Graph:
-    """Nodes, consumers and call counts of one Functional model's graph."""
-
-    def __init__(self, model):
-        by_depth = internals.nodes_by_depth(model)
-        self.nodes = [
-            n
-            for depth in sorted(by_depth, reverse=True)
-            for n in by_depth[depth]
-            if n.operation is not None and not n.is_input
-        ]
-        self.consumers = collections.defaultdict(list)
-        for node in self.nodes:
-            for tensor in node.input_tensors:
-                self.consumers[id(tensor)].append(node)
-        self.calls = collections.Counter(id(n.operation) for n in self.nodes)
-        self.outputs = {id(t) for t in keras.tree.flatten(model.outputs)}
-        # {id(layer): (clone with a bias, None) or (None, reason)}: fold targets, made while
-        # planning (`_unclonable`), used by the rebuild.
-        self.clones = {}
-
-    def producer(self, tensor):
-        node = internals.producer_node(tensor)
-        return node if node in self.nodes else None
 
 
 def _match_backward(graph, node, rank, bn_axis):
@@ -838,9 +810,9 @@ def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_le
 
 
 def _fold_model(model, report, prefix, replace_leftovers):
-    _check_foldable(model)
+    require_graph(model, "fold_bn")
     graph_model = internals.graph_model(model)
-    graph = _Graph(graph_model)
+    graph = Graph(graph_model)
     decisions = _plan(graph, prefix)
     edits, affines = _apply(decisions, replace_leftovers)
     report.rows.extend(d.row for d in decisions)
@@ -849,34 +821,6 @@ def _fold_model(model, report, prefix, replace_leftovers):
     )
     folded.name = model.name
     return folded
-
-
-def _check_foldable(model):
-    """Raises KerasBNError unless `model` is a graph this pass can read (a built Sequential or a
-    Functional model): checked before anything else runs on it."""
-    if not isinstance(model, keras.Model):
-        raise KerasBNError(
-            expected("fold_bn folds Keras models", "a keras.Model", type(model).__name__)
-        )
-    if isinstance(model, keras.Sequential):
-        if internals.graph_model(model) is None:
-            raise KerasBNError(
-                expected(
-                    "The Sequential model must be built",
-                    "a model with a known input shape",
-                    f"unbuilt model '{model.name}'",
-                    "Call it on data or give it a keras.Input first.",
-                )
-            )
-    elif not internals.is_functional(model):
-        raise KerasBNError(
-            expected(
-                "fold_bn needs a graph it can read",
-                "a Sequential or Functional keras.Model",
-                f"{type(model).__name__} (a subclassed model)",
-                "Rebuild the model with the Functional API.",
-            )
-        )
 
 
 _ON_BAD_STATISTICS = ("keep", "raise")
@@ -921,7 +865,7 @@ def fold_bn(
     Returns:
         `(folded, report)`; `print(report)` shows a table, `report.to_dict()` JSON-able data.
     """
-    _check_foldable(model)
+    require_graph(model, "fold_bn")
     if on_bad_statistics not in _ON_BAD_STATISTICS:
         raise KerasBNError(
             expected("Invalid `on_bad_statistics`", "'keep' or 'raise'", repr(on_bad_statistics))

@@ -31,27 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import math
-import sys
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_bn import _data, _stats
 from keras_bn import _keras_internals as internals
-from keras_bn import _stats
+from keras_bn._graph import BATCHNORM_TYPES, require_graph, run_inference, walk
 from keras_bn.errors import KerasBNError, expected
-from keras_bn.fold import BATCHNORM_TYPES, _check_foldable
 from keras_bn.layer import BatchNorm
 from keras_bn.verification import (
-    arrays_per_input,
-    batch_shape_text,
-    cast_numbers,
     in_background,
     model_failure,
-    refuse_sparse,
-    wrong_shape,
 )
 
 # TensorFlow keeps its compiled collection step (tf.function, tf.distribute, the fused kernel);
@@ -116,159 +108,6 @@ class RecalibrationReport:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data
-
-
-def _as_input_list(model, x):
-    """One batch `x` (array, list/tuple of arrays, or dict by input name) as a list of tensors in
-    `model.inputs` order."""
-    names, inputs, arrays = arrays_per_input(model, x, "batch")
-    batch = []
-    for name, spec, array in zip(names, inputs, arrays):
-        # Backend tensors stay where they are; anything else (NumPy, lists, a tf.data element
-        # on another backend) is read as NumPy first.
-        tensor = array if ops.is_tensor(array) else np.asarray(array)
-        if wrong_shape(spec, tensor.shape):
-            raise KerasBNError(
-                expected(
-                    f"Data for input '{name}' has the wrong shape",
-                    batch_shape_text(spec),
-                    f"shape {tuple(tensor.shape)}",
-                )
-            )
-        try:
-            dtype = keras.backend.standardize_dtype(tensor.dtype)
-        except ValueError:  # NumPy strings and objects have no Keras dtype
-            dtype = str(np.asarray(tensor).dtype.name)
-        if not dtype.startswith(("float", "bfloat", "int", "uint")):
-            raise KerasBNError(
-                expected(
-                    f"Data for input '{name}' is not numeric",
-                    f"numbers castable to {spec.dtype}",
-                    f"dtype {'string' if dtype.startswith('str') else dtype}",
-                )
-            )
-        target = keras.backend.standardize_dtype(spec.dtype)
-        if isinstance(tensor, np.ndarray) and target != "bfloat16" and tensor.dtype != target:
-            tensor = cast_numbers(tensor, target, f"Data for input '{name}'")
-        batch.append(ops.cast(tensor, spec.dtype))
-    return batch
-
-
-def _is_tf_dataset(data):
-    """A tf.data.Dataset, on any backend (Keras takes them everywhere), without importing TF."""
-    # getattr: another thread may be importing TensorFlow right now (a half-made module).
-    dataset = getattr(getattr(sys.modules.get("tensorflow"), "data", None), "Dataset", None)
-    return isinstance(dataset, type) and isinstance(data, dataset)
-
-
-def _strip_labels(element, inputs=1):
-    """`(x, y)` or `(x, y, sample_weight)` -> x, as Keras's `fit` reads a batch; labels are
-    ignored. A list counts as such a tuple (a PyTorch DataLoader over `(x, y)` yields lists)
-    unless it is the inputs of a model with that many: one array per input, none of them itself
-    a list, tuple or dict."""
-    if isinstance(element, tuple) and 2 <= len(element) <= 3:
-        return element[0]
-    if isinstance(element, list) and 2 <= len(element) <= 3:
-        nested = isinstance(element[0], (list, tuple, dict))
-        if len(element) != inputs or nested:
-            return element[0]
-    return element
-
-
-def _batches(model, data, batch_size):
-    """Yields batches of model inputs from `data`: arrays (and lists/dicts of arrays, and `(x, y)`)
-    are cut into `batch_size` rows; a `tf.data.Dataset`, a `keras.utils.PyDataset` or any
-    iterable yields its own batches."""
-    inputs = len(keras.tree.flatten(model.inputs))
-    refuse_sparse(_strip_labels(data) if isinstance(data, tuple) else data, "data")
-    if _is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
-        if _is_tf_dataset(data):
-            source = data
-        else:  # a PyDataset without num_batches never ends: `batches=` stops it
-            count = data.num_batches
-            source = (data[i] for i in (range(count) if count is not None else itertools.count()))
-        for element in source:
-            yield _as_input_list(model, _strip_labels(element, inputs))
-        return
-    x = _strip_labels(data) if isinstance(data, tuple) else data
-    arrays = None
-    if isinstance(x, np.ndarray) or (
-        isinstance(x, (list, dict))
-        and x
-        and all(isinstance(a, np.ndarray) for a in (x.values() if isinstance(x, dict) else x))
-    ):
-        arrays = x
-    if arrays is None:
-        if not hasattr(data, "__iter__"):
-            raise KerasBNError(
-                expected(
-                    "Unusable data",
-                    "an array, (x, y), a list or dict of "
-                    "arrays, a tf.data.Dataset, a keras.utils.PyDataset or an "
-                    "iterable of batches",
-                    type(data).__name__,
-                )
-            )
-        for element in data:
-            yield _as_input_list(model, _strip_labels(element, inputs))
-        return
-    flat = (
-        list(arrays.values())
-        if isinstance(arrays, dict)
-        else (list(arrays) if isinstance(arrays, list) else [arrays])
-    )
-    if any(a.ndim == 0 for a in flat):
-        raise KerasBNError(
-            expected(
-                "The data arrays need a batch axis",
-                "arrays of shape (rows, ...)",
-                f"shapes {[a.shape for a in flat]}",
-            )
-        )
-    total = len(flat[0])
-    if any(len(a) != total for a in flat):
-        raise KerasBNError(
-            expected(
-                "The data arrays need one length",
-                "equal first dimensions",
-                f"lengths {[len(a) for a in flat]}",
-            )
-        )
-    for start in range(0, total, batch_size):
-        if isinstance(arrays, dict):
-            chunk = {k: v[start : start + batch_size] for k, v in arrays.items()}
-        elif isinstance(arrays, list):
-            chunk = [a[start : start + batch_size] for a in arrays]
-        else:
-            chunk = arrays[start : start + batch_size]
-        yield _as_input_list(model, chunk)
-
-
-def _known_batch_count(data, batch_size):
-    """The number of batches `_batches` will yield, when it is known without iterating (None
-    when not, `INFINITE` for a dataset that says it never ends)."""
-    x = _strip_labels(data) if isinstance(data, tuple) else data
-    if isinstance(x, np.ndarray):
-        return math.ceil(len(x) / batch_size) if x.ndim else None  # 0-d: _batches refuses it
-    if isinstance(x, (list, dict)) and x:
-        first = next(iter(x.values())) if isinstance(x, dict) else x[0]
-        if isinstance(first, np.ndarray) and first.ndim:
-            return math.ceil(len(first) / batch_size)
-    if isinstance(data, keras.utils.PyDataset):
-        return INFINITE if data.num_batches is None else data.num_batches
-    if _is_tf_dataset(data):
-        n = int(data.cardinality())
-        if n == -1:  # tf.data.INFINITE_CARDINALITY (-2: unknown)
-            return INFINITE
-        return n if n >= 0 else None
-    return None
-
-
-INFINITE = "infinite"  # what _known_batch_count says of data that never ends
-
-
-# ------------------------------------------------------------------------------------------------
 # Collection
 
 
@@ -315,37 +154,27 @@ def _ops_moments(bn, x, mask):
 def _collector(model, targets):
     """A function of one batch (a list of input tensors) returning {layer id: [(count, pivot,
     shifted_mean, M2) per call]} for `targets` (the BatchNorms to recalibrate), running them on
-    batch statistics and everything else in inference mode. A BatchNorm called more than once in the graph (a
-    shared layer) reports each call. Traced once per replica under a strategy: each trace
-    collects into its own dict."""
-    graph = internals.graph_model(model)
+    batch statistics and everything else in inference mode (`_graph.run_inference`). A BatchNorm
+    called more than once in the graph (a shared layer) reports each call. Traced once per
+    replica under a strategy: each trace collects into its own dict."""
 
     def collect(inputs):
         collected = {}
 
-        def operation_fn(op):
-            if isinstance(op, keras.Model) and internals.graph_model(op) is not None:
-                inner = internals.graph_model(op)
-                return lambda *args, **kwargs: internals.run_through_graph(
-                    inner, args[0], operation_fn
-                )
-            if id(op) in targets:
+        def replace(op):
+            if id(op) not in targets:
+                return None
 
-                def call(x, *args, mask=None, **kwargs):
-                    if mask is None:
-                        mask = internals.keras_mask(x)
-                    stats, outputs = _moments(op, x, mask)
-                    collected.setdefault(str(id(op)), []).append(stats)
-                    return internals.set_keras_mask(outputs, mask)
+            def call(x, *args, mask=None, **kwargs):
+                if mask is None:
+                    mask = internals.keras_mask(x)
+                stats, outputs = _moments(op, x, mask)
+                collected.setdefault(str(id(op)), []).append(stats)
+                return internals.set_keras_mask(outputs, mask)
 
-                return call
-            if isinstance(op, keras.layers.Layer) and internals.call_has_training_arg(op):
-                return lambda *args, **kwargs: op(*args, **{**kwargs, "training": False})
-            return op
+            return call
 
-        internals.run_through_graph(
-            graph, keras.tree.pack_sequence_as(internals.inputs_struct(graph), inputs), operation_fn
-        )
+        run_inference(model, inputs, replace)
         return collected
 
     return collect
@@ -571,7 +400,7 @@ def recalibrate(
             that are not finite (NaN in the data); the caller's model is unchanged and nothing is
             returned.
     """
-    _check_foldable(model)
+    require_graph(model, "recalibrate")
     if estimator not in ESTIMATORS:
         raise KerasBNError(
             expected("Unknown `estimator`", "'population' or 'batch_mean'", repr(estimator))
@@ -592,19 +421,7 @@ def recalibrate(
     if BACKEND == "tensorflow" and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
     step = _step(model, targets, strategy)
-    total = _known_batch_count(data, batch_size)
-    if total is INFINITE and batches is None:
-        raise KerasBNError(
-            expected(
-                "The data never ends",
-                "finite data, or `batches=` (keras-bn: the data file is finite)",
-                f"an infinite {type(data).__name__} (a repeat() without a count?)",
-            )
-        )
-    if total is INFINITE:
-        total = None
-    if batches is not None:
-        total = batches if total is None else min(total, batches)
+    total = _batch_budget(data, batch_size, batches)
     bar = keras.utils.Progbar(total, verbose=1 if progress else 0, unit_name="batch")
 
     def copy_model():  # same architecture and weights, in the caller's strategy scope
@@ -615,32 +432,77 @@ def recalibrate(
 
     # The copy is made on a second thread while the data runs (TF runs its kernels without the
     # GIL): on ResNet50 it costs about a sixth of a predict over 64 images when made after.
-    accumulators = {}
-    seen = 0
     with in_background(copy_model) as pending:
-        for inputs in _batches(model, data, batch_size):
-            if batches is not None and seen >= batches:
-                break
-            for key, calls in _run_step(model, step, inputs, seen).items():
-                accumulator = accumulators.get(key)
-                if accumulator is None:
-                    estimate = _Population if estimator == "population" else _BatchMean
-                    unbiased = getattr(targets[int(key)], "unbiased_variance", False)
-                    accumulator = accumulators[key] = estimate(unbiased)
-                for count, pivot, shifted_mean, m2 in calls:
-                    # The mean's two parts added in float64 (see _ops_moments).
-                    mean = np.asarray(pivot, np.float64) + np.asarray(shifted_mean, np.float64)
-                    accumulator.add(count, mean, m2)
-            seen += 1
-            bar.update(seen)
+        accumulators, seen = _accumulate(
+            model, step, targets, data, batch_size, batches, estimator, bar
+        )
     copy = pending.result()
     if seen == 0:
         raise KerasBNError(expected("The data gave no batch", "at least one batch", "none"))
+    new_stats = _checked_statistics(targets, accumulators)
+    report = RecalibrationReport(estimator=estimator, batches=seen)
+    paths = {id(site.layer): site.path for site in walk(model)}  # "outer/inner/bn"
+    copies = [layer for layer in internals.all_layers(copy) if isinstance(layer, BATCHNORM_TYPES)]
+    for old, new in zip(bns, copies):
+        if id(old) not in new_stats:
+            report.rows.append(
+                RecalibrationRow(
+                    paths[id(old)], 0, 0, 0.0, 0.0, skipped="trainable=False (only_trainable=True)"
+                )
+            )
+            continue
+        mean, var, accumulator = new_stats[id(old)]
+        report.rows.append(_assign(old, new, mean, var, accumulator, paths[id(old)]))
+    return copy, report
 
+
+def _batch_budget(data, batch_size, batches):
+    """The number of batches the progress bar expects (None: unknown); data that never ends
+    needs `batches=`."""
+    total = _data.known_batch_count(data, batch_size)
+    if total is _data.INFINITE and batches is None:
+        raise KerasBNError(
+            expected(
+                "The data never ends",
+                "finite data, or `batches=` (keras-bn: the data file is finite)",
+                f"an infinite {type(data).__name__} (a repeat() without a count?)",
+            )
+        )
+    if total is _data.INFINITE:
+        total = None
+    if batches is not None:
+        total = batches if total is None else min(total, batches)
+    return total
+
+
+def _accumulate(model, step, targets, data, batch_size, batches, estimator, bar):
+    """Runs the collection step over the data: ({layer key: estimator}, batches seen)."""
+    accumulators = {}
+    seen = 0
+    for inputs in _data.batches(model, data, batch_size):
+        if batches is not None and seen >= batches:
+            break
+        for key, calls in _run_step(model, step, inputs, seen).items():
+            accumulator = accumulators.get(key)
+            if accumulator is None:
+                estimate = _Population if estimator == "population" else _BatchMean
+                unbiased = getattr(targets[int(key)], "unbiased_variance", False)
+                accumulator = accumulators[key] = estimate(unbiased)
+            for count, pivot, shifted_mean, m2 in calls:
+                # The mean's two parts added in float64 (see _ops_moments).
+                mean = np.asarray(pivot, np.float64) + np.asarray(shifted_mean, np.float64)
+                accumulator.add(count, mean, m2)
+        seen += 1
+        bar.update(seen)
+    return accumulators, seen
+
+
+def _checked_statistics(targets, accumulators):
+    """{id(bn): (mean, variance, accumulator)}, or a KerasBNError for statistics that must not
+    be written: fewer than 2 values per channel, NaN or Inf, or values the layer's dtype cannot
+    hold. In the model's order, not the order the step returned them in (jax.jit returns a dict
+    with its keys sorted): the first of the model's BatchNorms at fault is the one named."""
     new_stats = {}
-    # In the model's order, not the order the step returned them in (jax.jit returns a dict
-    # with its keys sorted): the first of the model's BatchNorms whose statistics are not
-    # finite is the one named.
     for key, bn in targets.items():
         accumulator = accumulators.get(str(key))
         if accumulator is None:
@@ -684,34 +546,23 @@ def recalibrate(
                 )
             )
         new_stats[id(bn)] = (mean, var, accumulator)
+    return new_stats
 
-    report = RecalibrationReport(estimator=estimator, batches=seen)
-    copies = [layer for layer in internals.all_layers(copy) if isinstance(layer, BATCHNORM_TYPES)]
-    for old, new in zip(bns, copies):
-        if id(old) not in new_stats:
-            report.rows.append(
-                RecalibrationRow(
-                    old.name, 0, 0, 0.0, 0.0, skipped="trainable=False (only_trainable=True)"
-                )
-            )
-            continue
-        mean, var, accumulator = new_stats[id(old)]
-        old_mean = np.asarray(old.moving_mean, np.float64)
-        old_var = np.asarray(old.moving_variance, np.float64)
-        new_std = np.sqrt(var + old.epsilon)
-        new.moving_mean.assign(mean.astype(new.moving_mean.dtype))
-        new.moving_variance.assign(var.astype(new.moving_variance.dtype))
-        if isinstance(new, BatchNorm) and new.momentum is None:
-            new.num_batches_tracked.assign(accumulator.batches)
-        report.rows.append(
-            RecalibrationRow(
-                name=old.name,
-                values_per_channel=int(np.min(accumulator.n)),
-                batches=accumulator.batches,
-                mean_shift=float(np.max(np.abs(mean - old_mean) / new_std)),
-                std_change=float(
-                    np.max(np.abs(np.sqrt(old_var + old.epsilon) - new_std) / new_std)
-                ),
-            )
-        )
-    return copy, report
+
+def _assign(old, new, mean, var, accumulator, path):
+    """Writes the statistics into the copy's BatchNorm `new`; the row says how far they moved
+    from `old`'s."""
+    old_mean = np.asarray(old.moving_mean, np.float64)
+    old_var = np.asarray(old.moving_variance, np.float64)
+    new_std = np.sqrt(var + old.epsilon)
+    new.moving_mean.assign(mean.astype(new.moving_mean.dtype))
+    new.moving_variance.assign(var.astype(new.moving_variance.dtype))
+    if isinstance(new, BatchNorm) and new.momentum is None:
+        new.num_batches_tracked.assign(accumulator.batches)
+    return RecalibrationRow(
+        name=path,
+        values_per_channel=int(np.min(accumulator.n)),
+        batches=accumulator.batches,
+        mean_shift=float(np.max(np.abs(mean - old_mean) / new_std)),
+        std_change=float(np.max(np.abs(np.sqrt(old_var + old.epsilon) - new_std) / new_std)),
+    )

@@ -39,7 +39,7 @@ def test_mode_under_fit_and_its_reason():
     x = frozen(x)
     x = L.BatchNormalization(name="free")(x)
     rows = {r.name: r for r in keras_bn.diagnose(keras.Model(inputs, x)).rows}
-    assert (rows["inner_bn"].mode_under_fit, rows["inner_bn"].mode_reason) == (
+    assert (rows["backbone/inner_bn"].mode_under_fit, rows["backbone/inner_bn"].mode_reason) == (
         "inference",
         "inside frozen model 'backbone'",
     )
@@ -175,3 +175,26 @@ def test_statistics_far_from_the_data_but_not_towards_0_1_are_drifted_not_stale(
     assert pooled_cos2 > 0.75  # what the pooled fit saw
     row = keras_bn.diagnose(model, data, batch_size=256).rows[0]
     assert row.initial_weight is None and row.verdict == Verdict.DRIFTED
+
+
+def test_same_named_batchnorms_in_two_nested_models_are_two_rows(rng):
+    # Two nested models each hold a BatchNorm named "bn": rows, float16 checks and the data's
+    # population statistics are matched by path, so neither takes the other's numbers.
+    def block(name):
+        x = keras.Input((3,))
+        return keras.Model(x, L.BatchNormalization(name="bn")(x), name=name)
+
+    a, b = block("a"), block("b")
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, [a(inputs), b(inputs)])
+    x = rng.normal(5.0, 2.0, (512, 3)).astype("float32")
+    mean, var = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
+    a.get_layer("bn").set_weights([np.ones(3), np.zeros(3), mean, var])  # the data's own
+    report = keras_bn.diagnose(model, x, batch_size=512)
+    rows = {r.name: r for r in report.rows}
+    assert sorted(rows) == ["a/bn", "b/bn"]
+    assert rows["a/bn"].drift < 1e-4 and rows["a/bn"].verdict == Verdict.OK
+    # b keeps 0/1: its drift is the data's mean in the data's standard deviations (epsilon 1e-3).
+    want = float(np.max(np.abs(mean) / np.sqrt(var + 1e-3)))
+    assert rows["b/bn"].drift == pytest.approx(want, rel=1e-4)
+    assert rows["b/bn"].verdict == Verdict.STALE

@@ -11,7 +11,7 @@ import pytest
 
 import keras_bn
 from keras_bn import export
-from keras_bn.export import converter
+from keras_bn.export import convert
 from tests.test_fold import randomize_bn
 from tests.tolerances import FOLD_RTOL, ORT_ATOL
 
@@ -145,13 +145,13 @@ def test_graph_check_names_the_layer_tf2onnx_could_not_convert():
         keras_bn.KerasBNError,
         match=rf"tf2onnx left a StatefulPartitionedCall node from layer '{grouped.name}' that onnxruntime cannot run\. Expected: only standard ONNX ops\. Received: 1 such node",
     ):
-        converter._check_graph(proto, names)
+        convert.check_graph(proto, names)
     assert (
-        converter._layer_of("functional_1/conv2d_3_1/StatefulPartitionedCall", {"conv2d_3"})
+        convert.layer_of("functional_1/conv2d_3_1/StatefulPartitionedCall", {"conv2d_3"})
         == "conv2d_3"
     )
-    assert converter._layer_of("functional_1/dense/MatMul", {"dense"}) == "dense"
-    assert converter._layer_of("Identity", {"dense"}) is None
+    assert convert.layer_of("functional_1/dense/MatMul", {"dense"}) == "dense"
+    assert convert.layer_of("Identity", {"dense"}) is None
 
 
 def test_reference_thread_runs_under_the_callers_device_scope():
@@ -210,7 +210,7 @@ def optimizer_calls(monkeypatch):
         return real(graph, catch_errors=catch_errors, optimizers=optimizers)
 
     monkeypatch.setattr(tf2onnx.optimizer, "optimize_graph", spy)
-    monkeypatch.delenv(converter._CATCH_ERRORS, raising=False)
+    monkeypatch.delenv(convert._CATCH_ERRORS, raising=False)
     return calls
 
 
@@ -222,11 +222,11 @@ def test_fast_conversion_gives_tf2onnx_default_graph(name, optimizer_calls, rng)
     model = PATTERNS[name]()
     if name == "residual":
         model, _ = keras_bn.fold_bn(model)
-    fast = converter._convert(model, None, False)
+    fast = convert.convert(model, None, False)
     assert optimizer_calls and not any(optimizer_calls)  # really without the copies
-    assert converter._CATCH_ERRORS not in os.environ  # restored
+    assert convert._CATCH_ERRORS not in os.environ  # restored
     optimizer_calls.clear()
-    default = converter._convert(model, None, False, tf2onnx_default=True)
+    default = convert.convert(model, None, False, tf2onnx_default=True)
     assert optimizer_calls and all(optimizer_calls)  # really tf2onnx's default
     assert _graph_structure(fast) == _graph_structure(default)
     assert len(fast.graph.node) > 3
@@ -244,11 +244,11 @@ def test_a_value_of_the_switch_never_means_copies_on(optimizer_calls):
     # tf2onnx 1.17 upper-cases the variable's NAME: "TRUE" set by a user still turns copies off.
     # That is why the retry unsets it instead of setting "TRUE".
     model = PATTERNS["dense"]()
-    os.environ[converter._CATCH_ERRORS] = "TRUE"
+    os.environ[convert._CATCH_ERRORS] = "TRUE"
     try:
-        converter._convert(model, None, False)
+        convert.convert(model, None, False)
     finally:
-        del os.environ[converter._CATCH_ERRORS]
+        del os.environ[convert._CATCH_ERRORS]
     assert optimizer_calls and not any(optimizer_calls)
 
 
@@ -273,23 +273,23 @@ def test_failed_fast_conversion_is_retried_with_tf2onnx_error_handling(
     # First the fast path (no copies, the error escapes), then tf2onnx's default, which skips
     # the broken optimizer; the graph is verified like any other.
     assert optimizer_calls == [False, True]
-    assert report.verification.passed and converter._CATCH_ERRORS not in os.environ
+    assert report.verification.passed and convert._CATCH_ERRORS not in os.environ
     # An error from anywhere else would come back the same: no retry.
     seen = []
 
     def broken():
-        seen.append(os.environ.get(converter._CATCH_ERRORS))
+        seen.append(os.environ.get(convert._CATCH_ERRORS))
         raise IndexError("not an optimizer")
 
     with pytest.raises(IndexError):
-        converter._run_tf2onnx(broken)
-    assert seen == ["FALSE"] and converter._CATCH_ERRORS not in os.environ
+        convert._run_tf2onnx(broken)
+    assert seen == ["FALSE"] and convert._CATCH_ERRORS not in os.environ
     # A setting the user made is used as it is, and a failure under it is not retried.
-    monkeypatch.setenv(converter._CATCH_ERRORS, "FALSE")
+    monkeypatch.setenv(convert._CATCH_ERRORS, "FALSE")
     optimizer_calls.clear()
     with pytest.raises(ArithmeticError):
-        converter._convert(model, None, False)
-    assert optimizer_calls == [False] and os.environ[converter._CATCH_ERRORS] == "FALSE"
+        convert.convert(model, None, False)
+    assert optimizer_calls == [False] and os.environ[convert._CATCH_ERRORS] == "FALSE"
 
 
 def test_the_switch_is_changed_under_a_lock():
@@ -301,15 +301,15 @@ def test_the_switch_is_changed_under_a_lock():
     order = []
 
     def first():
-        with converter._catch_errors_variable("FALSE"):
+        with convert._catch_errors_variable("FALSE"):
             inside.set()
             release.wait(30)
-            order.append(("first", os.environ.get(converter._CATCH_ERRORS)))
+            order.append(("first", os.environ.get(convert._CATCH_ERRORS)))
 
     def second():
         inside.wait(30)
-        with converter._catch_errors_variable(None):
-            order.append(("second", os.environ.get(converter._CATCH_ERRORS)))
+        with convert._catch_errors_variable(None):
+            order.append(("second", os.environ.get(convert._CATCH_ERRORS)))
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for t in threads:
@@ -319,7 +319,7 @@ def test_the_switch_is_changed_under_a_lock():
     for t in threads:
         t.join(60)
     assert order == [("first", "FALSE"), ("second", None)]
-    assert converter._CATCH_ERRORS not in os.environ
+    assert convert._CATCH_ERRORS not in os.environ
 
 
 @pytest.mark.parametrize("opset", [13, 18])
@@ -595,23 +595,23 @@ def test_two_conversions_on_two_threads_never_see_each_others_switch():
         return "first"
 
     def convert_second():
-        seen["start"] = os.environ.get(converter._CATCH_ERRORS)
+        seen["start"] = os.environ.get(convert._CATCH_ERRORS)
         second_started.set()
         first_done.wait(5.0)
-        seen["end"] = os.environ.get(converter._CATCH_ERRORS)
+        seen["end"] = os.environ.get(convert._CATCH_ERRORS)
         return "second"
 
     def first():
-        converter._run_tf2onnx(convert_first)
+        convert._run_tf2onnx(convert_first)
         first_done.set()
 
     thread = threading.Thread(target=first)
     thread.start()
     first_inside.wait(5.0)
-    assert converter._run_tf2onnx(convert_second) == "second"
+    assert convert._run_tf2onnx(convert_second) == "second"
     thread.join(10)
     assert seen == {"start": "FALSE", "end": "FALSE"}
-    assert converter._CATCH_ERRORS not in os.environ
+    assert convert._CATCH_ERRORS not in os.environ
 
 
 def test_relu_then_batchnorm_stack_exports_without_a_multiply(tmp_path, rng):

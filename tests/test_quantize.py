@@ -165,13 +165,19 @@ def test_agreement_and_accuracy_are_reported_for_classification_outputs(tmp_path
     labels = np.argmax(np.asarray(model(x, training=False)), 1)  # the float model is "right"
     labels[:10] = (labels[:10] + 1) % 10  # and wrong on ten
     report = export.to_onnx(
-        model, tmp_path / "c.onnx", precision="int8", calibration=x, labels=labels
+        model,
+        tmp_path / "c.onnx",
+        precision="int8",
+        calibration=x,
+        labels=labels,
+        measure_latency=True,
     )
     a = report.quantization.agreement["logits"]
     assert report.quantization.input_set == "calibration data"
     assert a.reference_accuracy == pytest.approx(246 / 256)
     assert a.top1 >= 0.98 and abs(a.accuracy - a.reference_accuracy) <= 1 - a.top1 + 1e-9
     assert set(report.quantization.latency_ms) == {"float32", "int8"}
+    assert all(ms > 0 for times in report.quantization.latency_ms.values() for ms in times.values())
     assert (
         "top-1 agreement" in str(report) and report.to_dict()["quantization"]["precision"] == "int8"
     )

@@ -174,7 +174,9 @@ def test_data_forms_sequential_nested_and_mixed_precision(data, mixed_policy):
     new, report = keras_bn.recalibrate(outer, data, batch_size=50, progress=False)
     nested_bn = new.layers[0].get_layer("bn_a")
     np.testing.assert_allclose(nested_bn.moving_variance.numpy(), expected, rtol=1e-6)
-    assert sorted(r.name for r in report.rows) == ["bn_a", "bn_b"]
+    # Rows name nested layers by their path, as fold and diagnose reports do.
+    inner = model.name
+    assert sorted(r.name for r in report.rows) == [f"{inner}/bn_a", f"{inner}/bn_b"]
     # Mixed precision: float16 compute, statistics kept in float32.
     mixed_policy("mixed_float16")
     mixed = two_branch_model()
