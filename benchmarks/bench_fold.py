@@ -110,7 +110,7 @@ def main():
             with_verify.append(time.perf_counter() - start)
         t = statistics.median(no_verify)
         print(
-            f"| {name} | {len(m.layers)} | {rep.counts['batchnorms']} | {t:.2f} | "
+            f"| {name} | {len(m.layers)} | {rep.batchnorms} | {t:.2f} | "
             f"{statistics.median(with_verify):.2f} | {100 * t / len(m.layers):.3f} |"
         )
 

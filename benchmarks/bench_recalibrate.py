@@ -45,7 +45,7 @@ RSS_SCRIPT = textwrap.dedent("""
             yield rng.random((64, 8, 8, 1), dtype=np.float32)
     data = tf.data.Dataset.from_generator(
         gen, output_signature=tf.TensorSpec((None, 8, 8, 1), tf.float32))
-    keras_bn.recalibrate(model, data, progress=False)
+    keras_bn.recalibrate(model, data, verbose=0)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
 
@@ -79,7 +79,7 @@ def first_call(model, x, batch_size, rounds):
 
     def recalibrate():
         m = fresh(model)
-        return lambda: keras_bn.recalibrate(m, x, batch_size=batch_size, progress=False)
+        return lambda: keras_bn.recalibrate(m, x, batch_size=batch_size, verbose=0)
 
     return interleaved({"predict": predict, "recalibrate": recalibrate}, rounds)
 

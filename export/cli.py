@@ -8,8 +8,9 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
+
+from .steps import Step
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 70  # 70: EX_SOFTWARE
 
@@ -43,50 +44,6 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
-
-
-def _progress(message):
-    print(f"[keras-bn] {message}", file=sys.stderr, flush=True)
-
-
-class _Step:
-    """Prints a step on stderr with its duration."""
-
-    def __init__(self, message):
-        self.message = message
-
-    def __enter__(self):
-        _progress(f"{self.message} ...")
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            _progress(f"{self.message}: done in {time.perf_counter() - self.start:.1f}s")
-
-
-class _Steps:
-    """A `progress` callback for the library: each call ends the step before it (printing its
-    duration) and starts the next; leaving the `with` block ends the last one."""
-
-    def __init__(self):
-        self.current = None
-
-    def __call__(self, message):
-        self._end()
-        self.current = _Step(message)
-        self.current.__enter__()
-
-    def _end(self):
-        if self.current is not None:
-            self.current.__exit__(None, None, None)
-            self.current = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            self._end()
 
 
 def _load_samples(path, args, what="samples file"):
@@ -138,7 +95,7 @@ def _load(args):
     from .files import ArchiveLimits, GiB, load_model_file
 
     limits = ArchiveLimits(max_total_bytes=int(args.max_archive_gib * GiB))
-    with _Step(f"loading {args.model}"):
+    with Step(f"loading {args.model}"):
         return load_model_file(args.model, unsafe=args.unsafe, limits=limits)
 
 
@@ -171,7 +128,7 @@ def cmd_inspect(args):
     import keras_bn
 
     model = _load(args)
-    with _Step("planning the fold"):
+    with Step("planning the fold"):
         _, report = keras_bn.fold_bn(model, verify=False)
     rows = _bn_rows(model)
     if args.json:
@@ -204,7 +161,7 @@ def _write_keras(model, output, report, args):
     """Writes `model` to `output` atomically and prints `report` (or JSON with --json)."""
     from .files import atomic_output, save_keras
 
-    with _Step(f"writing {output}"):
+    with Step(f"writing {output}"):
         with atomic_output(output, ".keras") as handle:
             save_keras(model, handle)
     if args.json:
@@ -223,7 +180,7 @@ def cmd_fold(args):
     output = check_output_path(args.output, inputs=[args.model, args.samples], suffix=".keras")
     model = _load(args)
     samples = _load_samples(args.samples, args)
-    with _Step("folding and verifying"):
+    with Step("folding and verifying"):
         folded, report = keras_bn.fold_bn(
             model,
             samples=samples,
@@ -251,29 +208,28 @@ def cmd_export(args):
     samples = _load_samples(args.samples, args)
     calibration = _load_samples(args.calibration, args, "calibration file")
     labels = _load_samples(args.labels, args, "labels file")
-    with _Steps() as steps:
-        report = export.to_onnx(
-            model,
-            args.output,
-            fold=not args.no_fold,
-            opset=args.opset,
-            samples=samples,
-            atol=args.atol,
-            rtol=args.rtol,
-            nchw_inputs=args.nchw,
-            progress=steps,
-            on_bad_statistics="raise",
-            precision=args.precision,
-            calibration=calibration,
-            calibrate_method=args.calibrate_method,
-            labels=labels,
-            min_agreement=args.min_agreement,
-            min_cosine=args.min_cosine,
-            keep_float=args.keep_float,
-            reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
-            input_shapes=_input_shapes(args),
-            measure_latency=args.benchmark,
-        )
+    report = export.to_onnx(
+        model,
+        args.output,
+        fold=not args.no_fold,
+        opset=args.opset,
+        samples=samples,
+        atol=args.atol,
+        rtol=args.rtol,
+        nchw_inputs=args.nchw,
+        verbose=1,
+        on_bad_statistics="raise",
+        precision=args.precision,
+        calibration=calibration,
+        calibrate_method=args.calibrate_method,
+        labels=labels,
+        min_agreement=args.min_agreement,
+        min_cosine=args.min_cosine,
+        keep_float=args.keep_float,
+        reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
+        input_shapes=_input_shapes(args),
+        measure_latency=args.benchmark,
+    )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
 
@@ -288,7 +244,7 @@ def cmd_verify(args):
     check_regular_file(args.onnx, "ONNX file")
     model = _load(args)
     samples = _load_samples(args.samples, args)
-    with _Step("running Keras and onnxruntime"):
+    with Step("running Keras and onnxruntime"):
         report = export.verify(
             model,
             args.onnx,
@@ -310,13 +266,13 @@ def cmd_recalibrate(args):
     output = check_output_path(args.output, inputs=[args.model, args.data], suffix=".keras")
     model = _load(args)
     data = _load_samples(args.data, args, "data file")
-    with _Step("recalibrating"):
+    with Step("recalibrating"):
         new, report = keras_bn.recalibrate(
             model,
             data,
             batch_size=args.batch_size,
             estimator=args.estimator,
-            progress=not args.json,
+            verbose=0 if args.json else 1,
         )
     return _write_keras(new, output, report, args)
 
@@ -326,7 +282,7 @@ def cmd_doctor(args):
 
     model = _load(args)
     data = _load_samples(args.data, args, "data file")
-    with _Step("diagnosing" + (" with data" if data is not None else "")):
+    with Step("diagnosing" + (" with data" if data is not None else "")):
         report = keras_bn.diagnose(model, data, batch_size=args.batch_size)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK if report.healthy else EXIT_VERIFY_FAILED

@@ -4,6 +4,7 @@ and nothing is written unless every step passed."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import keras
@@ -19,6 +20,7 @@ from . import precision as precision_module  # `precision` is an argument of to_
 from .files import atomic_output, check_output_path
 from .onnx_verify import verify
 from .reports import ExportReport, QuantizationReport, VerifyReport, VerifyRow
+from .steps import Steps
 
 __all__ = ["ExportReport", "QuantizationReport", "VerifyReport", "VerifyRow", "to_onnx", "verify"]
 
@@ -54,7 +56,7 @@ def to_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     nchw_inputs: bool = False,
-    progress=None,
+    verbose: int = 0,
     on_bad_statistics: str = "keep",
     precision: str = "float32",
     calibration=None,
@@ -77,9 +79,9 @@ def to_onnx(
     `model.inputs` before any work. The synthetic inputs take the shape `input_shapes` gives
     (one shape per input without the batch axis, as in `keras_bn.fold_bn`), else the samples',
     else the model's, with open dimensions set to a length the model accepts. `atol`/`rtol` None take the defaults of the model's compute
-    dtype (`keras_bn.verification.TOLERANCES`). `progress`, if given, is called with the name of
-    each step as it starts ("folding", "converting with tf2onnx", "checking the graph",
-    "verifying with onnxruntime", "writing"). `on_bad_statistics="raise"` refuses a model with
+    dtype (`keras_bn.verification.TOLERANCES`). `verbose=1` prints each step on stderr as it
+    starts and ends, with its duration ("folding", "converting with tf2onnx", "checking the
+    graph", "verifying with onnxruntime", "writing"); 0 (default) is silent. `on_bad_statistics="raise"` refuses a model with
     unusable BatchNorm statistics, folded or not (see `keras_bn.fold_bn`).
 
     `precision="float16"` or `"int8"` writes a reduced-precision graph made from the verified
@@ -101,63 +103,68 @@ def to_onnx(
     latency of the float32 and the reduced graph at batch 1 and 32 to the report, a rough guide
     of about a second per batch size (`benchmarks/bench_quantize.py` is the benchmark).
     """
-    step = progress or (lambda name: None)
-    if not isinstance(model, keras.Model):
-        raise KerasBNError(
-            expected("to_onnx exports Keras models", "a keras.Model", type(model).__name__)
+    if verbose not in (0, 1):  # True and False too
+        raise KerasBNError(expected("Invalid `verbose`", "0 (silent) or 1 (steps)", repr(verbose)))
+    with contextlib.ExitStack() as stack:
+        step = stack.enter_context(Steps()) if verbose else (lambda name: None)
+        if not isinstance(model, keras.Model):
+            raise KerasBNError(
+                expected("to_onnx exports Keras models", "a keras.Model", type(model).__name__)
+            )
+        path = check_output_path(path, suffix=".onnx")
+        opset = convert.check_opset(opset)
+        if on_bad_statistics not in ("keep", "raise"):
+            raise KerasBNError(
+                expected(
+                    "Invalid `on_bad_statistics`", "'keep' or 'raise'", repr(on_bad_statistics)
+                )
+            )
+        if on_bad_statistics == "raise":
+            keras_bn.fold.refuse_bad_statistics(model)
+        tolerance = tolerance_for(model, rtol, atol)
+        _check_exportable(model)
+        # Bad samples or shapes fail here, before any conversion.
+        input_sets = onnx_verify.build_input_sets(model, samples, input_shapes)
+        reduced = precision_module.check_arguments(
+            model, precision, calibration=calibration, calibrate_method=calibrate_method,
+            labels=labels, min_agreement=min_agreement, min_cosine=min_cosine,
+            keep_float=keep_float, reduce_range=reduce_range,
+        )  # fmt: skip
+        timings = {}
+        exported, fold_report, proto, references = _fold_and_convert(
+            model, fold, opset, nchw_inputs, input_sets, reduced, step, timings
         )
-    path = check_output_path(path, suffix=".onnx")
-    opset = convert.check_opset(opset)
-    if on_bad_statistics not in ("keep", "raise"):
-        raise KerasBNError(
-            expected("Invalid `on_bad_statistics`", "'keep' or 'raise'", repr(on_bad_statistics))
-        )
-    if on_bad_statistics == "raise":
-        keras_bn.fold.refuse_bad_statistics(model)
-    tolerance = tolerance_for(model, rtol, atol)
-    _check_exportable(model)
-    # Bad samples or shapes fail here, before any conversion.
-    input_sets = onnx_verify.build_input_sets(model, samples, input_shapes)
-    reduced = precision_module.check_arguments(
-        model, precision, calibration=calibration, calibrate_method=calibrate_method,
-        labels=labels, min_agreement=min_agreement, min_cosine=min_cosine,
-        keep_float=keep_float, reduce_range=reduce_range,
-    )  # fmt: skip
-    timings = {}
-    exported, fold_report, proto, references = _fold_and_convert(
-        model, fold, opset, nchw_inputs, input_sets, reduced, step, timings
-    )
-    start = time.perf_counter()
-    model_bytes = proto.SerializeToString()
-    verification = onnx_verify.verify_proto(
-        model, proto, model_bytes, nchw_inputs, references, tolerance
-    )
-    timings["verify"] = time.perf_counter() - start
-    if not verification.passed:
-        _refuse(model, exported, verification, input_sets, opset, nchw_inputs, tolerance)
-    quantization = None
-    if reduced is not None:
         start = time.perf_counter()
-        model_bytes, quantization = precision_module.reduce(
-            model, model_bytes, nchw_inputs, input_sets, reduced, step, measure_latency
+        model_bytes = proto.SerializeToString()
+        verification = onnx_verify.verify_proto(
+            model, proto, model_bytes, nchw_inputs, references, tolerance
         )
-        proto = onnx.load_from_string(model_bytes)
-        timings[precision] = time.perf_counter() - start
-    step("writing")
-    with atomic_output(path, ".onnx") as handle:
-        handle.write(model_bytes)
-    opset_used = max(
-        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0
-    )
-    return ExportReport(
-        path=path,
-        op_counts=convert.op_counts(proto),
-        fold=fold_report,
-        verification=verification,
-        timings=timings,
-        opset=opset_used,
-        quantization=quantization,
-    )
+        timings["verify"] = time.perf_counter() - start
+        if not verification.passed:
+            _refuse(model, exported, verification, input_sets, opset, nchw_inputs, tolerance)
+        quantization = None
+        if reduced is not None:
+            start = time.perf_counter()
+            model_bytes, quantization = precision_module.reduce(
+                model, model_bytes, nchw_inputs, input_sets, reduced, step, measure_latency
+            )
+            proto = onnx.load_from_string(model_bytes)
+            timings[precision] = time.perf_counter() - start
+        step("writing")
+        with atomic_output(path, ".onnx") as handle:
+            handle.write(model_bytes)
+        opset_used = max(
+            (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0
+        )
+        return ExportReport(
+            path=path,
+            op_counts=convert.op_counts(proto),
+            fold=fold_report,
+            verification=verification,
+            timings=timings,
+            opset=opset_used,
+            quantization=quantization,
+        )
 
 
 def _fold_and_convert(model, fold, opset, nchw_inputs, input_sets, reduced, step, timings):

@@ -98,7 +98,7 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
 
     say("\n3. recalibrate on the training images (no labels)")
     recalibrated, recalibration = keras_bn.recalibrate(
-        model, x_train, batch_size=64, progress=verbose
+        model, x_train, batch_size=64, verbose=1 if verbose else 0
     )
     say(recalibration)
     recalibrated_path = write(recalibrated, "recalibrated.keras")

@@ -181,10 +181,10 @@ class ExportReport:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
         lines = [f"wrote {self.path} (opset {self.opset})", f"ONNX ops: {ops}"]
         if self.fold is not None:
-            c = self.fold.counts
+            c, action = self.fold.counts, keras_bn.fold.Action
             lines.append(
-                f"BatchNorms: {c['batchnorms']} in the model, {len(self.fold.folded)} folded, "
-                f"{c['replaced by affine']} replaced by affine, {c['left unfolded']} kept"
+                f"BatchNorms: {self.fold.batchnorms} in the model, {len(self.fold.folded)} "
+                f"folded, {c[action.AFFINE]} replaced by affine, {c[action.KEPT]} kept"
             )
         lines.append(str(self.verification))
         if self.quantization is not None:

@@ -15,10 +15,10 @@ except KerasBNError as _error:
     raise SystemExit(2) from None
 
 from keras_bn.affine import ChannelAffine
-from keras_bn.callbacks import SkippedUpdatesWarning
+from keras_bn.callbacks import SkippedUpdatesCallback
 from keras_bn.conventions import keras_momentum_to_torch, torch_momentum_to_keras
 from keras_bn.diagnosis import DiagnosisReport, diagnose
-from keras_bn.errors import VerificationError
+from keras_bn.errors import SkippedUpdateWarning, VerificationError
 from keras_bn.fold import FoldReport, fold_bn
 from keras_bn.layer import BatchNorm
 from keras_bn.recalibration import RecalibrationReport, recalibrate
@@ -31,7 +31,8 @@ __all__ = [
     "FoldReport",
     "fold_bn",
     "KerasBNError",
-    "SkippedUpdatesWarning",
+    "SkippedUpdateWarning",
+    "SkippedUpdatesCallback",
     "VerificationError",
     "RecalibrationReport",
     "recalibrate",

@@ -272,7 +272,9 @@ def _updates_to_forget(momentum):
     return math.ceil(math.log(0.01) / math.log(momentum))
 
 
-def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> DiagnosisReport:
+def diagnose(
+    model: keras.Model, data=None, *, batch_size: int = 32, verbose: int = 0
+) -> DiagnosisReport:
     """Diagnoses the BatchNorms of `model` (nothing is changed) and returns a `DiagnosisReport`;
     `report.healthy` is False when any row's verdict is not "ok".
 
@@ -289,7 +291,8 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
     the initial 0/1 still has in the moving statistics (stale when it is 5% or more: a
     short run whose exponential average has not forgotten its start, the usual "good in
     training, bad at inference"), and how much the model's outputs change when the statistics
-    are recalibrated.
+    are recalibrated. `verbose=1` shows the progress bar of that recalibration (0, the default,
+    is silent).
     """
     require_graph(model, "diagnose")
     report = DiagnosisReport()
@@ -297,7 +300,7 @@ def diagnose(model: keras.Model, data=None, *, batch_size: int = 32) -> Diagnosi
     float16 = {row.name: row.float16 for row in plan.rows}  # by path, "outer/inner/bn"
     population = None
     if data is not None:
-        recalibrated, _ = recalibrate(model, data, batch_size=batch_size, progress=False)
+        recalibrated, _ = recalibrate(model, data, batch_size=batch_size, verbose=verbose)
         # By path: same-named BatchNorms in two nested models are two layers.
         population = {
             site.path: site.layer

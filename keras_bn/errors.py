@@ -22,6 +22,12 @@ def expected(what, expected_value, received, fix=None):
     return message
 
 
+class SkippedUpdateWarning(RuntimeWarning):
+    """A `keras_bn.BatchNorm` training batch left the moving statistics unchanged: its statistics
+    held NaN or Inf, or it had one value per channel under XLA. A `RuntimeWarning`, so filters on
+    that category keep working."""
+
+
 class VerificationError(KerasBNError):
     """A folded model or an exported graph does not reproduce the original within tolerance.
 

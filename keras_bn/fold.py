@@ -55,10 +55,6 @@ class DisplayEnum(str, enum.Enum):
     def __str__(self):
         return self.value
 
-    # Equal to its display string, so hashed like it: report.counts["folded backward"] and
-    # report.counts[Action.BACKWARD] find the same entry (Enum hashes by member name).
-    __hash__ = str.__hash__
-
 
 class Action(DisplayEnum):
     """What happened to a BatchNorm."""
@@ -104,9 +100,14 @@ class FoldReport:
     shared: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
-    def counts(self) -> dict:
+    def batchnorms(self) -> int:
+        return len(self.rows)
+
+    @property
+    def counts(self) -> dict[Action, int]:
+        """BatchNorms per `Action`, every action present (0 where none)."""
         counter = collections.Counter(row.action for row in self.rows)
-        return {"batchnorms": len(self.rows), **{a.value: counter.get(a, 0) for a in Action}}
+        return {a: counter.get(a, 0) for a in Action}
 
     @property
     def folded(self) -> list[FoldRow]:
@@ -118,7 +119,10 @@ class FoldReport:
 
     def to_dict(self) -> dict:
         return {
-            "counts": self.counts,
+            "counts": {
+                "batchnorms": self.batchnorms,
+                **{a.value: n for a, n in self.counts.items()},
+            },
             "rows": [r.to_dict() for r in self.rows],
             "verification": self.verification,
             "shared": [{"layer": name, "reason": reason} for name, reason in self.shared],
@@ -136,9 +140,9 @@ class FoldReport:
             )
         c = self.counts
         lines.append(
-            f"{c['batchnorms']} BatchNorm(s): {c[BACKWARD.value]} folded backward, "
-            f"{c[FORWARD.value]} folded forward, {c[THROUGH.value]} folded through an "
-            f"activation, {c[AFFINE.value]} replaced by affine, {c[KEPT.value]} left unfolded"
+            f"{self.batchnorms} BatchNorm(s): {c[BACKWARD]} folded backward, "
+            f"{c[FORWARD]} folded forward, {c[THROUGH]} folded through an "
+            f"activation, {c[AFFINE]} replaced by affine, {c[KEPT]} left unfolded"
         )
         for r in self.rows:
             if r.float16:

@@ -23,7 +23,7 @@ from keras_bn.conventions import (
     check_momentum,
     torch_momentum_to_keras,
 )
-from keras_bn.errors import KerasBNError, expected
+from keras_bn.errors import KerasBNError, SkippedUpdateWarning, expected
 
 BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
@@ -80,7 +80,7 @@ class BatchNorm(keras.layers.Layer):
     A batch whose statistics contain NaN or Inf does not update the moving statistics. The skip is
     counted in `skipped_updates`; in eager mode it also emits a `RuntimeWarning` at once. Inside a
     compiled training step (`tf.function`, `model.fit`, XLA) nothing is printed, since XLA rejects
-    host ops: add the `keras_bn.SkippedUpdatesWarning()` callback to be warned after each epoch.
+    host ops: add the `keras_bn.SkippedUpdatesCallback()` to `fit` to be warned after each epoch.
 
     Training with one value per channel raises an error, as PyTorch does: a `KerasBNError` when
     the shape is known, an `InvalidArgumentError` at run time inside `tf.function`. Under XLA
@@ -381,7 +381,7 @@ class BatchNorm(keras.layers.Layer):
             warnings.warn(
                 f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
                 "the moving statistics were not updated for this batch.",
-                RuntimeWarning,
+                SkippedUpdateWarning,
                 stacklevel=3,
             )
 

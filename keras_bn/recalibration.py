@@ -373,7 +373,7 @@ def recalibrate(
     batches: int | None = None,
     estimator: str = "population",
     only_trainable: bool = False,
-    progress: bool = True,
+    verbose: int = 1,
 ) -> tuple[keras.Model, RecalibrationReport]:
     """Returns `(new_model, report)`: a copy of `model` whose BatchNorms (`keras_bn.BatchNorm`
     and `keras.layers.BatchNormalization`, nested models included) hold moving statistics
@@ -393,7 +393,7 @@ def recalibrate(
         only_trainable: Leave BatchNorms with `trainable=False` alone. By default they are
             recalibrated too: freezing a BatchNorm for fine-tuning keeps its statistics from the
             old data, and stale statistics are exactly what this function is for.
-        progress: Show a Keras progress bar.
+        verbose: 1 (default) shows a Keras progress bar, 0 is silent, as in `model.predict`.
 
     Raises:
         KerasBNError: no BatchNorm, unusable data (wrong shape or dtype, no batch), or statistics
@@ -401,6 +401,10 @@ def recalibrate(
             returned.
     """
     require_graph(model, "recalibrate")
+    if verbose not in (0, 1):  # True and False too
+        raise KerasBNError(
+            expected("Invalid `verbose`", "0 (silent) or 1 (progress bar)", repr(verbose))
+        )
     if estimator not in ESTIMATORS:
         raise KerasBNError(
             expected("Unknown `estimator`", "'population' or 'batch_mean'", repr(estimator))
@@ -422,7 +426,7 @@ def recalibrate(
         strategy = tf.distribute.get_strategy()
     step = _step(model, targets, strategy)
     total = _batch_budget(data, batch_size, batches)
-    bar = keras.utils.Progbar(total, verbose=1 if progress else 0, unit_name="batch")
+    bar = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
 
     def copy_model():  # same architecture and weights, in the caller's strategy scope
         with strategy.scope() if strategy is not None else contextlib.nullcontext():

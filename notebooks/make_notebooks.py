@@ -257,7 +257,7 @@ print("test accuracy:", model.evaluate(x_test, y_test, verbose=0)[1])""",
         """\
 folded, report = keras_bn.fold_bn(model, samples=x_test)
 print(report)
-assert report.counts["folded backward"] == 4
+assert report.counts[keras_bn.fold.Action.BACKWARD] == 4
 assert not any(isinstance(l, keras_bn.BatchNorm) for l in folded.layers)""",
     ),
     (
@@ -344,7 +344,7 @@ for momentum, batch, checkpoints in runs:
                "initial weight": momentum ** steps}
         for estimator in ("population", "batch_mean"):
             new, _ = keras_bn.recalibrate(model, x_train, batch_size=batch, estimator=estimator,
-                                          progress=False)
+                                          verbose=0)
             row[estimator] = accuracy(new)
         rows.append(row)
 print(f"{'momentum':>8} {'batch':>5} {'steps':>5} {'0/1 weight':>10} {'EMA':>6} "

@@ -409,6 +409,7 @@ def test_usage_errors_exit_2():
     assert run.returncode == 2
 
 
+@pytest.mark.slow
 def test_demo_through_the_console_script(tmp_path):
     # The Quickstart's main command, as installed by pip (console script `keras-bn`).
     # Beside the interpreter, not on PATH: the venv running the tests need not be activated.

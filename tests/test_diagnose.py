@@ -71,7 +71,7 @@ def test_with_data_a_short_run_is_stale_and_recalibration_makes_it_healthy(rng):
     x = rng.normal(0.5, 1.0, size=(256, 8, 8, 1)).astype("float32")
     model.compile("sgd", "mse")
     model.fit(x, rng.normal(size=(256, 3)).astype("float32"), batch_size=32, epochs=1, verbose=0)
-    before = [np.array(w) for w in model.weights]
+    before = [w.numpy().copy() for w in model.weights]
     report = keras_bn.diagnose(model, x)
     row = report.rows[0]
     # 8 updates at momentum 0.99: the exponential average still gives its initial 0/1 the
@@ -83,12 +83,12 @@ def test_with_data_a_short_run_is_stale_and_recalibration_makes_it_healthy(rng):
     assert report.output_error > 0.01
     for w, b in zip(model.weights, before):  # nothing changed
         np.testing.assert_array_equal(np.asarray(w), b)
-    fixed, _ = keras_bn.recalibrate(model, x, progress=False)
+    fixed, _ = keras_bn.recalibrate(model, x, verbose=0)
     healthy = keras_bn.diagnose(fixed, x)
     assert healthy.healthy and healthy.rows[0].drift < 1e-5
     assert healthy.output_error < 1e-5 and (healthy.rows[0].initial_weight or 0.0) < 1e-5
     # Statistics that converged on other data (shifted by 1) are drifted, not stale.
-    shifted, _ = keras_bn.recalibrate(model, x + 1.0, progress=False)
+    shifted, _ = keras_bn.recalibrate(model, x + 1.0, verbose=0)
     row = keras_bn.diagnose(shifted, x).rows[0]
     assert row.verdict == Verdict.DRIFTED and row.initial_weight is None
 

@@ -103,7 +103,7 @@ def test_lone_batchnorm_becomes_one_mul_add(tmp_path, rng):
     model = randomize_bn(keras.Model(inputs, L.BatchNormalization(name="bn")(inputs)))
     report = export.to_onnx(model, tmp_path / "lone.onnx")
     assert report.op_counts == {"Mul": 1, "Add": 1}
-    assert report.fold.counts["replaced by affine"] == 1
+    assert report.fold.counts[keras_bn.fold.Action.AFFINE] == 1
 
 
 def test_no_fold_keeps_the_batchnorm_and_still_verifies(tmp_path):
@@ -417,7 +417,7 @@ def test_sequential_model_exports_and_verifies(tmp_path, rng):
     )
     path = tmp_path / "seq.onnx"
     report = export.to_onnx(model, path)
-    assert report.verification.passed and report.fold.counts["folded backward"] == 1
+    assert report.verification.passed and report.fold.counts[keras_bn.fold.Action.BACKWARD] == 1
     assert [o.name for o in onnx.load(path).graph.output] == ["out"]
     x = rng.normal(size=(7, 6)).astype("float32")
     np.testing.assert_allclose(
@@ -438,7 +438,7 @@ def test_mixed_precision_fold_uses_the_compute_dtype_tolerance(policy, mixed_pol
     mixed_policy(policy)
     model = _mixed_model()
     folded, report = keras_bn.fold_bn(model)
-    assert report.counts["folded backward"] == 2
+    assert report.counts[keras_bn.fold.Action.BACKWARD] == 2
     expected = keras_bn.verification.TOLERANCES[policy.split("_")[1]]
     assert report.verification[0]["rtol"] == expected.rtol
     # A float16 step, not a float32 one: the float32 tolerance would refuse this fold.
@@ -540,7 +540,7 @@ def test_open_lengths_take_one_the_model_accepts_and_samples_give_theirs(tmp_pat
     model = cropping_model()
     assert keras_bn.verification.input_shapes(model) == [(128, 4)]  # 16, 32, 64 refused
     folded, report = keras_bn.fold_bn(model)
-    assert report.counts["folded backward"] == 1 and report.verification
+    assert report.counts[keras_bn.fold.Action.BACKWARD] == 1 and report.verification
     samples = rng.normal(size=(2, 100, 4)).astype("float32")
     _, report = keras_bn.fold_bn(model, samples=samples)
     export_report = export.to_onnx(model, tmp_path / "m.onnx", samples=samples)

@@ -366,7 +366,7 @@ def test_callers_model_is_not_modified(rng):
     model = randomize_bn(
         keras.Model(inputs, L.BatchNormalization()(L.Dense(4, use_bias=False)(inputs)))
     )
-    before = [np.array(w) for w in model.weights]
+    before = [w.numpy().copy() for w in model.weights]
     layers_before = [l.name for l in model.layers]
     nodes_before = [len(l._inbound_nodes) for l in model.layers]
     keras_bn.fold_bn(model)
@@ -671,7 +671,7 @@ def test_keras_applications(name, shape, rng):
     x = rng.normal(size=(2, *shape)).astype("float32")
     assert_close_to_original(model, folded, x)
     total, backward = APPLICATION_COUNTS[name]
-    assert report.counts["batchnorms"] == len(batchnorms(model)) == total
+    assert report.batchnorms == len(batchnorms(model)) == total
     assert report.counts[BACKWARD] == backward
     assert report.counts[AFFINE] == total - backward - report.counts[FORWARD]
     assert len(batchnorms(folded)) == report.counts[KEPT] == 0
@@ -687,7 +687,7 @@ def test_nested_backbone_inside_classifier(rng):
     model = randomize_bn(keras.Model(inputs, L.Dense(3)(x)))
     folded, report = keras_bn.fold_bn(model)
     assert_close_to_original(model, folded, rng.normal(size=(2, 32, 32, 3)).astype("float32"))
-    assert report.counts[BACKWARD] == report.counts["batchnorms"] == len(batchnorms(model))
+    assert report.counts[BACKWARD] == report.batchnorms == len(batchnorms(model))
     assert any(r.name.startswith(backbone.name + "/") for r in report.rows)
     assert batchnorms(folded) == []
 
@@ -853,8 +853,10 @@ def test_report_actions_are_an_enum_and_data(rng):
     model = randomize_bn(keras.Model(inputs, L.BatchNormalization()(L.Dense(3)(inputs))))
     _, report = keras_bn.fold_bn(model)
     assert report.rows[0].action is Action.BACKWARD
-    assert report.counts["folded backward"] == report.counts[Action.BACKWARD] == 1
+    # Counts are keyed by the Action, every one present; JSON has the display text.
+    assert list(report.counts) == list(Action) and report.counts[Action.BACKWARD] == 1
     data = json.loads(json.dumps(report.to_dict()))
+    assert data["counts"]["folded backward"] == 1 and data["counts"]["batchnorms"] == 1
     assert data["rows"][0]["action"] == "folded backward"
     assert "folded backward" in str(report)
 
@@ -960,7 +962,7 @@ def test_fold_through_relu_and_max_pooling_against_float64_numpy(rng):
     assert [a.name for a in affines] == ["bn1"] and affines[0].use_scale
     scale = affines[0].scale.numpy()
     assert np.sum(scale != 1.0) == 1 and scale[5] < 0
-    assert not batchnorms(folded) and report.counts[THROUGH.value] == 2
+    assert not batchnorms(folded) and report.counts[THROUGH] == 2
 
 
 def test_fold_through_relu_leaves_only_an_add_and_pushes_through_flatten(rng):
@@ -1051,3 +1053,48 @@ def test_variance_of_minus_epsilon_in_float32_is_refused_as_the_layer_computes_i
     )
     with pytest.raises(keras_bn.KerasBNError, match="computed in float32"):
         keras_bn.fold_bn(model, on_bad_statistics="raise")
+
+
+def test_batchnorm_called_with_training_true_is_left_with_its_reason(rng):
+    # Called with training=True in the graph, the layer normalizes with each batch's statistics
+    # even at inference: its moving statistics are not what it computes, so it cannot fold.
+    inputs = keras.Input((6,))
+    x = L.BatchNormalization(name="bn_train")(L.Dense(4)(inputs), training=True)
+    model = randomize_bn(keras.Model(inputs, L.Dense(2)(x)))
+    xs = rng.normal(size=(16, 6)).astype("float32")
+    folded, report = keras_bn.fold_bn(model, samples=xs)
+    (row,) = report.rows
+    assert row.action == KEPT and row.reason == "it is called with training=True"
+    assert len(batchnorms(folded)) == 1
+    # Keras passes an outer training=False over the node's training=True (predict runs it on
+    # its moving statistics); called without one, it takes each batch's: both behaviours kept.
+    for training in (False, None):
+        np.testing.assert_allclose(
+            np.asarray(folded(xs, training=training)),
+            np.asarray(model(xs, training=training)),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    full, half = np.asarray(folded(xs)), np.asarray(folded(xs[:8]))
+    assert np.max(np.abs(full[:8] - half)) > 1e-3  # batch statistics indeed
+
+
+def test_dict_inputs_and_two_outputs_fold_with_names_kept(rng):
+    image, meta = keras.Input((8, 8, 3), name="image"), keras.Input((5,), name="meta")
+    a = L.BatchNormalization(name="bn_a")(L.Conv2D(4, 3, name="conv")(image))
+    b = L.BatchNormalization(name="bn_b")(L.Dense(6, name="dense")(meta))
+    pooled = L.GlobalAveragePooling2D()(a)
+    outputs = {"logits": L.Dense(3, name="logits")(pooled), "score": L.Dense(1, name="score")(b)}
+    model = randomize_bn(keras.Model({"image": image, "meta": meta}, outputs))
+    samples = {
+        "image": rng.normal(size=(6, 8, 8, 3)).astype("float32"),
+        "meta": rng.normal(size=(6, 5)).astype("float32"),
+    }
+    folded, report = keras_bn.fold_bn(model, samples=samples)
+    assert report.counts[BACKWARD] == 2 and batchnorms(folded) == []
+    assert sorted(r.into for r in report.rows) == ["conv", "dense"]
+    ref, out = model(samples, training=False), folded(samples, training=False)
+    assert sorted(out) == ["logits", "score"]
+    for name in ("logits", "score"):
+        r, o = np.asarray(ref[name], np.float64), np.asarray(out[name], np.float64)
+        np.testing.assert_allclose(o, r, atol=FOLD_RTOL * np.abs(r).max())

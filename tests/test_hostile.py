@@ -578,6 +578,7 @@ def malformed_cases(onnx_files, bombs, out):
     return cases
 
 
+@pytest.mark.slow
 def test_census_no_command_exits_70_on_malformed_input(onnx_files, bombs, tmp_path):
     out = tmp_path / "census"
     out.mkdir()
@@ -644,7 +645,7 @@ def test_sparse_samples_and_data_are_refused_with_the_conversion_to_use():
 
     inputs = keras.Input((4,), name="x")
     model = keras.Model(inputs, L.BatchNormalization(name="bn")(L.Dense(3)(inputs)))
-    before = [np.array(w) for w in model.weights]
+    before = [w.numpy().copy() for w in model.weights]
     dense = np.eye(8, 4, dtype="float32")
     for sparse, fix in (
         (tf.sparse.from_dense(dense), r"tf\.sparse\.to_dense"),
@@ -653,12 +654,12 @@ def test_sparse_samples_and_data_are_refused_with_the_conversion_to_use():
         with pytest.raises(keras_bn.KerasBNError, match=rf"The samples are sparse.*{fix}"):
             keras_bn.fold_bn(model, samples=sparse)
         with pytest.raises(keras_bn.KerasBNError, match=rf"The data are sparse.*{fix}"):
-            keras_bn.recalibrate(model, sparse, progress=False)
+            keras_bn.recalibrate(model, sparse, verbose=0)
         with pytest.raises(keras_bn.KerasBNError, match=r"The data are sparse"):
-            keras_bn.recalibrate(model, (sparse, np.zeros(8)), progress=False)
-    assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, model.weights))
+            keras_bn.recalibrate(model, (sparse, np.zeros(8)), verbose=0)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.weights))
     # Dense, the same values recalibrate (the negative case).
-    new, _ = keras_bn.recalibrate(model, dense, progress=False)
+    new, _ = keras_bn.recalibrate(model, dense, verbose=0)
     assert np.all(np.isfinite(np.asarray(new.get_layer("bn").moving_variance)))
 
 

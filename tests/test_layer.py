@@ -617,7 +617,8 @@ def test_nan_batch_skips_update_with_warning(shape, momentum, rng):
     bad = good.copy()
     bad[0, 0] = np.nan
     bad.reshape(-1)[-1] = np.inf
-    with pytest.warns(RuntimeWarning, match="NaN or Inf.*not updated"):
+    assert issubclass(keras_bn.SkippedUpdateWarning, RuntimeWarning)  # existing filters apply
+    with pytest.warns(keras_bn.SkippedUpdateWarning, match="NaN or Inf.*not updated"):
         bn(bad, training=True)
     np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
     np.testing.assert_array_equal(bn.moving_variance.numpy(), var)
@@ -883,7 +884,7 @@ def test_nan_batch_under_xla_is_counted_and_reported_by_the_callback(rng):
         epochs=1,
         verbose=0,
         shuffle=False,
-        callbacks=[keras_bn.SkippedUpdatesWarning()],
+        callbacks=[keras_bn.SkippedUpdatesCallback()],
     )
     if BACKEND == "jax":
         # Keras's JAX step carries only the model's variables through jax.jit, and the skip
@@ -893,7 +894,7 @@ def test_nan_batch_under_xla_is_counted_and_reported_by_the_callback(rng):
         assert bn.skipped_updates == 0
     else:
         with pytest.warns(
-            RuntimeWarning,
+            keras_bn.SkippedUpdateWarning,
             match=r"epoch 1: keras_bn\.BatchNorm skipped .*\('batch_norm(_\d+)?' 1\)",
         ):
             model.fit(**fit_bad)
@@ -906,7 +907,7 @@ def test_nan_batch_under_xla_is_counted_and_reported_by_the_callback(rng):
     with _warnings.catch_warnings():
         _warnings.simplefilter("error", RuntimeWarning)  # ours; not Keras's own DeprecationWarnings
         model.fit(
-            x, x, batch_size=4, epochs=1, verbose=0, callbacks=[keras_bn.SkippedUpdatesWarning()]
+            x, x, batch_size=4, epochs=1, verbose=0, callbacks=[keras_bn.SkippedUpdatesCallback()]
         )
     assert bn.skipped_updates == (0 if BACKEND == "jax" else 1)
 

@@ -39,6 +39,7 @@ def assert_every_plot_drawn(notebook, name):
         assert pngs(cell), f"{name}: a plotting cell produced no image/png:\n{cell.source[:200]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_and_draws(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)

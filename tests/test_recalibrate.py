@@ -47,7 +47,7 @@ def test_population_statistics_equal_numpy_whatever_the_batch_size(data):
     conv, dense = activations(model, "conv", data), activations(model, "dense", data)
     results = []
     for batch_size in (7, 32, 256):
-        new, report = keras_bn.recalibrate(model, data, batch_size=batch_size, progress=False)
+        new, report = keras_bn.recalibrate(model, data, batch_size=batch_size, verbose=0)
         a, b = new.get_layer("bn_a"), new.get_layer("bn_b")
         # Means to 1e-6 of the spread (float32 batch sums), variances to 1e-6 relative.
         np.testing.assert_allclose(a.moving_mean.numpy(), conv.mean(0), atol=1e-6 * conv.std())
@@ -70,7 +70,7 @@ def test_downstream_batchnorm_sees_batch_normalized_inputs(rng, epsilon):
     model = keras.Model(inputs, x)
     model.get_layer("bn1").set_weights([np.full(4, 2.0), np.full(4, 0.5), np.zeros(4), np.ones(4)])
     data = rng.normal(1.0, 2.0, size=(40, 6, 6, 3)).astype("float32")
-    new, _ = keras_bn.recalibrate(model, data, batch_size=40, progress=False)
+    new, _ = keras_bn.recalibrate(model, data, batch_size=40, verbose=0)
     reference = keras.models.clone_model(model)
     reference.set_weights(model.get_weights())
     conv2 = keras.Model(reference.inputs, reference.get_layer("conv2").output)(data, training=True)
@@ -95,7 +95,7 @@ def update_bn_reference(batches, unbiased):
 def test_batch_mean_matches_update_bn(data):
     model = two_branch_model()
     new, report = keras_bn.recalibrate(
-        model, data, batch_size=64, estimator="batch_mean", progress=False
+        model, data, batch_size=64, estimator="batch_mean", verbose=0
     )
     conv = [activations(model, "conv", data[i : i + 64]) for i in range(0, 300, 64)]
     dense = [activations(model, "dense", data[i : i + 64]) for i in range(0, 300, 64)]
@@ -107,7 +107,7 @@ def test_batch_mean_matches_update_bn(data):
     mean, var = update_bn_reference(dense, unbiased=True)
     np.testing.assert_allclose(new.get_layer("bn_b").moving_variance.numpy(), var, rtol=1e-5)
     # The last batch has 44 rows: population and batch_mean differ there.
-    population, _ = keras_bn.recalibrate(model, data, batch_size=64, progress=False)
+    population, _ = keras_bn.recalibrate(model, data, batch_size=64, verbose=0)
     assert not np.allclose(
         population.get_layer("bn_a").moving_variance.numpy(),
         new.get_layer("bn_a").moving_variance.numpy(),
@@ -119,9 +119,9 @@ def test_batch_mean_matches_update_bn(data):
 
 def test_dropout_never_fires_and_the_caller_model_is_unchanged(data):
     model = two_branch_model()
-    before = [np.array(w) for w in model.weights]
-    first, _ = keras_bn.recalibrate(model, data, progress=False)
-    second, _ = keras_bn.recalibrate(model, data, progress=False)
+    before = [w.numpy().copy() for w in model.weights]
+    first, _ = keras_bn.recalibrate(model, data, verbose=0)
+    second, _ = keras_bn.recalibrate(model, data, verbose=0)
     for a, b in zip(first.weights, second.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for w, b in zip(model.weights, before):
@@ -132,9 +132,9 @@ def test_dropout_never_fires_and_the_caller_model_is_unchanged(data):
 def test_trainable_false_is_recalibrated_unless_only_trainable(data):
     model = two_branch_model()
     model.get_layer("bn_a").trainable = False
-    new, _ = keras_bn.recalibrate(model, data, progress=False)
+    new, _ = keras_bn.recalibrate(model, data, verbose=0)
     assert not np.allclose(new.get_layer("bn_a").moving_variance.numpy(), 1.0)
-    kept, report = keras_bn.recalibrate(model, data, only_trainable=True, progress=False)
+    kept, report = keras_bn.recalibrate(model, data, only_trainable=True, verbose=0)
     np.testing.assert_array_equal(kept.get_layer("bn_a").moving_variance.numpy(), np.ones(4))
     assert report.rows[0].skipped.startswith("trainable=False")
 
@@ -146,7 +146,7 @@ def test_masked_values_are_left_out(rng):
     model = keras.Model(inputs, x)
     data = rng.normal(3.0, 1.0, size=(20, 6, 3)).astype("float32")
     data[:, 4:] = 0.0  # padding: masked
-    new, _ = keras_bn.recalibrate(model, data, batch_size=6, progress=False)
+    new, _ = keras_bn.recalibrate(model, data, batch_size=6, verbose=0)
     dense = keras.Model(inputs, model.get_layer("dense").output).predict(data, verbose=0)
     kept = dense[:, :4].reshape(-1, 4).astype(np.float64)
     np.testing.assert_allclose(new.get_layer("bn").moving_mean.numpy(), kept.mean(0), rtol=1e-5)
@@ -155,7 +155,7 @@ def test_masked_values_are_left_out(rng):
 
 def test_data_forms_sequential_nested_and_mixed_precision(data, mixed_policy):
     model = two_branch_model()
-    reference, _ = keras_bn.recalibrate(model, data, batch_size=50, progress=False)
+    reference, _ = keras_bn.recalibrate(model, data, batch_size=50, verbose=0)
     expected = reference.get_layer("bn_a").moving_variance.numpy()
     labels = np.zeros(300)
     forms = {
@@ -165,13 +165,13 @@ def test_data_forms_sequential_nested_and_mixed_precision(data, mixed_policy):
         "dict": {"image": data},
     }
     for name, form in forms.items():
-        new, _ = keras_bn.recalibrate(model, form, batch_size=50, progress=False)
+        new, _ = keras_bn.recalibrate(model, form, batch_size=50, verbose=0)
         np.testing.assert_allclose(
             new.get_layer("bn_a").moving_variance.numpy(), expected, rtol=1e-6, err_msg=name
         )
     # Nested in a classifier, Sequential outside.
     outer = keras.Sequential([keras.Input((8, 8, 3)), model, L.Dense(2)])
-    new, report = keras_bn.recalibrate(outer, data, batch_size=50, progress=False)
+    new, report = keras_bn.recalibrate(outer, data, batch_size=50, verbose=0)
     nested_bn = new.layers[0].get_layer("bn_a")
     np.testing.assert_allclose(nested_bn.moving_variance.numpy(), expected, rtol=1e-6)
     # Rows name nested layers by their path, as fold and diagnose reports do.
@@ -181,41 +181,39 @@ def test_data_forms_sequential_nested_and_mixed_precision(data, mixed_policy):
     mixed_policy("mixed_float16")
     mixed = two_branch_model()
     mixed.set_weights(model.get_weights())
-    new, _ = keras_bn.recalibrate(mixed, data, batch_size=50, progress=False)
+    new, _ = keras_bn.recalibrate(mixed, data, batch_size=50, verbose=0)
     assert new.get_layer("bn_a").moving_variance.dtype == "float32"
     np.testing.assert_allclose(new.get_layer("bn_a").moving_variance.numpy(), expected, rtol=5e-3)
 
 
 def test_bad_input_is_refused_and_nothing_changes(data):
     model = two_branch_model()
-    before = [np.array(w) for w in model.weights]
+    before = [w.numpy().copy() for w in model.weights]
     with pytest.raises(
         KerasBNError,
         match=r"Data for input 'image' has the wrong shape\. "
         r"Expected: \(batch, 8, 8, 3\)\. Received: shape \(7, 8, 3\)",
     ):
-        keras_bn.recalibrate(model, data[:7, 0], progress=False)
+        keras_bn.recalibrate(model, data[:7, 0], verbose=0)
     with pytest.raises(KerasBNError, match=r"The data gave no batch"):
-        keras_bn.recalibrate(model, iter([]), progress=False)
+        keras_bn.recalibrate(model, iter([]), verbose=0)
     with pytest.raises(KerasBNError, match=r"Data for input 'image' is not numeric"):
-        keras_bn.recalibrate(model, np.full((4, 8, 8, 3), "a"), progress=False)
+        keras_bn.recalibrate(model, np.full((4, 8, 8, 3), "a"), verbose=0)
     bad = data.copy()
     bad[3, 0, 0, 0] = np.nan
     with pytest.raises(KerasBNError, match=r"BatchNorm 'bn_a' got statistics that are not finite"):
-        keras_bn.recalibrate(model, bad, progress=False)
+        keras_bn.recalibrate(model, bad, verbose=0)
     with pytest.raises(
         KerasBNError,
         match=r"Unknown `estimator`\. Expected: 'population' or "
         r"'batch_mean'\. Received: 'ema'",
     ):
-        keras_bn.recalibrate(model, data, estimator="ema", progress=False)
+        keras_bn.recalibrate(model, data, estimator="ema", verbose=0)
     for w, b in zip(model.weights, before):
         np.testing.assert_array_equal(np.asarray(w), b)
     inputs = keras.Input((3,))
     with pytest.raises(KerasBNError, match=r"The model has no BatchNorm to recalibrate"):
-        keras_bn.recalibrate(
-            keras.Model(inputs, L.Dense(2)(inputs)), np.ones((4, 3)), progress=False
-        )
+        keras_bn.recalibrate(keras.Model(inputs, L.Dense(2)(inputs)), np.ones((4, 3)), verbose=0)
 
 
 def test_recalibration_repairs_stale_statistics_of_a_short_run():
@@ -244,7 +242,7 @@ def test_recalibration_repairs_stale_statistics_of_a_short_run():
         return float(np.mean(np.argmax(m.predict(x_test, verbose=0), 1) == y_test))
 
     stale = accuracy(model)
-    new, report = keras_bn.recalibrate(model, x_train, batch_size=64, progress=False)
+    new, report = keras_bn.recalibrate(model, x_train, batch_size=64, verbose=0)
     assert stale < 0.5  # measured 0.10 here: the moving statistics are stale
     assert accuracy(new) > 0.95  # measured 0.99
     assert max(r.std_change for r in report.rows) > 1.0
@@ -293,11 +291,11 @@ single.get_layer("bn1").set_weights([np.full(4, 2.0), np.full(4, 0.5), np.zeros(
 out = {"replicas": None}
 for estimator in ("population", "batch_mean"):
     out[f"single/{estimator}"] = stats(
-        keras_bn.recalibrate(single, data, batch_size=8, estimator=estimator, progress=False)[0]
+        keras_bn.recalibrate(single, data, batch_size=8, estimator=estimator, verbose=0)[0]
     )
     # What two unsynchronized devices would see: batches of 4.
     out[f"halves/{estimator}"] = stats(
-        keras_bn.recalibrate(single, data, batch_size=4, estimator=estimator, progress=False)[0]
+        keras_bn.recalibrate(single, data, batch_size=4, estimator=estimator, verbose=0)[0]
     )
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
@@ -305,13 +303,13 @@ with strategy.scope():
     replicated.set_weights(single.get_weights())
     for estimator in ("population", "batch_mean"):
         new, report = keras_bn.recalibrate(
-            replicated, data, batch_size=8, estimator=estimator, progress=False
+            replicated, data, batch_size=8, estimator=estimator, verbose=0
         )
         out[f"mirrored/{estimator}"] = stats(new)
         out[f"batches/{estimator}"] = report.batches
     dataset = tf.data.Dataset.from_tensor_slices(data).batch(8)
     out["mirrored-dataset/population"] = stats(
-        keras_bn.recalibrate(replicated, dataset, progress=False)[0]
+        keras_bn.recalibrate(replicated, dataset, verbose=0)[0]
     )
     out["replicas"] = strategy.num_replicas_in_sync
     variable = new.get_layer("bn1").moving_mean
@@ -370,7 +368,7 @@ def test_shared_batchnorm_gets_the_statistics_of_all_its_calls(rng):
     b = shared(L.Conv2D(3, 3, name="right")(inputs))
     model = keras.Model(inputs, [a, b])
     data = rng.normal(1.0, 2.0, size=(30, 5, 5, 2)).astype("float32")
-    new, report = keras_bn.recalibrate(model, data, batch_size=8, progress=False)
+    new, report = keras_bn.recalibrate(model, data, batch_size=8, verbose=0)
     values = np.concatenate([activations(model, "left", data), activations(model, "right", data)])
     layer = new.get_layer("shared")
     np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), atol=1e-6 * values.std())
@@ -391,7 +389,7 @@ def test_multi_input_multi_output_model_from_a_list_and_a_dict(rng):
     dense = keras.Model(vector, model.get_layer("dense").output).predict(x_vector, verbose=0)
     conv, dense = conv.reshape(-1, 3).astype(np.float64), dense.astype(np.float64)
     for form in ([x_image, x_vector], {"vector": x_vector, "image": x_image}):
-        new, report = keras_bn.recalibrate(model, form, batch_size=16, progress=False)
+        new, report = keras_bn.recalibrate(model, form, batch_size=16, verbose=0)
         np.testing.assert_allclose(
             new.get_layer("bn_image").moving_variance.numpy(), conv.var(0), rtol=1e-6
         )
@@ -403,7 +401,7 @@ def test_multi_input_multi_output_model_from_a_list_and_a_dict(rng):
         )
         assert report.batches == 4
     with pytest.raises(KerasBNError, match="vector"):  # one input's data missing or misshapen
-        keras_bn.recalibrate(model, [x_image, x_vector[:, :3]], progress=False)
+        keras_bn.recalibrate(model, [x_image, x_vector[:, :3]], verbose=0)
 
 
 def test_a_pytorch_dataloader_over_x_y_is_read_as_keras_fit_reads_it(rng):
@@ -417,7 +415,7 @@ def test_a_pytorch_dataloader_over_x_y_is_read_as_keras_fit_reads_it(rng):
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = torch.utils.data.DataLoader(dataset, batch_size=16)
     assert isinstance(next(iter(loader)), list)
-    new, report = keras_bn.recalibrate(model, loader, progress=False)
+    new, report = keras_bn.recalibrate(model, loader, verbose=0)
     dense = activations(model, "dense", x)
     bn = new.get_layer("bn")
     np.testing.assert_allclose(bn.moving_mean.numpy(), dense.mean(0), atol=1e-6 * dense.std())
@@ -427,7 +425,7 @@ def test_a_pytorch_dataloader_over_x_y_is_read_as_keras_fit_reads_it(rng):
     a, b = keras.Input((2,), name="a"), keras.Input((2,), name="b")
     two = keras.Model([a, b], L.BatchNormalization(name="bn")(L.Concatenate()([a, b])))
     pairs = [[x[i : i + 8, :2], x[i : i + 8, 2:4]] for i in range(0, 40, 8)]
-    new, _ = keras_bn.recalibrate(two, pairs, progress=False)
+    new, _ = keras_bn.recalibrate(two, pairs, verbose=0)
     np.testing.assert_allclose(
         new.get_layer("bn").moving_mean.numpy(), x[:, :4].astype(np.float64).mean(0), atol=1e-6
     )
@@ -439,7 +437,7 @@ def test_means_far_from_zero_keep_the_digits_float32_can_store(rng):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras_bn.BatchNorm(name="bn")(inputs))
     x = rng.normal(30.0, 1.0, (512, 4)).astype("float32")
-    new, _ = keras_bn.recalibrate(model, x, batch_size=32, progress=False)
+    new, _ = keras_bn.recalibrate(model, x, batch_size=32, verbose=0)
     mean = keras.ops.convert_to_numpy(new.get_layer("bn").moving_mean)
     expected = x.astype(np.float64).mean(0).astype(np.float32)
     assert np.all(np.abs(mean - expected) <= np.spacing(expected)), (mean, expected)
@@ -454,7 +452,7 @@ def test_a_model_that_fails_on_the_data_is_a_clear_error(rng):
     model = keras.Model(inputs, x)
     short = rng.normal(size=(8, 50, 4)).astype("float32")
     with pytest.raises(KerasBNError, match=r"fails on batch 0 of the data .*\(8, 50, 4\)"):
-        keras_bn.recalibrate(model, short, progress=False)
+        keras_bn.recalibrate(model, short, verbose=0)
     with pytest.raises(KerasBNError, match=r"fails on batch 0 of the data"):
         keras_bn.diagnose(model, short)
     # Cropping 40 positions from each side of 50: TF's compiled collection step slices to an
@@ -466,7 +464,7 @@ def test_a_model_that_fails_on_the_data_is_a_clear_error(rng):
     with pytest.raises(KerasBNError, match=r"fails on (batch 0|the first batch) of the data"):
         keras_bn.diagnose(cropping, short)
     long = rng.normal(size=(8, 100, 4)).astype("float32")
-    new, _ = keras_bn.recalibrate(model, long, progress=False)  # the negative case: it runs
+    new, _ = keras_bn.recalibrate(model, long, verbose=0)  # the negative case: it runs
     assert new.get_layer("bn").moving_variance.shape == (12,)
 
 
@@ -476,7 +474,7 @@ def test_batch_mean_merges_a_trailing_remainder_smaller_than_half_a_batch(data):
     # batch of all 300 rows: NumPy's statistics of the whole data.
     model = two_branch_model()
     new, report = keras_bn.recalibrate(
-        model, data, batch_size=299, estimator="batch_mean", progress=False
+        model, data, batch_size=299, estimator="batch_mean", verbose=0
     )
     conv = activations(model, "conv", data)
     np.testing.assert_allclose(
@@ -491,7 +489,7 @@ def test_batch_mean_merges_a_trailing_remainder_smaller_than_half_a_batch(data):
     # batch or more, stays a batch of its own (update_bn). Either way: two equal-weight halves.
     for batch_size, batches in ((140, 3), (150, 2)):
         new, report = keras_bn.recalibrate(
-            model, data, batch_size=batch_size, estimator="batch_mean", progress=False
+            model, data, batch_size=batch_size, estimator="batch_mean", verbose=0
         )
         head = activations(model, "conv", data[:batch_size])
         tail = activations(model, "conv", data[batch_size:])
@@ -508,18 +506,18 @@ def test_statistics_a_layer_cannot_store_or_cannot_estimate_are_refused(rng):
     # A float16 BatchNorm on data of std 300: variance 9e4 > 65504, float16's largest number.
     inputs = keras.Input((4,), name="x")
     model = keras.Model(inputs, keras_bn.BatchNorm(name="bn", dtype="float16")(inputs))
-    before = [np.array(w) for w in model.weights]
+    before = [w.numpy().copy() for w in model.weights]
     wide = rng.normal(0.0, 300.0, size=(64, 4)).astype("float32")
     with pytest.raises(
         KerasBNError, match=r"BatchNorm 'bn' got statistics its float16 variables cannot hold"
     ):
-        keras_bn.recalibrate(model, wide, progress=False)
+        keras_bn.recalibrate(model, wide, verbose=0)
     # One row of data: one value per channel, no variance to estimate.
     with pytest.raises(KerasBNError, match=r"BatchNorm 'bn' saw too few values.*1 value"):
-        keras_bn.recalibrate(model, wide[:1], progress=False)
-    assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, model.weights))
+        keras_bn.recalibrate(model, wide[:1], verbose=0)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.weights))
     # Within float16's range: recalibrated, in float16, finite.
-    new, _ = keras_bn.recalibrate(model, wide / 10, progress=False)
+    new, _ = keras_bn.recalibrate(model, wide / 10, verbose=0)
     variance = np.asarray(new.get_layer("bn").moving_variance)
     assert variance.dtype == np.float16 and np.all(np.isfinite(variance))
     np.testing.assert_allclose(variance, (wide / 10).astype(np.float64).var(0), rtol=2e-3)
@@ -531,8 +529,8 @@ def test_data_that_never_ends_needs_batches(rng):
     x = rng.normal(size=(16, 4)).astype("float32")
     endless = tf.data.Dataset.from_tensor_slices(x).batch(8).repeat()
     with pytest.raises(KerasBNError, match=r"The data never ends.*batches="):
-        keras_bn.recalibrate(model, endless, progress=False)
-    new, report = keras_bn.recalibrate(model, endless, batches=3, progress=False)
+        keras_bn.recalibrate(model, endless, verbose=0)
+    new, report = keras_bn.recalibrate(model, endless, batches=3, verbose=0)
     assert report.batches == 3
     # Three batches: the two halves of x, then the first half again.
     seen = np.concatenate([x, x[:8]]).astype(np.float64)
@@ -547,9 +545,35 @@ def test_data_that_overflows_the_input_dtype_is_refused_not_reported_as_nan(rng)
     data = rng.normal(size=(16, 4))
     data[3, 1] = 1e300
     with pytest.raises(KerasBNError, match=r"Data for input 'x' overflow float32"):
-        keras_bn.recalibrate(model, data, progress=False)
+        keras_bn.recalibrate(model, data, verbose=0)
     # Within float32's range, float64 data is cast and used (the negative case).
-    new, _ = keras_bn.recalibrate(model, data.clip(-10, 10), progress=False)
+    new, _ = keras_bn.recalibrate(model, data.clip(-10, 10), verbose=0)
     np.testing.assert_allclose(
         new.get_layer("bn").moving_variance.numpy(), data.clip(-10, 10).var(0), rtol=1e-5
     )
+
+
+class SubclassedWithBatchNorm(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(3)
+        self.bn = L.BatchNormalization()
+
+    def call(self, x):
+        return self.bn(self.dense(x))
+
+
+@pytest.mark.parametrize("caller", ["recalibrate", "diagnose"])
+def test_subclassed_models_are_refused_naming_the_caller(caller, rng):
+    model = SubclassedWithBatchNorm()
+    x = rng.normal(size=(8, 4)).astype("float32")
+    model(x)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=rf"{caller} needs a graph it can read\. Expected: a Sequential or Functional "
+        r"keras\.Model\. Received: SubclassedWithBatchNorm \(a subclassed model\)",
+    ):
+        getattr(keras_bn, caller)(model, x)
+    for w, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(w, b)
