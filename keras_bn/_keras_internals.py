@@ -52,9 +52,11 @@ def inputs_struct(model):
 
 def run_through_graph(model, inputs, operation_fn):
     """Calls the Functional graph of `model` on `inputs`, with every operation replaced by
-    `operation_fn(op)`. `keras.models.clone_model` can replace layers, but not by plain
-    functions of the tensor (a folded BatchNorm becomes the identity), and it rebuilds each
-    nested model through its own call."""
+    `operation_fn(op)`: `_graph.run_inference`, which runs a graph on real tensors, inside a
+    traced step, with some layers replaced (recalibration's collection, the ONNX trace).
+    `keras.models.clone_model(clone_function=, call_function=)` does that for symbolic inputs
+    only: it builds a new model, layers and all. `fold_bn`'s rebuild, which builds a model, uses
+    it; this remains for running one."""
     return model._run_through_graph(inputs, operation_fn=operation_fn)
 
 

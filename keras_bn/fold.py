@@ -735,10 +735,6 @@ def _apply(decisions, replace_leftovers):
 # 3. rebuild
 
 
-def _passthrough(x, *args, **kwargs):
-    return x
-
-
 def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_leftovers):
     folded_bns = {
         id(d.bn)
@@ -749,11 +745,11 @@ def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_le
     rename = {id(d.target): d.bn.name for d in decisions if d.keeps_output_name}
     clones = {}
 
-    def operation_fn(op):
+    def clone_function(op):
         if id(op) in clones:
             return clones[id(op)]
         if id(op) in folded_bns:
-            new = _passthrough
+            new = op  # never called: `call_function` passes its input on
         elif id(op) in affines:
             new = ChannelAffine(
                 axis=op.axis,
@@ -783,22 +779,23 @@ def _rebuild(model, graph, decisions, edits, affines, report, prefix, replace_le
         clones[id(op)] = new
         return new
 
-    inputs = [
-        keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name)
-        for x in keras.tree.flatten(model.inputs)
-    ]
-    outputs = internals.run_through_graph(model, inputs, operation_fn)
-    folded = keras.Model(
-        keras.tree.pack_sequence_as(internals.inputs_struct(model), inputs),
-        outputs,
-        name=model.name,
+    def call_function(layer, *args, **kwargs):
+        if id(layer) in folded_bns:  # a folded BatchNorm is the identity
+            return args[0]
+        return layer(*args, **kwargs)
+
+    # Keras's public rebuild: each layer replaced by `clone_function`, called by `call_function`
+    # (nested models are folded by `_fold_model`, recursively, with their own report prefix).
+    folded = keras.models.clone_model(
+        model, clone_function=clone_function, call_function=call_function
     )
+    folded.name = model.name
 
     # Weights: copies for untouched layers, folded values for edited ones.
     for node in graph.nodes:
         op = node.operation
         new = clones.get(id(op))
-        if new is None or new is _passthrough or isinstance(op, keras.Model) or new is op:
+        if new is None or id(op) in folded_bns or isinstance(op, keras.Model) or new is op:
             continue
         if id(op) in affines:
             s, t = affines[id(op)]
