@@ -48,13 +48,11 @@ def _raw_convert(model):
 
 
 def session(path_or_bytes, optimized):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimized
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+    """The same onnxruntime session for both graphs: keras-bn's own (CPU, optimizations on or
+    off)."""
+    from keras_bn.export.onnx_verify import make_session
+
+    return make_session(path_or_bytes, optimized)
 
 
 def main():

@@ -12,6 +12,27 @@ def rng():
     return np.random.default_rng(1234)
 
 
+class SubclassedWithBatchNorm(keras.Model):
+    """Dense then BatchNorm in a subclassed model: no graph that fold_bn, recalibrate or
+    diagnose can read."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x):
+        return self.bn(self.dense(x))
+
+
+@pytest.fixture
+def subclassed_model():
+    """A built SubclassedWithBatchNorm, inputs of 4 features."""
+    model = SubclassedWithBatchNorm()
+    model(np.zeros((2, 4), np.float32))
+    return model
+
+
 @pytest.fixture
 def mixed_policy():
     """Sets a global dtype policy for one test and restores float32 afterwards."""

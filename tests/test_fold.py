@@ -512,25 +512,14 @@ def test_callable_activation_object_is_declined_with_its_class_name():
     assert "'dense' has a non-linear activation (Swish)" in report.rows[0].reason
 
 
-class Sub(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = L.Dense(3)
-        self.bn = L.BatchNormalization()
-
-    def call(self, x):
-        return self.bn(self.dense(x))
-
-
 @pytest.mark.parametrize("verify", [True, False])
-def test_subclassed_and_unbuilt_models_get_their_message(verify):
-    sub = Sub()
-    sub(np.zeros((2, 4), np.float32))
+def test_subclassed_and_unbuilt_models_get_their_message(verify, subclassed_model):
+    sub = subclassed_model
     with pytest.raises(
         keras_bn.KerasBNError,
         match=r"fold_bn needs a graph it can read\. "
         r"Expected: a Sequential or Functional keras\.Model\. "
-        r"Received: Sub \(a subclassed model\)",
+        r"Received: SubclassedWithBatchNorm \(a subclassed model\)",
     ):
         keras_bn.fold_bn(sub, verify=verify)
     unbuilt = keras.Sequential([L.Dense(3), L.BatchNormalization()])
