@@ -149,11 +149,12 @@ def match_io(model, proto, nchw):
 
 
 def verify_proto(model, proto, model_bytes, nchw, references, tolerance, runner=None):
-    """`proto` and its `model_bytes`; `references` from `keras_references`. onnxruntime runs each input set at its batch size and,
-    for the synthetic one, on its first sample alone at batch 1 (the dynamic batch dimension),
-    at both optimization levels, through `runner` (`_in_process` by default; `verify` runs a
-    file from outside in a bounded process of its own). Outputs are fetched by name, and each
-    is judged against its own scale."""
+    """A `VerifyReport` of `proto` (and its `model_bytes`) against `references`, from
+    `keras_references`. onnxruntime runs each input set at its batch size and, for the synthetic
+    one, on its first sample alone at batch 1 (the dynamic batch dimension), at both
+    optimization levels, through `runner` (`_in_process` by default; `verify` runs a file from
+    outside in a bounded process of its own). Outputs are fetched by name, and each is judged
+    against its own scale."""
     report = VerifyReport(atol=tolerance.atol, rtol=tolerance.rtol)
     inputs = match_io(model, proto, nchw)
     names = [name for name, _, _ in inputs]

@@ -2,7 +2,7 @@
 engine. Nothing here communicates by itself: TensorFlow's `tf.distribute`, JAX's sharded arrays
 and `torch.distributed` do.
 
-- TensorFlow: the `tf.distribute` replica context (`BatchNorm._tf_call`): each replica sees its
+- TensorFlow: the `tf.distribute` replica context (`_tf_kernels.train`): each replica sees its
   share of the batch; `synchronized=True` all-reduces the sums.
 - JAX: under `keras.distribution` (`DataParallel`, `ModelParallel`) Keras jit-compiles the step
   over global arrays whose batch axis is sharded across the devices, and XLA (GSPMD) inserts the

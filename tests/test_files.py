@@ -113,9 +113,10 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_anywhere_in_the_write_leaves_no_temporary_and_no_partial_output(tmp_path):
+def test_sigkill_anywhere_in_the_write_leaves_no_partial_output(tmp_path):
     size = 128 * 256 * 256
     kills = 24
+    leftovers = set()
     for k in range(kills):
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, ROOT, str(tmp_path)],
@@ -128,15 +129,67 @@ def test_sigkill_anywhere_in_the_write_leaves_no_temporary_and_no_partial_output
         proc.kill()
         proc.wait()
         names = os.listdir(tmp_path)
-        assert not [n for n in names if n.startswith(".keras-bn-")], (k, names)
-        for name in names:  # every output there is whole
+        # No temporary, but for the one window docs/security.md names: a kill between the link
+        # of a replacement to its temporary name and the rename over the old output (a few
+        # microseconds; longer if the writer is preempted there, as on a loaded machine). What
+        # that leaves is the complete new file under the dead writer's exact pattern
+        # (test_a_kill_between_link_and_rename_leaves_one_whole_temporary).
+        new = [n for n in names if n.startswith(".keras-bn-") and n not in leftovers]
+        assert len(new) <= 1, (k, names)
+        for name in new:
+            match = files._TEMP_NAME.match(name)
+            assert match and int(match.group(1)) == proc.pid, (k, name)
+            assert "replaced.onnx" in names, (k, names)  # only a replacement has the window
+        leftovers.update(new)
+        for name in names:  # every output there is whole, and so is such a temporary
             assert os.path.getsize(tmp_path / name) == size, (k, name)
+    assert len(leftovers) <= 2, leftovers  # a window of microseconds: rare, never routine
     written = [n for n in os.listdir(tmp_path) if n.startswith("new-")]
     # The later kill points fall after complete writes of both kinds.
     assert written and (tmp_path / "replaced.onnx").exists(), os.listdir(tmp_path)
     expected = bytes(range(256)) * 256 * 128
     for name in os.listdir(tmp_path):
         assert (tmp_path / name).read_bytes() == expected, name
+
+
+# The same writer's code, killed by itself exactly between the link of a replacement to its
+# temporary name and the rename: `os.replace` is the rename.
+KILLED_BEFORE_RENAME = textwrap.dedent("""
+    import importlib.util, os, signal, sys, types
+    root, target = sys.argv[1], sys.argv[2]
+    for name, path in (("keras_bn.errors", "keras_bn/errors.py"),
+                       ("keras_bn.export.files", "export/files.py")):
+        for parent in ("keras_bn", "keras_bn.export"):
+            sys.modules.setdefault(parent, types.ModuleType(parent))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, path))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    files = sys.modules["keras_bn.export.files"]
+    os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+    with files.atomic_output(target, ".onnx") as handle:
+        handle.write(b"new" * 1000)
+""")
+
+
+def test_a_kill_between_link_and_rename_leaves_one_whole_temporary(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BEFORE_RENAME, ROOT, str(target)])
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (left,) = [n for n in os.listdir(tmp_path) if n != "model.onnx"]
+    match = files._TEMP_NAME.match(left)
+    assert match and int(match.group(1)) == proc.pid and match.group(2) == files._WRITER_TAG
+    assert (tmp_path / left).read_bytes() == b"new" * 1000  # whole, not partial
+    assert target.read_bytes() == b"old"  # the old output untouched
+    # A later write leaves it while young (its writer might be elsewhere), removes it once stale.
+    with atomic_output(tmp_path / "other.onnx", ".onnx") as handle:
+        handle.write(b"x")
+    assert left in os.listdir(tmp_path)
+    age(tmp_path / left, files.STALE_AFTER_S + 60)
+    with atomic_output(tmp_path / "other.onnx", ".onnx") as handle:
+        handle.write(b"y")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "other.onnx"]
 
 
 # keras-bn fold in a subprocess that pauses inside Keras's own save, after Keras made its
