@@ -86,12 +86,11 @@ def test_the_unnamed_file_is_linked_not_copied(tmp_path):
     assert os.listdir(tmp_path) == ["new.onnx"]
 
 
-# A writer that loads `export/files.py` and `keras_bn/errors.py` from this checkout without the
-# packages' __init__ (which import Keras: seconds per process), then writes 8 MiB outputs in 64
-# KiB chunks for ever, alternating a new path and the replacement of an existing one.
-WRITER = textwrap.dedent("""
+# Loads `export/files.py` and `keras_bn/errors.py` from this checkout without the packages'
+# __init__ (which import Keras: seconds per process), as `files`; argv: root, then the script's.
+LOAD_FILES = textwrap.dedent("""
     import importlib.util, os, sys, types
-    root, out = sys.argv[1], sys.argv[2]
+    root = sys.argv[1]
     for name, path in (("keras_bn.errors", "keras_bn/errors.py"),
                        ("keras_bn.export.files", "export/files.py")):
         for parent in ("keras_bn", "keras_bn.export"):
@@ -101,6 +100,11 @@ WRITER = textwrap.dedent("""
         sys.modules[name] = module
         spec.loader.exec_module(module)
     files = sys.modules["keras_bn.export.files"]
+""")
+# A writer of 8 MiB outputs in 64 KiB chunks for ever, alternating a new path and the replacement
+# of an existing one.
+WRITER = LOAD_FILES + textwrap.dedent("""
+    out = sys.argv[2]
     chunk = bytes(range(256)) * 256
     print("READY", flush=True)
     i = 0
@@ -154,18 +158,9 @@ def test_sigkill_anywhere_in_the_write_leaves_no_partial_output(tmp_path):
 
 # The same writer's code, killed by itself exactly between the link of a replacement to its
 # temporary name and the rename: `os.replace` is the rename.
-KILLED_BEFORE_RENAME = textwrap.dedent("""
-    import importlib.util, os, signal, sys, types
-    root, target = sys.argv[1], sys.argv[2]
-    for name, path in (("keras_bn.errors", "keras_bn/errors.py"),
-                       ("keras_bn.export.files", "export/files.py")):
-        for parent in ("keras_bn", "keras_bn.export"):
-            sys.modules.setdefault(parent, types.ModuleType(parent))
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, path))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    files = sys.modules["keras_bn.export.files"]
+KILLED_BEFORE_RENAME = LOAD_FILES + textwrap.dedent("""
+    import signal
+    target = sys.argv[2]
     os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
     with files.atomic_output(target, ".onnx") as handle:
         handle.write(b"new" * 1000)
