@@ -1,7 +1,8 @@
 """Deployment tooling for keras_bn: verified ONNX export and the `keras-bn` command line.
 
 Depends on keras_bn; keras_bn never imports this package. Attributes load lazily, so the command
-line answers usage errors without importing TensorFlow.
+line answers usage errors without importing TensorFlow, and a missing `[onnx]` extra is one line
+naming its `pip install` command (`keras_bn.MissingExtraError`), not a `ModuleNotFoundError`.
 """
 
 __all__ = [
@@ -28,6 +29,9 @@ def __getattr__(name):
         "to_onnx",
         "verify",
     ):
+        from keras_bn import _environment
+
+        _environment.require_extra("onnx", f"keras_bn.export.{name}")
         from . import converter
 
         return getattr(converter, name)

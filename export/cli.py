@@ -10,6 +10,8 @@ import sys
 import threading
 import traceback
 
+from keras_bn import _console
+
 from .steps import Step
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 70  # 70: EX_SOFTWARE
@@ -97,6 +99,12 @@ def _load(args):
     limits = ArchiveLimits(max_total_bytes=int(args.max_archive_gib * GiB))
     with Step(f"loading {args.model}"):
         return load_model_file(args.model, unsafe=args.unsafe, limits=limits)
+
+
+def _require_extra(extra, command):
+    from keras_bn import _environment
+
+    _environment.require_extra(extra, command)
 
 
 def _bn_rows(model):
@@ -193,6 +201,7 @@ def cmd_fold(args):
 
 
 def cmd_export(args):
+    _require_extra("onnx", "keras-bn export")
     from keras_bn import export
 
     from .convert import check_opset
@@ -235,6 +244,7 @@ def cmd_export(args):
 
 
 def cmd_verify(args):
+    _require_extra("onnx", "keras-bn verify")
     from keras_bn import export
 
     from .files import check_regular_file
@@ -289,6 +299,7 @@ def cmd_doctor(args):
 
 
 def cmd_demo(args):
+    _require_extra("demo", "keras-bn demo")
     from .demo import run_demo
 
     summary = run_demo(args.out, epochs=args.epochs, verbose=not args.json)
@@ -304,6 +315,9 @@ def build_parser():
         "export to ONNX (verified against onnxruntime).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--verbose", action="store_true", help="keep TensorFlow's C++ log lines on stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, model=True, tolerances=True):
@@ -352,6 +366,9 @@ def build_parser():
             )
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument(
+            "--verbose", action="store_true", help="keep TensorFlow's C++ log lines on stderr"
+        )
 
     p = sub.add_parser("inspect", help="BatchNorm layers, their conventions and the fold plan")
     common(p, tolerances=False)
@@ -448,6 +465,7 @@ def build_parser():
     p.add_argument("--epochs", type=_positive_int, default=8)
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -459,6 +477,7 @@ def _terminate(signum, frame):
     from .files import remove_pending
 
     remove_pending()
+    _console.restore_stderr()
     word = "interrupted" if signum == signal.SIGINT else "terminated"
     print(f"keras-bn: error: {word}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
@@ -466,9 +485,12 @@ def _terminate(signum, frame):
 
 def main(argv=None):
     """The command line, callable in-process (a notebook, a test): installs no signal handler."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if _console.wants_quiet(argv):
+        os.environ.setdefault(
+            "TF_CPP_MIN_LOG_LEVEL", "3"
+        )  # what TensorFlow's own logger still reads
     parser = build_parser()
     args = parser.parse_args(argv)
     from keras_bn.errors import KerasBNError, VerificationError, plain_text
@@ -510,7 +532,10 @@ def console_main():
     if threading.current_thread() is threading.main_thread():  # signals are for the main thread
         signal.signal(signal.SIGTERM, _terminate)
         signal.signal(signal.SIGINT, _terminate)
-    return main()
+    try:
+        return main()
+    finally:
+        _console.restore_stderr()
 
 
 if __name__ == "__main__":

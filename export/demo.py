@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from keras_bn._environment import progress_verbose
+
 
 def load_digits_split(seed=0):
     """scikit-learn's bundled digits (1797 images, no download), scaled to [0, 1], 75/25 split."""
@@ -195,7 +197,7 @@ def _train(x_train, y_train, epochs, verbose):
         batch_size=64,
         epochs=epochs,
         validation_split=0.1,
-        verbose=1 if verbose else 0,
+        verbose=progress_verbose(1 if verbose else 0),
     )
     # Keras keeps the first ceil(0.9 n) samples for training (validation_split=0.1).
     steps = epochs * math.ceil(math.ceil(len(x_train) * 0.9) / 64)

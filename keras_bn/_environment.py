@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from keras_bn.errors import KerasBNError, expected
+from keras_bn.errors import KerasBNError, MissingExtraError, expected
 
 # Keras 3's backends, and the package each one imports.
 BACKEND_PACKAGES = {
@@ -22,7 +22,18 @@ BACKEND_PACKAGES = {
     "numpy": "numpy",
     "openvino": "openvino",
 }
-INSTALL = {"jax": 'pip install "keras-bn[jax]"', "torch": "pip install torch"}
+INSTALL = {
+    "tensorflow": 'pip install "keras-bn[tensorflow]"',
+    "jax": 'pip install "keras-bn[jax]"',
+    "torch": 'pip install "keras-bn[torch]"',
+}
+
+# The optional features, the packages each imports (by import name), and the extra that installs
+# them (setup.cfg's extras_require).
+EXTRAS = {
+    "onnx": ("tensorflow", "tf2onnx", "onnx", "onnxruntime"),
+    "demo": ("tensorflow", "tf2onnx", "onnx", "onnxruntime", "sklearn"),
+}
 
 
 def configured_backend():
@@ -72,3 +83,32 @@ def running_the_command_line() -> bool:
     return os.path.basename(sys.argv[0]) == "keras-bn" or "keras_bn.export.cli" in getattr(
         sys, "orig_argv", ()
     )
+
+
+def require_extra(extra: str, feature: str) -> None:
+    """Raises `MissingExtraError` (one line, with the `pip install` command) when a package of
+    keras-bn's `extra` is not installed, before anything imports it: `feature` would otherwise
+    fail with a raw `ModuleNotFoundError` deep in an import."""
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(
+            expected(
+                f"{feature} needs the packages of keras-bn's [{extra}] extra",
+                " and ".join(EXTRAS[extra]) + " installed",
+                " and ".join(missing) + " missing",
+                f'Install them: pip install "keras-bn[{extra}]"',
+            )
+        )
+
+
+def interactive_output() -> bool:
+    """Whether progress may redraw itself: stdout is a terminal or a notebook. In a pipe, a log
+    file or CI, Keras's progress bar would write backspaces and carriage returns."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
+
+
+def progress_verbose(verbose: int) -> int:
+    """Keras's `verbose` for a progress bar: 1 (a bar) where output is interactive, else 2 (one
+    plain line when done), 0 stays 0."""
+    return 1 if verbose and interactive_output() else (2 if verbose else 0)

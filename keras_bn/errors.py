@@ -28,6 +28,12 @@ class SkippedUpdateWarning(RuntimeWarning):
     that category keep working."""
 
 
+class MissingExtraError(KerasBNError, ImportError):
+    """A feature needs packages of a keras-bn extra that are not installed. The message names the
+    `pip install "keras-bn[...]"` command. Also an `ImportError`, so code that guards an optional
+    import with `except ImportError` keeps working; the command line exits with 2."""
+
+
 class VerificationError(KerasBNError):
     """A folded model or an exported graph does not reproduce the original within tolerance.
 

@@ -38,6 +38,7 @@ from keras import ops
 
 from keras_bn import _data, _stats
 from keras_bn import _keras_internals as internals
+from keras_bn._environment import progress_verbose
 from keras_bn._graph import BATCHNORM_TYPES, require_graph, run_inference, walk
 from keras_bn.errors import KerasBNError, expected
 from keras_bn.layer import BatchNorm
@@ -426,7 +427,7 @@ def recalibrate(
         strategy = tf.distribute.get_strategy()
     step = _step(model, targets, strategy)
     total = _batch_budget(data, batch_size, batches)
-    bar = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
+    bar = keras.utils.Progbar(total, verbose=progress_verbose(verbose), unit_name="batch")
 
     def copy_model():  # same architecture and weights, in the caller's strategy scope
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
