@@ -410,19 +410,11 @@ def test_usage_errors_exit_2():
 
 
 @pytest.mark.slow
-def test_demo_through_the_console_script(tmp_path):
-    # The Quickstart's main command, as installed by pip (console script `keras-bn`).
-    # Beside the interpreter, not on PATH: the venv running the tests need not be activated.
-    exe = os.path.join(os.path.dirname(sys.executable), "keras-bn")
-    assert os.path.isfile(exe), f"no console script at {exe}: pip install -e ."
+def test_demo_json_summary(tmp_path):
+    # The Quickstart's main command as data. tests/test_install.py runs it through the console
+    # script of an installed wheel, in a pipe, and reads the same story from its text.
     out = tmp_path / "demo"
-    run = subprocess.run(
-        [exe, "demo", "--out", str(out), "--json"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
-    )
+    run = cli_in_process("demo", "--out", out, "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)
     assert summary["verification_passed"] and summary["batchnorms_after"] == 0
@@ -447,8 +439,7 @@ def test_demo_through_the_console_script(tmp_path):
     ]
     folded = keras.saving.load_model(out / "folded.keras")
     assert not any(isinstance(l, (keras_bn.BatchNorm, L.BatchNormalization)) for l in folded.layers)
-    # A second run over the same directory replaces the files (in this process: the console
-    # script was run above).
+    # A second run over the same directory replaces the files.
     run = cli_in_process("demo", "--out", out, "--epochs", "1", "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(os.listdir(out)) == 4 and json.loads(run.stdout)["training_steps"] == 19
@@ -759,3 +750,55 @@ def test_doctor_exit_codes(files, tmp_path):
     run = cli_in_process("doctor", files / "missing.keras")
     assert run.returncode == 2
     one_line_error(run, r"The model file does not exist")
+
+
+# ------------------------------------------------------------------------------------------------
+# A quiet command line: TensorFlow's C++ log is filtered from stderr (tests/test_install.py runs
+# the installed console script in a pipe).
+
+
+def test_the_stderr_filter_drops_tensorflow_log_lines_only():
+    from keras_bn import _console
+
+    # Lines TensorFlow 2.21 printed on this project's machines, and lines that must stay.
+    tensorflow = [
+        b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        b"I0000 00:00:1796303665.512494   18597 port.cc:153] oneDNN custom operations are on.",
+        b"E0000 00:00:1796303671.438791   18597 cuda_platform.cc:52] failed call to cuInit: "
+        b"INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+        b"W1203 13:02:11.000001    412 cpu_allocator_impl.cc:83] Allocation exceeds 10%",
+        b"To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild "
+        b"TensorFlow with the appropriate compiler flags.",
+    ]
+    ours = [
+        b"[keras-bn] converting with tf2onnx ...",
+        b"keras-bn: error: The model has no BatchNorm to recalibrate. Expected: ...",
+        b"I0000 is not a log line without its time and source",
+        b"Epoch 1/8",
+    ]
+    assert all(_console.is_cpp_log(line) for line in tensorflow)
+    assert not any(_console.is_cpp_log(line) for line in ours)
+    assert _console.wants_quiet(["demo"], environ={})
+    assert not _console.wants_quiet(["--verbose", "demo"], environ={})
+    assert not _console.wants_quiet(["demo", "--debug"], environ={})
+    assert not _console.wants_quiet(["demo"], environ={"TF_CPP_MIN_LOG_LEVEL": "0"})
+
+
+def test_a_missing_extra_is_one_line_with_its_pip_command(monkeypatch):
+    # The real check on a package name that is not installed, in place of the [onnx] extra's.
+    from keras_bn import _environment
+
+    monkeypatch.setitem(_environment.EXTRAS, "onnx", ("onnx", "no_such_package_kbn"))
+    with pytest.raises(keras_bn.MissingExtraError) as raised:
+        _environment.require_extra("onnx", "keras-bn export")
+    message = str(raised.value)
+    assert isinstance(raised.value, ImportError) and "\n" not in message
+    assert message == (
+        "keras-bn export needs the packages of keras-bn's [onnx] extra. Expected: onnx and "
+        "no_such_package_kbn installed. Received: no_such_package_kbn missing. Install them: "
+        'pip install "keras-bn[onnx]"'
+    )
+    run = cli_in_process("export", "m.keras", "-o", "m.onnx")
+    assert run.returncode == 2 and run.stderr.strip() == f"keras-bn: error: {message}"
+    _environment.EXTRAS["onnx"] = ("onnx",)
+    _environment.require_extra("onnx", "keras-bn export")  # installed: no error
