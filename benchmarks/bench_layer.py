@@ -37,6 +37,7 @@ def _backend_from_argv():
 _backend_from_argv()
 
 import keras  # noqa: E402
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
 
 import keras_bn  # noqa: E402
 
@@ -237,4 +238,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results.recorded(f"layer_{BACKEND}"):
+        main()

@@ -26,6 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
 import tensorflow as tf  # noqa: E402
 import tf2onnx  # noqa: E402
 
@@ -182,4 +183,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results.recorded("quantize"):
+        main()

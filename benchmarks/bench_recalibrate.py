@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
 import tensorflow as tf  # noqa: E402
 
 import keras_bn  # noqa: E402
@@ -149,4 +150,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with results.recorded("recalibrate"):
+        main()

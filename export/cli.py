@@ -308,12 +308,22 @@ def cmd_demo(args):
     return EXIT_OK
 
 
+def _version():
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("keras-bn")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
 def build_parser():
     parser = _Parser(
         prog="keras-bn",
         description="BatchNorm tooling for Keras 3: inspect, fold, "
         "export to ONNX (verified against onnxruntime).",
     )
+    parser.add_argument("--version", action="version", version=f"keras-bn {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument(
         "--verbose", action="store_true", help="keep TensorFlow's C++ log lines on stderr"

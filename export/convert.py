@@ -2,8 +2,9 @@
 error-handling switch, the opset range, and the check that onnxruntime can run what came out.
 
 Conversion speed: tf2onnx deep-copies the whole graph before each of its optimizers, in every
-optimization round, so that an optimizer that raises can be skipped ("catch errors"). For ResNet50
-those copies were a quarter to a half of the conversion time and about 2.7 GB of peak memory.
+optimization round, so that an optimizer that raises can be skipped ("catch errors"). On a large
+model those copies are a large share of the conversion's time and peak memory
+(benchmarks/bench_export.py).
 `convert` converts with them off (tf2onnx's own TF2ONNX_CATCH_ERRORS switch) and, if one of
 tf2onnx's optimizers raises, converts again with them on: when no optimizer fails the graph is
 the same either way, and the exported graph is verified against Keras in both cases.

@@ -170,7 +170,7 @@ def to_onnx(
 def _fold_and_convert(model, fold, opset, nchw_inputs, input_sets, reduced, step, timings):
     """(exported Keras model, FoldReport or None, ONNX proto, Keras references). Keras's
     reference outputs depend only on the original model: they are computed on a second thread
-    while this one folds and converts (ResNet50: 7.8 s instead of 8.6 s)."""
+    while this one folds and converts, which hides their cost (benchmarks/bench_export.py)."""
     with in_background(lambda: onnx_verify.keras_references(model, input_sets)) as pending:
         start = time.perf_counter()
         fold_report = None

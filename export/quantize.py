@@ -9,18 +9,17 @@
 
 Why uint8 activations (onnxruntime's "U8S8"), not its int8 default ("S8S8"): onnxruntime runs a
 QDQ graph fast only where its graph optimizer fuses DequantizeLinear -> op -> QuantizeLinear into
-one int8 kernel (QLinearConv, QLinearAdd, QGemm...). Measured with onnxruntime 1.32 on x86_64: with
-int8 activations it leaves every residual Add in float, and the Convs next to them (MobileNetV2 0.35:
-15 of 52 Convs and all 10 Adds float, 31 Transposes, 1.05x the float32 latency at batch 32); with
-uint8 activations all 52 Convs and 10 Adds fuse (0.70x). `runtime_split` reports what fused.
+one int8 kernel (QLinearConv, QLinearAdd, QGemm...). With int8 activations onnxruntime 1.32 on x86_64
+leaves every residual Add in float, and the Convs next to them (tests/test_quantize.py checks this
+on an inverted-residual block); with uint8 activations they fuse. `runtime_split` reports what
+fused.
 
 Why 7-bit weights (`reduce_range`) on an x86-64 CPU without VNNI: there onnxruntime's U8S8
 kernels multiply with VPMADDUBSW, which adds two uint8 x int8 products into an int16 that
 saturates at 32767 (255 * 127 * 2 = 64770), so a dot product can silently clip; 7-bit weights keep
 every pair below it. That is onnxruntime's own guidance for such CPUs (`quantize_static`'s
-docstring, "Choosing parameters for CPU inference"). Measured with onnxruntime 1.32 on a 2-core
-AMD EPYC (Zen 3: AVX2, no VNNI): with 8-bit weights the Dense and grouped-Conv2D patterns of the
-test suite reach cosine 0.985 and 0.984 against the float32 model, below the 0.99 bound, and
+docstring, "Choosing parameters for CPU inference"). On a CPU without VNNI, with 8-bit weights,
+the Dense and grouped-Conv2D patterns of the test suite fall below the 0.99 cosine bound, and
 with 7-bit weights every pattern passes. VNNI (VPDPBUSD) accumulates in int32 and does not
 saturate, so there the full 8 bits are kept. The check is of the machine that quantizes and
 verifies: a graph verified on a VNNI machine with 8-bit weights can saturate on one without it
@@ -135,8 +134,8 @@ def float16_range(model_bytes: bytes, feeds, rows=8):
     rounds to inf).
 
     Every tensor counts, the graph's inputs and outputs and those of `keep_float` layers too:
-    onnxruntime's converter (`to_float16`) casts them all to float16 between ops (measured:
-    a kept MatMul's output goes through a Cast to float16 and back before the next op), so
+    onnxruntime's converter (`to_float16`) casts them all to float16 between ops (a kept
+    MatMul's output goes through a Cast to float16 and back before the next op), so
     keeping a layer in float32 does not keep its values from overflowing. onnxruntime's CPU
     provider computes many float16 ops in float32, so agreement measured there can miss an
     overflow that real float16 arithmetic (a GPU, an NPU) turns into inf or NaN: the float32

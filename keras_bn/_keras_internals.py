@@ -83,19 +83,20 @@ def save_keras_to_file_object(model, handle):
 
 def keras_mask(tensor):
     """The Keras mask a tensor carries (set by the layer that made it), or None. A function that
-    stands in for a layer in `run_through_graph` is not handed it by Keras."""
-    from keras.src import backend
+    stands in for a layer in `run_through_graph` is not handed it by Keras. Imported from its
+    home module: Keras 3.16 no longer re-exports it from `keras.src.backend`."""
+    from keras.src.backend.common import masking
 
-    return backend.get_keras_mask(tensor)
+    return masking.get_keras_mask(tensor)
 
 
 def set_keras_mask(tensor, mask):
     """Attaches `mask` to `tensor`, as Layer.__call__ does, so the layers after a stand-in
     function still see it."""
-    from keras.src import backend
+    from keras.src.backend.common import masking
 
     if mask is not None:
-        backend.set_keras_mask(tensor, mask)
+        masking.set_keras_mask(tensor, mask)
     return tensor
 
 

@@ -6,10 +6,9 @@ and `torch.distributed` do.
   share of the batch; `synchronized=True` all-reduces the sums.
 - JAX: under `keras.distribution` (`DataParallel`, `ModelParallel`) Keras jit-compiles the step
   over global arrays whose batch axis is sharded across the devices, and XLA (GSPMD) inserts the
-  communication. A reduction over that axis is over the global batch. Measured (Keras 3.15.1,
-  jax 0.10.2, two host devices, batch 8): `keras.layers.BatchNormalization`, which has no
-  synchronized mode on JAX, already learns the global batch's mean and variance, not the
-  devices' own. So `synchronized=True` needs no code on JAX, and `synchronized=False` takes the
+  communication. A reduction over that axis is over the global batch: Keras's own
+  `BatchNormalization`, which has no synchronized mode on JAX, already learns the global batch's
+  mean and variance under `DataParallel`, not the devices' own (tests/test_backends.py). So `synchronized=True` needs no code on JAX, and `synchronized=False` takes the
   statistics of each device's slice of the batch separately, as on TensorFlow and PyTorch.
 - PyTorch: each process of a `torch.distributed` group holds its own batch;
   `synchronized=True` sums over the group with a differentiable all-reduce

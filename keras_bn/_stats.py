@@ -148,7 +148,7 @@ def moving_update(
     aggregation is "mean". A skip is a batch where some row with values was skipped: an empty
     batch is none. `concrete(tensor)` gives a bool tensor's Python value when it has one, else
     None (`_keras_internals.concrete_bool`), for the Python shortcuts of the static case (in eager
-    PyTorch each keras.ops call costs about 15 us)."""
+    PyTorch every keras.ops call has a fixed cost that a small step feels)."""
     dtype = mean.dtype
     rows = mean.shape[0]
     mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
@@ -211,8 +211,8 @@ def normalize_with_batch_gradient(x, gamma, beta, pivot, shifted_mean, variance,
     magnitude. The forward pass is `(x - pivot) * k + (beta - shifted_mean * k)`, `k = gamma * r`:
     one subtraction per value fewer, and as sound, `x - pivot` being exact or nearly so.
 
-    Why: on JAX, XLA on CPU compiles the automatic gradient of the centred formula to 1.5x the
-    time of Keras's (measured: 38 against 28 ms on a (32, 56, 56, 64) training step). This one
+    Why: on JAX, XLA on CPU compiles the automatic gradient of the centred formula to a slower
+    program than Keras's (see benchmarks/bench_layer.py). This one
     writes `sum(dy * xhat)` as `r * (sum(dy * x) - mean * sum(dy))` and `dx` as
     `x * a + dy * b + c` per channel, which XLA fuses as it fuses Keras's gradient. Both cancel
     when |mean| is far above the standard deviation, so past 100 of them (the same bound as

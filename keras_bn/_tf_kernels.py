@@ -174,10 +174,9 @@ def _fused_train(layer, inputs, gamma, beta):
     its gradient (the shift has none).
 
     Why the shift on every batch and not a `tf.cond` to a fallback for ill-conditioned batches:
-    the cond and its gradient made tracing a training step about 3x slower than Keras's
-    (measured, first `fit` of 16 Conv-BN-ReLU blocks: 2.9 s with the cond, 1.0 s shifted, Keras
-    1.0 s; with XLA 4.3, 2.3 and 2.0 s), and its XLA gradient was NaN at mean 1e4, std 0.01. In
-    one A/B run the shifted step took 0.95 to 1.02 of the cond's time. Inputs are cast to float32
+    the cond and its gradient made tracing a training step several times slower than Keras's
+    (a network's first `fit`, benchmarks/bench_layer.py), and its XLA gradient was NaN at mean
+    1e4, std 0.01; the shifted step itself costs no more than the cond's. Inputs are cast to float32
     first, as Keras's layer does: `x - pivot` can overflow float16.
 
     The kernel reduces over every axis but the last, so rank 2 and 3 inputs are viewed as
@@ -269,10 +268,9 @@ def _shift_sums(bn, x, mask):
     - Channels-last input of rank >= 3 without a mask (images, sequences): `x - p` in float32,
       summed in float32 along the second-to-last axis only (one image row, at most a few hundred
       values, relative error about 1e-7), and those row sums in float64. This is one float32 pass
-      over the activation where a float64 copy of it costs three (measured: ResNet50's
-      (16, 56, 56, 256) input, 16 ms against 57 ms); the row sums keep agreement with NumPy's
-      float64 statistics to about 1e-7 relative, where plain float32 sums over a batch miss by
-      1e-5 (FusedBatchNormV3's do: 2.2e-5 on (16, 112, 112, 64)).
+      over the activation where a float64 copy of it costs three; the row sums keep agreement with
+      NumPy's float64 statistics to about 1e-7 relative, where plain float32 sums over a batch
+      (FusedBatchNormV3's among them) miss by about 1e-5.
     - Anything else (a mask, channels-first, rank 2, float64): float64 throughout; masked values
       get weight 0, and are not shifted (padding may be anything).
     """

@@ -53,7 +53,7 @@ def _initial_weight(mean, var, pop_mean, pop_var, epsilon):
     from other data (means far from 0 and variances far from 1, moved anywhere) are then not
     mistaken for a leftover of the initial values because one of the two happens to point that
     way. A random deviation passes 0.75 one time in 170 over 3 channels, one in 850 over 4, and
-    never in 200,000 draws over 32 (measured, for one of the two). Also None when the data's own
+    never in 200,000 random draws over 32 (for either of the two). Also None when the data's own
     statistics are 0/1 in both, so that there is nothing to tell apart."""
     std = np.sqrt(pop_var + epsilon)
     parts = (
