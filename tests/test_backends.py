@@ -421,3 +421,68 @@ def test_torch_distributed_statistics(tmp_path):
         assert not np.allclose(rank["False"]["var"], plain["var"], rtol=0.1)
     local_grad = np.concatenate([rank["False"]["grad"] for rank in ranks])
     assert not np.allclose(local_grad, plain["grad"], atol=1e-3)
+
+
+# Keras 3.16 brings keras.distribution to the PyTorch backend (DTensor). Under its DataParallel,
+# `fit` must give synchronized=True the global batch's statistics once, not all-reduce an
+# already-global reduction. Runs where Keras has it (.ci/nightly, against keras-nightly).
+KERAS_TORCH_DISTRIBUTION = os.path.exists(
+    os.path.join(os.path.dirname(keras.__file__), "src", "backend", "torch", "distribution_lib.py")
+)
+
+KERAS_DISTRIBUTION_SCRIPT = textwrap.dedent(f"""
+    import json, os, socket, sys
+    import numpy as np, torch.multiprocessing as mp
+
+    def replica(rank, port, out):
+        os.environ.update(KERAS_BACKEND="torch", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          WORLD_SIZE="2", RANK=str(rank))
+        import keras, keras_bn
+        keras.distribution.initialize()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices(), auto_shard_dataset=False))
+        data = {DATA}
+        data[4:] += 10.0
+        local = data[4 * rank: 4 * rank + 4]  # each process its own half, as a loader gives it
+        result = {{}}
+        for name, layer in (("True", lambda: keras_bn.BatchNorm(momentum=0.0, synchronized=True)),
+                            ("False", lambda: keras_bn.BatchNorm(momentum=0.0)),
+                            ("keras", lambda: keras.layers.BatchNormalization(momentum=0.0))):
+            model = keras.Sequential([keras.Input((5,)), layer(), keras.layers.Dense(1)])
+            model.compile("sgd", "mse")
+            model.fit(local, np.zeros((4, 1), "float32"), batch_size=4, verbose=0, shuffle=False)
+            bn = model.layers[0]
+            result[name] = {{"mean": np.asarray(bn.moving_mean.numpy()).tolist(),
+                            "var": np.asarray(bn.moving_variance.numpy()).tolist()}}
+        with open(f"{{out}}/{{rank}}.json", "w") as f:
+            json.dump(result, f)
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(replica, args=(port, out), nprocs=2)
+        print(json.dumps([json.load(open(f"{{out}}/{{r}}.json")) for r in (0, 1)]))
+""")
+
+
+@pytest.mark.skipif(
+    not KERAS_TORCH_DISTRIBUTION, reason="this Keras has no keras.distribution on PyTorch (3.16+)"
+)
+def test_torch_synchronized_statistics_under_keras_distribution(tmp_path):
+    script = tmp_path / "keras_distribution.py"
+    script.write_text(KERAS_DISTRIBUTION_SCRIPT)
+    run = run_on("torch", [str(script), str(tmp_path)], timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = json.loads(run.stdout.strip().splitlines()[-1])
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")
+    data[4:] += 10.0
+    for rank, half in zip(ranks, (data[:4], data[4:])):
+        # synchronized=True: the batch of 8's statistics once (a second all-reduce would double
+        # them); synchronized=False and Keras's own layer: the process's half.
+        np.testing.assert_allclose(rank["True"]["mean"], data.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(rank["True"]["var"], data.var(0), rtol=1e-5)
+        for local in ("False", "keras"):
+            np.testing.assert_allclose(rank[local]["mean"], half.mean(0), rtol=1e-5)
+            np.testing.assert_allclose(rank[local]["var"], half.var(0), rtol=1e-4)
