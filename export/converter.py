@@ -69,39 +69,71 @@ def to_onnx(
     input_shapes=None,
     measure_latency: bool = False,
 ) -> ExportReport:
-    """Exports `model` to ONNX at `path` and returns an `ExportReport`.
+    """Exports `model` to ONNX at `path`: folds, converts, checks, verifies, then writes.
 
-    Folds BatchNorms first (unless `fold=False`), converts with tf2onnx (dynamic batch
-    dimension, the Keras input and output names kept; `nchw_inputs=True` makes rank >= 3 inputs
-    channels-first), checks the graph with `onnx.checker.check_model(full_check=True)`, verifies it
-    against the Keras model in onnxruntime, and only then writes `path` atomically. Raises
-    `KerasBNError` and writes nothing when any step fails. `samples` is checked against
-    `model.inputs` before any work. The synthetic inputs take the shape `input_shapes` gives
-    (one shape per input without the batch axis, as in `keras_bn.fold_bn`), else the samples',
-    else the model's, with open dimensions set to a length the model accepts. `atol`/`rtol` None take the defaults of the model's compute
-    dtype (`keras_bn.verification.TOLERANCES`). `verbose=1` prints each step on stderr as it
-    starts and ends, with its duration ("folding", "converting with tf2onnx", "checking the
-    graph", "verifying with onnxruntime", "writing"); 0 (default) is silent. `on_bad_statistics="raise"` refuses a model with
-    unusable BatchNorm statistics, folded or not (see `keras_bn.fold_bn`).
+    The BatchNorms are folded first (unless `fold=False`), the model is converted with tf2onnx
+    (dynamic batch dimension, the Keras input and output names kept), the graph is checked with
+    `onnx.checker.check_model(full_check=True)` and run in onnxruntime, with graph optimizations
+    disabled and enabled, against the Keras model. Only then is `path` written, atomically.
+    `precision="float16"` or `"int8"` then makes a reduced graph from the verified float32 one
+    (`keras_bn.export.quantize`), accepted by agreement with the float32 Keras model.
 
-    `precision="float16"` or `"int8"` writes a reduced-precision graph made from the verified
-    float32 one (`keras_bn.export.quantize`): float16 with onnxruntime's own converter, int8 by
-    static QDQ quantization (per-channel symmetric int8 weights) calibrated on `calibration`
-    (required; the same forms as `samples`) with `calibrate_method` "minmax" (default),
-    "entropy" or "percentile". It is accepted by agreement with the float32 Keras model, per
-    output, on `samples`, else the calibration data, else synthetic inputs: top-1 agreement
-    >= `min_agreement` for classification-shaped outputs and cosine similarity >= `min_cosine`
-    (defaults in `keras_bn.verification.AGREEMENT`); `labels` adds the accuracy of both. Below
-    either bound `VerificationError` names the output and the value, and nothing is written.
-    `keep_float` (int8 only) names layers whose ops stay float32 (onnxruntime's
-    `nodes_to_exclude`), for a layer that int8 makes slower or less accurate, such as a first
-    Conv with one input channel. `reduce_range` (int8 only) quantizes weights to 7 bits, as
-    onnxruntime advises for x86-64 CPUs without VNNI, whose uint8 x int8 kernels can saturate;
-    None (default) decides by the machine that quantizes and verifies (`quantize.int8_may_saturate`:
-    7 bits there, 8 elsewhere), and the report says which and why. Pass True for a graph that
-    will run on such a CPU, whatever this one is. `measure_latency=True` adds onnxruntime's
-    latency of the float32 and the reduced graph at batch 1 and 32 to the report, a rough guide
-    of about a second per batch size (`benchmarks/bench_quantize.py` is the benchmark).
+    Args:
+        model: A Sequential or Functional Keras model, on the TensorFlow backend.
+        path: The `.onnx` file to write.
+        fold: Fold BatchNorms into their neighbours first (`keras_bn.fold_bn`).
+        opset: ONNX opset, 7 to 18; None takes tf2onnx's default.
+        samples: Real inputs for verification (an array, a list per input, or a dict by input
+            name), checked against `model.inputs` before any work.
+        atol, rtol: Elementwise tolerance, `atol + rtol * max|that Keras output|`; None takes
+            the defaults of the model's compute dtype (`keras_bn.verification.TOLERANCES`).
+        nchw_inputs: Make inputs of rank 3 or more channels-first in the ONNX graph.
+        verbose: 1 prints each step and its duration on stderr; 0 is silent.
+        on_bad_statistics: "keep" or "raise", as in `keras_bn.fold_bn`; "raise" refuses a model
+            whose BatchNorm statistics are unusable, folded or not.
+        precision: "float32", "float16" (onnxruntime's converter, float32 inputs and outputs)
+            or "int8" (static QDQ: per-channel symmetric int8 weights, uint8 activations).
+        calibration: int8's calibration data (required for int8), in the forms of `samples`.
+        calibrate_method: "minmax" (default), "entropy" or "percentile".
+        labels: Labels of `samples`, to report the accuracy of both models.
+        min_agreement, min_cosine: The bounds a reduced graph must reach, per output: top-1
+            agreement for classification-shaped outputs and cosine similarity; None takes
+            `keras_bn.verification.AGREEMENT` (0.99 / 0.999 float16, 0.98 / 0.99 int8).
+        keep_float: Names of layers left in float32 in a reduced graph, for a layer that int8
+            makes slower or less accurate (such as a first Conv with one input channel).
+        reduce_range: int8 only: 7-bit weights, as onnxruntime advises for x86-64 CPUs without
+            VNNI, whose uint8 x int8 kernels can saturate. None decides by the machine that
+            quantizes and verifies, and the report says which and why; pass True for a graph
+            that will run on such a CPU.
+        input_shapes: The shape of the synthetic inputs without the batch axis, as in
+            `keras_bn.fold_bn`; None takes the samples', else one the model accepts.
+        measure_latency: Add onnxruntime's latency of the float32 and the reduced graph at
+            batch 1 and 32 to the report (a rough guide; `benchmarks/bench_quantize.py` is the
+            benchmark).
+
+    Returns:
+        An `ExportReport`: op counts, what was folded, the verification table, timings, and
+        for float16 and int8 the `QuantizationReport` (sizes, op counts, agreement).
+
+    Raises:
+        KerasBNError: Bad input (a model or samples of the wrong form, an opset out of range,
+            unusable statistics with `on_bad_statistics="raise"`, another backend); nothing
+            is written.
+        VerificationError: The ONNX graph does not match the Keras model, or a reduced graph
+            misses its agreement bounds; the message names the output and the value, and
+            nothing is written.
+        MissingExtraError: The `[onnx]` extra is not installed.
+
+    Example:
+        ```python
+        from keras_bn import export
+
+        report = export.to_onnx(model, "model.onnx", samples=x_test)
+        print(report)  # op counts, BatchNorms folded, errors, timings
+        export.to_onnx(
+            model, "model.int8.onnx", precision="int8", calibration=x_train[:512], samples=x_test
+        )
+        ```
     """
     if verbose not in (0, 1):  # True and False too
         raise KerasBNError(expected("Invalid `verbose`", "0 (silent) or 1 (steps)", repr(verbose)))

@@ -505,10 +505,32 @@ def _load_legacy_h5(path, unsafe):
 
 
 def load_model_file(path, *, unsafe=False, limits=DEFAULT_LIMITS):
-    """Loads a model file; `.keras` always with `safe_mode=True`, after `check_archive`.
+    """Loads a model file as untrusted input; `.keras` always with `safe_mode=True`, after
+    `check_archive` has bounded what the archive declares.
 
     Legacy `.h5` files (whose loader ignored safe_mode in several Keras releases) and SavedModel
     directories can run code from the file; they are refused unless `unsafe=True`.
+
+    Args:
+        path: A `.keras` file (or, with `unsafe=True`, a legacy `.h5` file).
+        unsafe: Allow legacy `.h5` files.
+        limits: An `ArchiveLimits`: members, sizes, config depth and layers the archive may
+            declare.
+
+    Returns:
+        The `keras.Model`.
+
+    Raises:
+        KerasBNError: A missing or unreadable file, an archive beyond `limits`, a format that
+            can run code (without `unsafe=True`), or a model Keras cannot load; one line that
+            names the problem.
+
+    Example:
+        ```python
+        from keras_bn import export
+
+        model = export.load_model_file("downloaded.keras")
+        ```
     """
     import keras
 

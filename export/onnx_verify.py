@@ -255,15 +255,36 @@ def verify(
     input_shapes=None,
     limits=None,
 ) -> VerifyReport:
-    """Runs `model` (inference mode) and onnxruntime, with graph optimizations disabled and
-    enabled, on deterministic synthetic inputs (batch 4, and its first sample as batch 1) and on
-    `samples`. Returns a `VerifyReport`; `report.passed` says whether every output is within
-    `atol + rtol * max|that keras output|` (None: the defaults of the model's compute dtype,
-    `keras_bn.verification.TOLERANCES`). `input_shapes` as in `to_onnx`.
+    """Compares a Keras model with an ONNX file in onnxruntime, output by output.
 
-    The ONNX file is untrusted input (`keras_bn.export.onnx_file`): it is checked before it is
-    read further, its inputs and outputs must be the model's by name, and onnxruntime runs it in
-    a process of its own within `limits` (an `onnx_file.OnnxLimits`; None: the defaults)."""
+    Both run (Keras in inference mode; onnxruntime with graph optimizations disabled and
+    enabled) on deterministic synthetic inputs (batch 4, and its first sample as batch 1) and on
+    `samples`. The ONNX file is untrusted input (`keras_bn.export.onnx_file`): it is checked
+    before it is read further, its inputs and outputs must be the model's by name, and
+    onnxruntime runs it in a process of its own within `limits`.
+
+    Args:
+        model: The Keras model the file should reproduce.
+        onnx_path: The `.onnx` file.
+        samples: Real inputs, as in `to_onnx`.
+        atol, rtol: Tolerance `atol + rtol * max|that Keras output|`; None takes the defaults of
+            the model's compute dtype (`keras_bn.verification.TOLERANCES`).
+        input_shapes: The shape of the synthetic inputs, as in `to_onnx`.
+        limits: An `onnx_file.OnnxLimits` (memory and time for onnxruntime); None: the defaults.
+
+    Returns:
+        A `VerifyReport`; `report.passed` says whether every output is within tolerance.
+
+    Raises:
+        KerasBNError: The file is not an ONNX graph this model's inputs and outputs fit, or it
+            exceeds `limits`.
+
+    Example:
+        ```python
+        report = export.verify(model, "model.onnx", samples=x_test)
+        assert report.passed, report
+        ```
+    """
     from . import onnx_file
 
     limits = limits or onnx_file.DEFAULT_LIMITS

@@ -46,6 +46,11 @@ def torch_momentum_to_keras(momentum: float | None) -> float | None:
     """PyTorch momentum (weight of the new value) -> Keras momentum (weight of the old value).
 
     `keras = 1 - torch`; `None` (cumulative average) stays `None`.
+
+    Example:
+        ```python
+        keras_bn.torch_momentum_to_keras(0.1)  # 0.9
+        ```
     """
     momentum = check_momentum(momentum, "momentum")
     return None if momentum is None else 1.0 - momentum
@@ -55,6 +60,11 @@ def keras_momentum_to_torch(momentum: float | None) -> float | None:
     """Keras momentum (weight of the old value) -> PyTorch momentum (weight of the new value).
 
     `torch = 1 - keras`; `None` (cumulative average) stays `None`.
+
+    Example:
+        ```python
+        keras_bn.keras_momentum_to_torch(0.99)  # 0.01
+        ```
     """
     momentum = check_momentum(momentum, "momentum")
     return None if momentum is None else 1.0 - momentum

@@ -291,8 +291,30 @@ def diagnose(
     the initial 0/1 still has in the moving statistics (stale when it is 5% or more: a
     short run whose exponential average has not forgotten its start, the usual "good in
     training, bad at inference"), and how much the model's outputs change when the statistics
-    are recalibrated. `verbose=1` shows the progress bar of that recalibration (0, the default,
-    is silent).
+    are recalibrated.
+
+    Args:
+        model: A Sequential or Functional model with at least one BatchNorm.
+        data: Optional data, in any form `keras_bn.recalibrate` takes (labels are ignored).
+        batch_size: Rows per batch when `data` is arrays; use the training batch size.
+        verbose: 1 shows the progress bar of the recalibration with `data`; 0 (default) is
+            silent.
+
+    Returns:
+        A `DiagnosisReport`: one row per BatchNorm with its verdict (ok, dead channels,
+        float16 unsafe, drifted, stale, corrupt) and the action to take; `report.healthy`,
+        `report.verdict` (the worst), `report.to_dict()`.
+
+    Raises:
+        KerasBNError: A model without a graph or without BatchNorm, or unusable data.
+
+    Example:
+        ```python
+        report = keras_bn.diagnose(model, x_train)
+        print(report)
+        if not report.healthy:
+            model, _ = keras_bn.recalibrate(model, x_train)
+        ```
     """
     require_graph(model, "diagnose")
     report = DiagnosisReport()

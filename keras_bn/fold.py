@@ -865,6 +865,19 @@ def fold_bn(
 
     Returns:
         `(folded, report)`; `print(report)` shows a table, `report.to_dict()` JSON-able data.
+
+    Raises:
+        KerasBNError: A model without a graph (subclassed), samples or shapes that do not fit
+            the model, or, with `on_bad_statistics="raise"`, unusable BatchNorm statistics.
+        VerificationError: With `verify=True`, an output of the folded model differs from the
+            original's by more than the tolerance.
+
+    Example:
+        ```python
+        folded, report = keras_bn.fold_bn(model, samples=x_test)
+        print(report)  # one row per BatchNorm: folded backward, forward, affine, or why not
+        folded.save("folded.keras")
+        ```
     """
     require_graph(model, "fold_bn")
     if on_bad_statistics not in _ON_BAD_STATISTICS:

@@ -144,6 +144,20 @@ class BatchNorm(keras.layers.Layer):
             (non-finite statistics, or one value per channel under XLA). Not a weight: it is
             not saved.
 
+    Example:
+        ```python
+        import keras
+        import keras_bn
+
+        model = keras.Sequential([
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, use_bias=False),
+            keras_bn.BatchNorm(),  # Keras's conventions: momentum 0.99, epsilon 1e-3
+            keras.layers.ReLU(),
+        ])
+        ported = keras_bn.BatchNorm.from_torch(momentum=0.1, eps=1e-5)  # PyTorch's
+        ```
+
     Reference:
         Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
         Internal Covariate Shift", ICML 2015, Algorithms 1 and 2.

@@ -395,10 +395,21 @@ def recalibrate(
             old data, and stale statistics are exactly what this function is for.
         verbose: 1 (default) shows a Keras progress bar, 0 is silent, as in `model.predict`.
 
+    Returns:
+        `(new_model, report)`: the recalibrated copy, and a `RecalibrationReport` with one row per
+        BatchNorm (values seen, how far the mean and standard deviation moved).
+
     Raises:
         KerasBNError: no BatchNorm, unusable data (wrong shape or dtype, no batch), or statistics
             that are not finite (NaN in the data); the caller's model is unchanged and nothing is
             returned.
+
+    Example:
+        ```python
+        new_model, report = keras_bn.recalibrate(model, x_train, batch_size=64)
+        print(report)
+        new_model.evaluate(x_test, y_test)
+        ```
     """
     require_graph(model, "recalibrate")
     if verbose not in (0, 1):  # True and False too
