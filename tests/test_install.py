@@ -128,7 +128,9 @@ def test_the_installed_wheel_runs_the_demo_and_export_quietly_in_a_pipe(dist, tm
     assert where.returncode == 0, where.stderr[-2000:]
     assert where.stdout.strip().startswith(str(tmp_path / "venv")), where.stdout  # not the checkout
 
-    demo = run_in(keras_bn_cli, ["demo", "--out", "out"], work, env)
+    # Two epochs (38 steps): the installed command end to end; tests/test_cli.py holds the full
+    # eight-epoch story to its numbers.
+    demo = run_in(keras_bn_cli, ["demo", "--out", "out", "--epochs", "2"], work, env)
     assert demo.returncode == 0, demo.stderr[-3000:]
     for stream in (demo.stdout, demo.stderr):
         assert not CONTROL.search(stream), repr(stream[:2000])
@@ -136,14 +138,14 @@ def test_the_installed_wheel_runs_the_demo_and_export_quietly_in_a_pipe(dist, tm
     # The demo reads as a story: the steps, the table, where the files are.
     for step in ("1. train", "2. diagnose", "3. recalibrate", "4. fold and export"):
         assert step in demo.stdout, demo.stdout
-    assert re.search(r"^Epoch 8/8$", demo.stdout, re.M)  # plain epoch lines, no progress bar
+    assert re.search(r"^Epoch 2/2$", demo.stdout, re.M)  # plain epoch lines, no progress bar
     accuracy = {
         m.group(1): float(m.group(2))
         for m in re.finditer(r"^(trained Keras|ONNX \(onnxruntime\)) +([\d.]+) ", demo.stdout, re.M)
     }
-    # Keras's momentum 0.99 for 152 steps: stale statistics (measured 0.10), repaired by
-    # recalibration (measured 0.99) and kept through the fold and the export.
-    assert accuracy["trained Keras"] < 0.5 < 0.95 < accuracy["ONNX (onnxruntime)"], accuracy
+    # Keras's momentum 0.99 for 38 steps: stale statistics, repaired by recalibration and kept
+    # through the fold and the export.
+    assert accuracy["trained Keras"] < 0.5 < accuracy["ONNX (onnxruntime)"], accuracy
     files = ["folded.keras", "folded.onnx", "recalibrated.keras", "trained.keras"]
     assert sorted(os.listdir(work / "out")) == files
     assert os.listdir(work) == ["out"]  # nothing stray in the current directory
