@@ -85,8 +85,10 @@ def to_onnx(
         opset: ONNX opset, 7 to 18; None takes tf2onnx's default.
         samples: Real inputs for verification (an array, a list per input, or a dict by input
             name), checked against `model.inputs` before any work.
-        atol, rtol: Elementwise tolerance, `atol + rtol * max|that Keras output|`; None takes
-            the defaults of the model's compute dtype (`keras_bn.verification.TOLERANCES`).
+        atol: Absolute part of the elementwise tolerance `atol + rtol * max|that Keras
+            output|`; None takes the default of the model's compute dtype
+            (`keras_bn.verification.TOLERANCES`).
+        rtol: Relative part of that tolerance; None likewise.
         nchw_inputs: Make inputs of rank 3 or more channels-first in the ONNX graph.
         verbose: 1 prints each step and its duration on stderr; 0 is silent.
         on_bad_statistics: "keep" or "raise", as in `keras_bn.fold_bn`; "raise" refuses a model
@@ -96,9 +98,10 @@ def to_onnx(
         calibration: int8's calibration data (required for int8), in the forms of `samples`.
         calibrate_method: "minmax" (default), "entropy" or "percentile".
         labels: Labels of `samples`, to report the accuracy of both models.
-        min_agreement, min_cosine: The bounds a reduced graph must reach, per output: top-1
-            agreement for classification-shaped outputs and cosine similarity; None takes
-            `keras_bn.verification.AGREEMENT` (0.99 / 0.999 float16, 0.98 / 0.99 int8).
+        min_agreement: The top-1 agreement a reduced graph must reach on classification-shaped
+            outputs; None takes `keras_bn.verification.AGREEMENT` (0.99 float16, 0.98 int8).
+        min_cosine: The cosine similarity it must reach on every output; None likewise (0.999
+            float16, 0.99 int8).
         keep_float: Names of layers left in float32 in a reduced graph, for a layer that int8
             makes slower or less accurate (such as a first Conv with one input channel).
         reduce_range: int8 only: 7-bit weights, as onnxruntime advises for x86-64 CPUs without

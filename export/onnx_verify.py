@@ -267,8 +267,9 @@ def verify(
         model: The Keras model the file should reproduce.
         onnx_path: The `.onnx` file.
         samples: Real inputs, as in `to_onnx`.
-        atol, rtol: Tolerance `atol + rtol * max|that Keras output|`; None takes the defaults of
-            the model's compute dtype (`keras_bn.verification.TOLERANCES`).
+        atol: Absolute part of the tolerance `atol + rtol * max|that Keras output|`; None takes
+            the default of the model's compute dtype (`keras_bn.verification.TOLERANCES`).
+        rtol: Relative part of that tolerance; None likewise.
         input_shapes: The shape of the synthetic inputs, as in `to_onnx`.
         limits: An `onnx_file.OnnxLimits` (memory and time for onnxruntime); None: the defaults.
 

@@ -849,9 +849,11 @@ def fold_bn(
             by more than `atol + rtol * max|that output|`.
         samples: Optional real inputs for verification: an array, a list of arrays (one per
             model input) or a dict keyed by input name; checked against `model.inputs` first.
-        rtol, atol: Verification tolerances; None takes `keras_bn.verification.TOLERANCES` for
-            the model's lowest-precision compute dtype (float32: 1e-5 / 1e-6; float16: 1e-2 /
-            1e-3; bfloat16: 5e-2 / 5e-3).
+        rtol: Relative verification tolerance (times max|that output|); None takes
+            `keras_bn.verification.TOLERANCES` for the model's lowest-precision compute dtype
+            (float32 1e-5, float16 1e-2, bfloat16 5e-2).
+        atol: Absolute verification tolerance; None likewise (float32 1e-6, float16 1e-3,
+            bfloat16 5e-3).
         replace_leftovers: BatchNorms with nothing to fold into become a `keras_bn.ChannelAffine`
             (one multiply-add); False keeps them as they are.
         on_bad_statistics: "keep" leaves a BatchNorm with unusable statistics (NaN/Inf,

@@ -121,8 +121,13 @@ class BatchNorm(keras.layers.Layer):
             the batch global already). If False, each replica uses its own share of the batch,
             on JAX too (each device's slice; the moving statistics average the devices'
             updates, as tf.distribute's do). Without distribution it has no effect.
-        beta_initializer, gamma_initializer, moving_mean_initializer,
-        moving_variance_initializer, beta_regularizer, gamma_regularizer, beta_constraint,
+        beta_initializer: As in `keras.layers.BatchNormalization`.
+        gamma_initializer: As in `keras.layers.BatchNormalization`.
+        moving_mean_initializer: As in `keras.layers.BatchNormalization`.
+        moving_variance_initializer: As in `keras.layers.BatchNormalization`.
+        beta_regularizer: As in `keras.layers.BatchNormalization`.
+        gamma_regularizer: As in `keras.layers.BatchNormalization`.
+        beta_constraint: As in `keras.layers.BatchNormalization`.
         gamma_constraint: As in `keras.layers.BatchNormalization`.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`).
 
