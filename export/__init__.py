@@ -7,16 +7,25 @@ naming its `pip install` command (`keras_bn.MissingExtraError`), not a `ModuleNo
 
 __all__ = [
     "ExportReport",
+    "LiteRTReport",
     "QuantizationReport",
     "VerifyReport",
     "VerifyRow",
     "load_model_file",
+    "to_litert",
     "to_onnx",
     "verify",
 ]
 
 
 def __getattr__(name):
+    if name in ("to_litert", "LiteRTReport"):
+        from keras_bn import _environment
+
+        _environment.require_extra("litert", f"keras_bn.export.{name}")
+        from . import litert
+
+        return getattr(litert, name)
     if name == "load_model_file":
         from .files import load_model_file
 

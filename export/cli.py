@@ -201,8 +201,16 @@ def cmd_fold(args):
 
 
 def cmd_export(args):
+    if str(args.output).lower().endswith(".tflite"):
+        return _export_litert(args)
     _require_extra("onnx", "keras-bn export")
     from keras_bn import export
+    from keras_bn.errors import KerasBNError, expected
+
+    if args.int8_io:
+        raise KerasBNError(
+            expected("--int8-io is for LiteRT files", "an output ending in .tflite", args.output)
+        )
 
     from .convert import check_opset
     from .files import check_output_path
@@ -239,6 +247,55 @@ def cmd_export(args):
         input_shapes=_input_shapes(args),
         measure_latency=args.benchmark,
     )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return EXIT_OK
+
+
+# ONNX-only options, refused with a .tflite output rather than ignored.
+ONNX_ONLY = {
+    "opset": None,
+    "nchw": False,
+    "keep_float": [],
+    "reduce_range": "auto",
+    "benchmark": False,
+    "calibrate_method": "minmax",
+}
+
+
+def _export_litert(args):
+    _require_extra("litert", "keras-bn export to LiteRT")
+    from keras_bn.errors import KerasBNError, expected
+
+    from .files import check_output_path
+    from .litert import to_litert
+
+    given = [k for k, default in ONNX_ONLY.items() if getattr(args, k) != default]
+    if given or (args.int8_io and args.precision != "int8"):
+        options = ", ".join("--" + k.replace("_", "-") for k in given) or "--int8-io"
+        raise KerasBNError(
+            expected(
+                "These options do not apply to a LiteRT (.tflite) export",
+                "--precision, --calibration, --samples, --labels, --min-agreement, "
+                "--min-cosine, --input-shape, --atol, --rtol, --no-fold (--int8-io with int8)",
+                options,
+            )
+        )
+    check_output_path(
+        args.output, inputs=[args.model, args.samples, args.calibration, args.labels],
+        suffix=".tflite",
+    )  # fmt: skip
+    model = _load(args)
+    samples = _load_samples(args.samples, args)
+    calibration = _load_samples(args.calibration, args, "calibration file")
+    labels = _load_samples(args.labels, args, "labels file")
+    with Step("folding, converting to LiteRT and verifying"):
+        report = to_litert(
+            model, args.output, precision=args.precision, calibration=calibration,
+            samples=samples, labels=labels, fold=not args.no_fold, int8_io=args.int8_io,
+            atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
+            min_cosine=args.min_cosine, input_shapes=_input_shapes(args),
+            on_bad_statistics="raise",
+        )  # fmt: skip
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
 
@@ -387,7 +444,9 @@ def build_parser():
     common(p)
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_fold)
-    p = sub.add_parser("export", help="fold, convert to ONNX, verify, write")
+    p = sub.add_parser(
+        "export", help="fold, convert to ONNX (.onnx) or LiteRT (.tflite), verify, write"
+    )
     common(p)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-fold", action="store_true")
@@ -397,10 +456,12 @@ def build_parser():
     p.add_argument("--nchw", action="store_true", help="channels-first graph inputs")
     p.add_argument(
         "--precision",
-        choices=["float32", "float16", "int8"],
+        choices=["float32", "float16", "int8", "dynamic"],
         default="float32",
-        help="float16 or int8 graphs are accepted by agreement with the float32 model",
+        help="float16 or int8 graphs are accepted by agreement with the float32 model; dynamic "
+        "(int8 weights, float activations) is for .tflite",
     )
+    p.add_argument("--int8-io", action="store_true", help=".tflite int8: int8 inputs and outputs")
     p.add_argument("--calibration", help="int8 calibration inputs: .npy, or .npz by input name")
     p.add_argument(
         "--calibrate-method", choices=["minmax", "entropy", "percentile"], default="minmax"

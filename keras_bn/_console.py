@@ -22,7 +22,11 @@ _CPP_LOG = re.compile(
     rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.+-]+:\d+\] "
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     # cpu_feature_guard's second line, which has no prefix of its own.
-    rb"|To enable the following instructions: .* rebuild TensorFlow)"
+    rb"|To enable the following instructions: .* rebuild TensorFlow"
+    # The LiteRT interpreter's own notices.
+    rb"|INFO: (?:Created TensorFlow Lite XNNPACK delegate for CPU|Initialized TensorFlow Lite runtime)\.$"
+    # The LiteRT converter's quantizer, printed unprefixed.
+    rb"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+$)"
 )
 
 

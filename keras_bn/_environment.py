@@ -33,6 +33,7 @@ INSTALL = {
 EXTRAS = {
     "onnx": ("tensorflow", "tf2onnx", "onnx", "onnxruntime"),
     "demo": ("tensorflow", "tf2onnx", "onnx", "onnxruntime", "sklearn"),
+    "litert": ("tensorflow", "ai_edge_litert"),
 }
 
 

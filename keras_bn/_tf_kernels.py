@@ -233,10 +233,11 @@ def infer(layer, inputs, mask):
     gamma, beta = _stats.gamma_beta(layer, inputs.shape[axis], math_dtype)
     mean = tf.cast(layer.moving_mean, math_dtype)
     variance = tf.cast(layer.moving_variance, math_dtype)
-    if use_fused(layer, inputs, mask):
-        # One pass over the data instead of a subtract, a multiply and an add.
-        outputs = fused(as_4d(inputs), gamma, beta, mean, variance, layer.epsilon, False)[0]
-        return tf.cast(tf.reshape(outputs, tf.shape(inputs)), layer.compute_dtype)
+    if use_fused(layer, inputs, mask) and len(inputs.shape) >= 4:
+        # One pass over the data instead of a subtract, a multiply and an add. Ranks 2 and 3
+        # would need a reshape around it, which converters cannot fold into a neighbour.
+        outputs = fused(inputs, gamma, beta, mean, variance, layer.epsilon, False)[0]
+        return tf.cast(outputs, layer.compute_dtype)
     shape = _stats.channel_shape(len(inputs.shape), axis)
     epsilon = tf.cast(layer.epsilon, math_dtype)
     outputs = _stats.normalize(
