@@ -5,8 +5,9 @@ for about 150 steps: too few for the moving statistics to forget their initial 0
 is good in training and bad at inference. `diagnose` says why, `recalibrate` computes precise
 statistics from the training images (no labels), and the recalibrated model is folded, exported
 to ONNX and verified in onnxruntime. Prints a summary (accuracies before and after, errors,
-BatchNorms before and after folding, ONNX op counts, latencies) and writes trained.keras,
-recalibrated.keras, folded.keras and folded.onnx to the output directory.
+BatchNorms before and after folding, ONNX and LiteRT op counts, latencies) and writes
+trained.keras, recalibrated.keras, folded.keras, folded.onnx and folded.tflite to the output
+directory.
 """
 
 import math
@@ -111,8 +112,10 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     folded_path = write(folded, "folded.keras")
     onnx_path = os.path.join(out_dir, "folded.onnx")
     export_report = export.to_onnx(recalibrated, onnx_path, samples=x_test)
+    litert_path = os.path.join(out_dir, "folded.tflite")
+    litert_report = export.to_litert(recalibrated, litert_path, samples=x_test)
     models = {"trained Keras": model, "recalibrated Keras": recalibrated, "folded Keras": folded}
-    table = _compare(models, onnx_path, x_test, y_test)
+    table = _compare(models, onnx_path, litert_path, x_test, y_test)
 
     bn_before, bn_after = _count_batchnorms(model), _count_batchnorms(folded)
     train_accuracy = float(history.history["accuracy"][-1])
@@ -127,13 +130,8 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
     )
     say("errors and same predictions: against the recalibrated Keras model")
     say(f"BatchNorms: {bn_before} before, {bn_after} after folding")
-    ops = ", ".join(f"{k} {v}" for k, v in sorted(export_report.op_counts.items()))
-    say(f"ONNX ops: {ops}")
-    say(
-        f"onnxruntime verification: {'passed' if export_report.verification.passed else 'FAILED'}, "
-        f"max abs error {export_report.verification.max_abs_error:.2e}"
-    )
-    say(f"wrote {trained_path}, {recalibrated_path}, {folded_path}, {onnx_path}")
+    _print_files(say, export_report, litert_report)
+    say(f"wrote {trained_path}, {recalibrated_path}, {folded_path}, {onnx_path}, {litert_path}")
     return {
         "training_steps": steps,
         "train_accuracy": train_accuracy,
@@ -147,8 +145,24 @@ def run_demo(out_dir="keras-bn-demo", epochs=8, verbose=True):
         "batchnorms_after": bn_after,
         "onnx_op_counts": export_report.op_counts,
         "verification_passed": export_report.verification.passed,
-        "files": [trained_path, recalibrated_path, folded_path, onnx_path],
+        "litert_ops": litert_report.ops,
+        "litert_size_bytes": litert_report.size_bytes,
+        "files": [trained_path, recalibrated_path, folded_path, onnx_path, litert_path],
     }
+
+
+def _print_files(say, export_report, litert_report):
+    """The ONNX and LiteRT lines of the summary."""
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(export_report.op_counts.items()))
+    say(f"ONNX ops: {ops}")
+    say(
+        f"onnxruntime verification: {'passed' if export_report.verification.passed else 'FAILED'}, "
+        f"max abs error {export_report.verification.max_abs_error:.2e}"
+    )
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(litert_report.ops.items()))
+    say(
+        f"LiteRT ops: {ops}; {litert_report.size_bytes / 1024:.1f} KiB, verified in the interpreter"
+    )
 
 
 def _count_batchnorms(model):
@@ -204,16 +218,22 @@ def _train(x_train, y_train, epochs, verbose):
     return model, history, steps
 
 
-def _compare(models, onnx_path, x_test, y_test):
-    """Accuracy, agreement with the recalibrated model, and batch-64 latency of each Keras model
-    and of the ONNX graph in onnxruntime."""
+def _compare(models, onnx_path, litert_path, x_test, y_test):
+    """Accuracy, agreement with the recalibrated model, and batch-64 latency of each Keras model,
+    of the ONNX graph in onnxruntime and of the LiteRT file in its interpreter."""
     import onnxruntime as ort
     import tensorflow as tf
+
+    from . import litert
 
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     logits = {name: m.predict(x_test, verbose=0) for name, m in models.items()}
     logits["ONNX (onnxruntime)"] = session.run(None, {input_name: x_test})[0]
+    with open(litert_path, "rb") as f:
+        runner = litert.interpreter_for(f.read()).get_signature_runner()
+    (litert_input,) = runner.get_input_details()
+    logits["LiteRT (interpreter)"] = runner(**{litert_input: x_test})["output_0"]
     accuracy = {k: float(np.mean(np.argmax(v, 1) == y_test)) for k, v in logits.items()}
     # Everything after recalibration is compared with the recalibrated model it came from.
     deployed = {k: v for k, v in logits.items() if k != "trained Keras"}
@@ -231,6 +251,7 @@ def _compare(models, onnx_path, x_test, y_test):
     latency["ONNX (onnxruntime)"] = _median_latency(
         lambda: session.run(None, {input_name: x_test[:64]})
     )
+    latency["LiteRT (interpreter)"] = _median_latency(lambda: runner(**{litert_input: x_test[:64]}))
     return {"accuracy": accuracy, "identical": identical, "max_err": max_err, "latency": latency}
 
 

@@ -32,7 +32,7 @@ INSTALL = {
 # them (setup.cfg's extras_require).
 EXTRAS = {
     "onnx": ("tensorflow", "tf2onnx", "onnx", "onnxruntime"),
-    "demo": ("tensorflow", "tf2onnx", "onnx", "onnxruntime", "sklearn"),
+    "demo": ("tensorflow", "tf2onnx", "onnx", "onnxruntime", "ai_edge_litert", "sklearn"),
     "litert": ("tensorflow", "ai_edge_litert"),
 }
 

@@ -426,7 +426,7 @@ def test_demo_json_summary(tmp_path):
     assert accuracy["trained Keras"] < 0.5 < 0.95 < summary["train_accuracy"], summary
     assert summary["diagnosis"]["verdict"] == "stale"
     assert all(r["verdict"] == "stale" for r in summary["diagnosis"]["rows"])
-    deployed = ["recalibrated Keras", "folded Keras", "ONNX (onnxruntime)"]
+    deployed = ["recalibrated Keras", "folded Keras", "ONNX (onnxruntime)", "LiteRT (interpreter)"]
     assert all(accuracy[k] > 0.95 for k in deployed), accuracy
     assert sorted(summary["identical_predictions"]) == sorted(deployed)
     assert all(summary["identical_predictions"].values())
@@ -434,15 +434,18 @@ def test_demo_json_summary(tmp_path):
     assert sorted(os.listdir(out)) == [
         "folded.keras",
         "folded.onnx",
+        "folded.tflite",
         "recalibrated.keras",
         "trained.keras",
     ]
+    # The LiteRT file has no op left by a BatchNorm: convolutions, pooling and dense layers.
+    assert set(summary["litert_ops"]) <= {"CONV_2D", "MAX_POOL_2D", "MEAN", "FULLY_CONNECTED"}
     folded = keras.saving.load_model(out / "folded.keras")
     assert not any(isinstance(l, (keras_bn.BatchNorm, L.BatchNormalization)) for l in folded.layers)
     # A second run over the same directory replaces the files.
     run = cli_in_process("demo", "--out", out, "--epochs", "1", "--json")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(os.listdir(out)) == 4 and json.loads(run.stdout)["training_steps"] == 19
+    assert len(os.listdir(out)) == 5 and json.loads(run.stdout)["training_steps"] == 19
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_the_installed_wheel_runs_the_demo_and_export_quietly_in_a_pipe(dist, tm
     # Keras's momentum 0.99 for 38 steps: stale statistics, repaired by recalibration and kept
     # through the fold and the export.
     assert accuracy["trained Keras"] < 0.5 < accuracy["ONNX (onnxruntime)"], accuracy
-    files = ["folded.keras", "folded.onnx", "recalibrated.keras", "trained.keras"]
+    files = ["folded.keras", "folded.onnx", "folded.tflite", "recalibrated.keras", "trained.keras"]
     assert sorted(os.listdir(work / "out")) == files
     assert os.listdir(work) == ["out"]  # nothing stray in the current directory
     assert all(f"out/{f}" in demo.stdout for f in files), demo.stdout
