@@ -69,6 +69,7 @@ class LiteRTReport:
     size_bytes: int
     ops: dict  # LiteRT op type -> count
     residue: dict  # BatchNorm name -> {op type: count} it left in the file
+    delegate_partitions: int  # pieces XNNPACK runs the graph in (1: all of it)
     fold: keras_bn.FoldReport | None
     rows: list = dataclasses.field(default_factory=list)  # LiteRTRow, float32
     agreement: dict = dataclasses.field(default_factory=dict)  # output -> Agreement, reduced
@@ -87,6 +88,7 @@ class LiteRTReport:
             "size_bytes": self.size_bytes,
             "ops": self.ops,
             "batchnorm_residue": self.residue,
+            "delegate_partitions": self.delegate_partitions,
             "fold": self.fold.to_dict() if self.fold else None,
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "agreement": {k: v.to_dict() for k, v in self.agreement.items()},
@@ -99,7 +101,7 @@ class LiteRTReport:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items()))
         lines = [
             f"wrote {self.path} ({self.precision}, {self.size_bytes / 1024:.1f} KiB)",
-            f"LiteRT ops: {ops}",
+            f"LiteRT ops: {ops}; XNNPACK partitions: {self.delegate_partitions}",
             "BatchNorm residue: "
             + (
                 "; ".join(
@@ -434,12 +436,15 @@ def to_litert(
     with atomic_output(path, ".tflite") as handle:
         handle.write(content)
     names = [bn.path for bn in walk(model) if isinstance(bn.layer, BATCHNORM_TYPES)]
+    interpreter = interpreter_for(content)
+    interpreter.allocate_tensors()
     return LiteRTReport(
         path=str(path),
         precision=precision,
         size_bytes=len(content),
         ops=dict(collections.Counter(kind for kind, _ in op_details(content))),
         residue=batchnorm_residue(op_details(content), names),
+        delegate_partitions=internals.litert_delegate_partitions(interpreter),
         fold=fold_report,
         rows=rows,
         agreement=agreements,

@@ -155,3 +155,11 @@ def require_tensorflow(what: str, command: str) -> None:
             f"Run it there: `KERAS_BACKEND=tensorflow {command}`.",
         )
     )
+
+
+def litert_delegate_partitions(interpreter) -> int:
+    """How many partitions of the graph a LiteRT interpreter handed to its default delegate
+    (XNNPACK on CPU), after `allocate_tensors`: each is one DELEGATE node. A graph the delegate
+    takes whole is one partition; ops it cannot run split it. Private: `ai_edge_litert`'s
+    interpreter has no public call that lists its nodes after delegation."""
+    return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())

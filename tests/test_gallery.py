@@ -200,10 +200,48 @@ def test_command_line_never_exits_70(entry, model, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted([*before, "folded.keras", "model.onnx"])
 
 
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_litert_export(entry, model, precision, tmp_path):
+    samples = entry.samples(BATCH[entry.name])
+    calibration = entry.samples(BATCH[entry.name], seed=1) if precision == "int8" else None
+    path = tmp_path / f"{entry.name}.tflite"
+    start = time.perf_counter()
+    try:
+        report = export.to_litert(
+            model, path, samples=samples, precision=precision, calibration=calibration
+        )
+    except keras_bn.VerificationError as error:
+        # int8 may be refused, with the measure that failed, and nothing is written.
+        assert precision != "float32", str(error)
+        assert "agreement" in str(error) or "cosine" in str(error)
+        assert not path.exists()
+        _document(
+            entry.name, **{"LiteRT int8": "refused: " + str(error).split("Received: ")[1][:8]}
+        )
+        return
+    seconds = time.perf_counter() - start
+    assert path.exists() and path.stat().st_size == report.size_bytes
+    # The ops a BatchNorm leaves are exactly those of the BatchNorms the fold could only turn
+    # into a multiply-add (SpliceAI's pre-activation residual ones); folded ones leave none.
+    affine = {r.name for r in report.fold.rows if r.action is keras_bn.fold.Action.AFFINE}
+    assert set(report.residue) == affine, (report.residue, affine)
+    if precision == "float32":
+        assert report.passed
+        _document(entry.name, **{"LiteRT BatchNorm residue": str(len(report.residue))})
+    else:
+        agreement = next(iter(report.agreement.values()))
+        assert agreement.cosine >= 0.99 and (agreement.top1 is None or agreement.top1 >= 0.98)
+        _document(entry.name, **{"LiteRT int8": f"cosine {agreement.cosine:.6f} ({seconds:.0f} s)"})
+
+
 COLUMNS = ["model", "BatchNorms", "folded", "affine", "fold error (rel.)",
-           "ONNX nodes unfolded -> folded", "Mul left", "float16", "int8"]  # fmt: skip
+           "ONNX nodes unfolded -> folded", "Mul left", "float16", "int8",
+           "LiteRT BatchNorm residue", "LiteRT int8"]  # fmt: skip
 # Columns that do not depend on the machine; the others are rewritten, not checked.
-STRUCTURAL = {"BatchNorms", "folded", "affine", "ONNX nodes unfolded -> folded", "Mul left"}
+STRUCTURAL = {
+    "BatchNorms", "folded", "affine", "ONNX nodes unfolded -> folded", "Mul left",
+    "LiteRT BatchNorm residue",
+}  # fmt: skip
 DOCS_PATH = os.path.join(DOCS, "gallery.md")
 
 

@@ -133,3 +133,22 @@ def test_torch_all_reduce_sum_has_a_gradient(tmp_path):
     assert y.tolist() == [3.0, 6.0] and x.grad.tolist() == [3.0, 30.0], _fail(
         "torch_all_reduce_sum"
     )
+
+
+def test_litert_delegate_partitions(tmp_path):
+    # A real LiteRT file: XNNPACK takes the whole graph (1), and an interpreter without default
+    # delegates has none (0).
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu")])
+    path = str(tmp_path / "m.tflite")
+    model.export(path, format="litert", verbose=False)
+    with_delegate = Interpreter(model_path=path)
+    with_delegate.allocate_tensors()
+    assert internals.litert_delegate_partitions(with_delegate) == 1
+    plain = Interpreter(
+        model_path=path,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    plain.allocate_tensors()
+    assert internals.litert_delegate_partitions(plain) == 0

@@ -42,6 +42,12 @@ def keras_litert_ops(model, tmp_path):
     return collections.Counter(kind for kind, _ in litert.op_details(path.read_bytes()))
 
 
+def xnnpack_partitions(content):
+    interpreter = Interpreter(model_content=content)
+    interpreter.allocate_tensors()
+    return keras_bn._keras_internals.litert_delegate_partitions(interpreter)
+
+
 def test_the_unfolded_layer_converts_as_plainly_as_keras_own(tmp_path):
     # Channels-last images: the same ops as Keras's layer, the BatchNorm after the plain conv
     # fused into it, the one after the ReLU a MUL and an ADD, and no run-time shape ops.
@@ -58,6 +64,10 @@ def test_the_unfolded_layer_converts_as_plainly_as_keras_own(tmp_path):
     assert ours - theirs == collections.Counter(SUB=1, MUL=1, ADD=1), (ours, theirs)
     report = export.to_litert(three_batchnorms(keras_bn.BatchNorm), tmp_path / "folded.tflite")
     assert report.residue == {} and not {"SUB", "MUL"} & set(report.ops), report.ops
+    # XNNPACK takes each graph whole: one partition (the old layer's shape ops split it in four).
+    unfolded = tmp_path / "unfolded.tflite"
+    three_batchnorms(keras_bn.BatchNorm).export(str(unfolded), format="litert", verbose=False)
+    assert report.delegate_partitions == xnnpack_partitions(unfolded.read_bytes()) == 1
     # Raw tf2onnx: no more nodes for our layer than for Keras's.
     counts = {}
     for name, bn in (("ours", keras_bn.BatchNorm), ("keras", L.BatchNormalization)):
@@ -80,21 +90,21 @@ def interpreter_outputs(path, x):
     return runner(**{name: x})["output_0"]
 
 
-PATTERN_NAMES = [
-    "dense",
-    "depthwise2d",
-    "conv2d_transpose",
-    "conv1d",
-    "separable2d",
-    "keras_bn_layer",
-    "bn_then_valid_conv",
-    "residual",
-]
+def through_relu():
+    """Conv(relu) -> BN -> Flatten -> Dense: the scale folds through the ReLU, the shift into the
+    Dense."""
+    inputs = keras.Input((8, 8, 3), name="features")
+    x = L.BatchNormalization()(L.Conv2D(4, 3, activation="relu")(inputs))
+    return randomize_bn(keras.Model(inputs, L.Dense(2)(L.Flatten()(x))))
 
 
-@pytest.mark.parametrize("name", PATTERN_NAMES)
+# The fold table's patterns (tests/test_export.py), and folding through an activation.
+LITERT_PATTERNS = {**PATTERNS, "through_relu": through_relu}
+
+
+@pytest.mark.parametrize("name", list(LITERT_PATTERNS))
 def test_float32_verifies_with_no_batchnorm_residue(name, tmp_path, rng):
-    model = PATTERNS[name]()
+    model = LITERT_PATTERNS[name]()
     path = tmp_path / f"{name}.tflite"
     report = export.to_litert(model, path)
     assert report.passed and len(report.rows) == 2  # synthetic batch 4 and batch 1
