@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -212,8 +213,11 @@ def convert(model, precision="float32", calibration=None, int8_io=False) -> byte
         options["representative_dataset"] = _representative(model, calibration)
         if int8_io:
             options.update(inference_input_type=tf.int8, inference_output_type=tf.int8)
+    # TensorFlow's SavedModel writer logs "Assets written to: <a temporary folder>" at INFO.
+    tf_logger, level = logging.getLogger("tensorflow"), logging.getLogger("tensorflow").level
     with tempfile.TemporaryDirectory(prefix="keras-bn-litert-") as folder:
         path = os.path.join(folder, "model.tflite")
+        tf_logger.setLevel(logging.WARNING)
         try:
             model.export(path, format="litert", verbose=False, **options)
         except Exception as error:  # the converter's refusal: an op LiteRT's builtins lack
@@ -226,6 +230,8 @@ def convert(model, precision="float32", calibration=None, int8_io=False) -> byte
                     "Nothing was written.",
                 )
             ) from None
+        finally:
+            tf_logger.setLevel(level)
         with open(path, "rb") as f:
             return f.read()
 

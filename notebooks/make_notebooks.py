@@ -290,6 +290,17 @@ int8_report = export.to_onnx(model, os.path.join(out, "digits.int8.onnx"), sampl
 print(int8_report.quantization)
 int8 = ort.InferenceSession(os.path.join(out, "digits.int8.onnx"), providers=["CPUExecutionProvider"])
 latency["onnxruntime, folded, int8"] = median_ms(lambda: int8.run(None, {name: batch}))
+# The same model for phones and microcontrollers: LiteRT (.tflite), folded, verified in the LiteRT
+# interpreter before it was written, with no op left by a BatchNorm.
+litert_report = export.to_litert(model, os.path.join(out, "digits.tflite"), samples=x_test)
+print(litert_report)
+assert litert_report.residue == {} and litert_report.passed
+from ai_edge_litert.interpreter import Interpreter
+runner = Interpreter(model_path=os.path.join(out, "digits.tflite")).get_signature_runner()
+(litert_input,) = runner.get_input_details()
+latency["LiteRT interpreter, folded"] = median_ms(lambda: runner(**{litert_input: batch}))
+for path in ("digits.onnx", "digits.int8.onnx", "digits.tflite"):
+    print(f"{path:<18} {os.path.getsize(os.path.join(out, path)) / 1024:6.1f} KiB")
 for k, v in latency.items():
     print(f"{k:<22} {v:6.2f} ms (median, batch 64)")
 np.testing.assert_array_equal(np.argmax(session.run(None, {name: x_test})[0], 1),

@@ -196,6 +196,17 @@ def test_refusals_write_nothing(digits, tmp_path):
         export.to_litert(model, tmp_path / "q.tflite", precision="int4")
     with pytest.raises(keras_bn.KerasBNError, match=r"\.tflite"):
         export.to_litert(model, tmp_path / "q.onnx")
+
+    class Determinant(L.Layer):  # an op LiteRT's builtins lack
+        def call(self, x):
+            return tf.linalg.det(x)
+
+    inputs = keras.Input((3, 3))
+    with pytest.raises(
+        keras_bn.KerasBNError,
+        match=r"cannot convert this model with LiteRT's builtin ops.*MatrixDeterminant",
+    ):
+        export.to_litert(keras.Model(inputs, Determinant()(inputs)), tmp_path / "det.tflite")
     assert sorted(os.listdir(tmp_path)) == before
 
 
