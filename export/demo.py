@@ -231,9 +231,9 @@ def _compare(models, onnx_path, litert_path, x_test, y_test):
     logits = {name: m.predict(x_test, verbose=0) for name, m in models.items()}
     logits["ONNX (onnxruntime)"] = session.run(None, {input_name: x_test})[0]
     with open(litert_path, "rb") as f:
-        runner = litert.interpreter_for(f.read()).get_signature_runner()
-    (litert_input,) = runner.get_input_details()
-    logits["LiteRT (interpreter)"] = runner(**{litert_input: x_test})["output_0"]
+        interpreter = litert.interpreter_for(f.read())
+    source = models["recalibrated Keras"]  # the model the file was made from
+    logits["LiteRT (interpreter)"] = litert.run(interpreter, source, [x_test])[0]
     accuracy = {k: float(np.mean(np.argmax(v, 1) == y_test)) for k, v in logits.items()}
     # Everything after recalibration is compared with the recalibrated model it came from.
     deployed = {k: v for k, v in logits.items() if k != "trained Keras"}
@@ -251,7 +251,9 @@ def _compare(models, onnx_path, litert_path, x_test, y_test):
     latency["ONNX (onnxruntime)"] = _median_latency(
         lambda: session.run(None, {input_name: x_test[:64]})
     )
-    latency["LiteRT (interpreter)"] = _median_latency(lambda: runner(**{litert_input: x_test[:64]}))
+    latency["LiteRT (interpreter)"] = _median_latency(
+        lambda: litert.run(interpreter, source, [x_test[:64]])
+    )
     return {"accuracy": accuracy, "identical": identical, "max_err": max_err, "latency": latency}
 
 

@@ -258,10 +258,11 @@ def interpreter_for(content: bytes, num_threads: int = 1):
         ) from None
 
 
-def run(content, model, arrays, num_threads=1):
-    """The file's outputs on `arrays` (one per model input), in the model's output order,
-    quantizing inputs and dequantizing outputs of an int8-I/O file."""
-    runner = interpreter_for(content, num_threads).get_signature_runner()
+def run(interpreter, model, arrays):
+    """The outputs of the file `interpreter` holds on `arrays` (one per input of `model`, the
+    Keras model it came from), in the model's output order, quantizing inputs and dequantizing
+    outputs of an int8-I/O file."""
+    runner = interpreter.get_signature_runner()
     details = runner.get_input_details()
     names = [t.name for t in model.inputs]
     keys = names if set(names) == set(details) else list(details)
@@ -289,7 +290,7 @@ def _dequantize(array, detail):
     return (np.asarray(array, np.float32) - zero) * scale
 
 
-def _verify_float32(content, model, references, tolerance):
+def _verify_float32(interpreter, model, references, tolerance):
     rows = []
     names = output_names(model)
     for label, arrays, expected_outputs in references:
@@ -297,7 +298,7 @@ def _verify_float32(content, model, references, tolerance):
         if label == "synthetic":  # the dynamic batch dimension: the first sample alone
             batches.append((1, [a[:1] for a in arrays], [y[:1] for y in expected_outputs]))
         for batch, inputs, wanted in batches:
-            for name, want, got in zip(names, wanted, run(content, model, inputs)):
+            for name, want, got in zip(names, wanted, run(interpreter, model, inputs)):
                 c = compare(want, got)
                 rows.append(
                     LiteRTRow(
@@ -312,7 +313,7 @@ def _verify_float32(content, model, references, tolerance):
     return rows
 
 
-def _verify_reduced(content, model, references, precision, labels, min_agreement, min_cosine):
+def _verify_reduced(interpreter, model, references, precision, labels, min_agreement, min_cosine):
     label, arrays, wanted = references[-1]  # the samples, else the calibration data
     bounds = {**BOUNDS[precision]}
     if min_agreement is not None:
@@ -320,7 +321,7 @@ def _verify_reduced(content, model, references, precision, labels, min_agreement
     if min_cosine is not None:
         bounds["min_cosine"] = min_cosine
     found = {}
-    for name, want, got in zip(output_names(model), wanted, run(content, model, arrays)):
+    for name, want, got in zip(output_names(model), wanted, run(interpreter, model, arrays)):
         a = agreement(want, got, labels if label == "samples" else None)
         found[name] = a
         for measured, bound, what in (
@@ -420,9 +421,10 @@ def to_litert(
     content = convert(exported, precision, calibration, int8_io)
     timings["convert"], start = time.perf_counter() - start, time.perf_counter()
     references = onnx_verify.keras_references(model, input_sets)
+    interpreter = interpreter_for(content)
     rows, agreements = [], {}
     if precision == "float32":
-        rows = _verify_float32(content, model, references, tolerance)
+        rows = _verify_float32(interpreter, model, references, tolerance)
         failed = [r for r in rows if not r.passed]
         if failed:
             worst = max(failed, key=lambda r: r.max_rel_error)
@@ -436,20 +438,19 @@ def to_litert(
             )
     else:
         agreements = _verify_reduced(
-            content, model, references, precision, labels, min_agreement, min_cosine
+            interpreter, model, references, precision, labels, min_agreement, min_cosine
         )
     timings["verify"] = time.perf_counter() - start
     with atomic_output(path, ".tflite") as handle:
         handle.write(content)
     names = [bn.path for bn in walk(model) if isinstance(bn.layer, BATCHNORM_TYPES)]
-    interpreter = interpreter_for(content)
-    interpreter.allocate_tensors()
+    details = op_details(content)
     return LiteRTReport(
         path=str(path),
         precision=precision,
         size_bytes=len(content),
-        ops=dict(collections.Counter(kind for kind, _ in op_details(content))),
-        residue=batchnorm_residue(op_details(content), names),
+        ops=dict(collections.Counter(kind for kind, _ in details)),
+        residue=batchnorm_residue(details, names),
         delegate_partitions=internals.litert_delegate_partitions(interpreter),
         fold=fold_report,
         rows=rows,
