@@ -124,24 +124,31 @@ def test_synthetic_inputs_take_a_length_the_model_accepts(entry, model):
     assert keras_bn.verification.input_shapes(model) == expected[entry.name]
 
 
-@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
-def test_onnx_export(entry, model, precision, tmp_path):
+def exported_or_refused(to_file, entry, model, precision, path, column):
+    """`(report, seconds)` of `to_file` (`export.to_onnx` or `export.to_litert`) on the entry's
+    samples, or None when a reduced-precision file is refused: then with the measure that
+    failed, nothing written, and the measured value documented in `column`."""
     samples = entry.samples(BATCH[entry.name])
     calibration = entry.samples(BATCH[entry.name], seed=1) if precision == "int8" else None
-    path = tmp_path / f"{entry.name}.onnx"
     start = time.perf_counter()
     try:
-        report = export.to_onnx(
-            model, path, samples=samples, precision=precision, calibration=calibration
-        )
+        report = to_file(model, path, samples=samples, precision=precision, calibration=calibration)
     except keras_bn.VerificationError as error:
-        # A reduced-precision graph may be refused, with the measure that failed, never written.
         assert precision != "float32", str(error)
         assert "agreement" in str(error) or "cosine" in str(error)
         assert not path.exists()
-        _document(entry.name, **{precision: "refused: " + str(error).split("Received: ")[1][:8]})
+        _document(entry.name, **{column: "refused: " + str(error).split("Received: ")[1][:8]})
+        return None
+    return report, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+def test_onnx_export(entry, model, precision, tmp_path):
+    path = tmp_path / f"{entry.name}.onnx"
+    done = exported_or_refused(export.to_onnx, entry, model, precision, path, precision)
+    if done is None:
         return
-    seconds = time.perf_counter() - start
+    report, seconds = done
     assert report.verification.passed and path.exists()
     assert "BatchNormalization" not in report.op_counts
     if precision == "float32":
@@ -202,24 +209,11 @@ def test_command_line_never_exits_70(entry, model, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_litert_export(entry, model, precision, tmp_path):
-    samples = entry.samples(BATCH[entry.name])
-    calibration = entry.samples(BATCH[entry.name], seed=1) if precision == "int8" else None
     path = tmp_path / f"{entry.name}.tflite"
-    start = time.perf_counter()
-    try:
-        report = export.to_litert(
-            model, path, samples=samples, precision=precision, calibration=calibration
-        )
-    except keras_bn.VerificationError as error:
-        # int8 may be refused, with the measure that failed, and nothing is written.
-        assert precision != "float32", str(error)
-        assert "agreement" in str(error) or "cosine" in str(error)
-        assert not path.exists()
-        _document(
-            entry.name, **{"LiteRT int8": "refused: " + str(error).split("Received: ")[1][:8]}
-        )
+    done = exported_or_refused(export.to_litert, entry, model, precision, path, "LiteRT int8")
+    if done is None:
         return
-    seconds = time.perf_counter() - start
+    report, seconds = done
     assert path.exists() and path.stat().st_size == report.size_bytes
     # The ops a BatchNorm leaves are exactly those of the BatchNorms the fold could only turn
     # into a multiply-add (SpliceAI's pre-activation residual ones); folded ones leave none.
