@@ -100,6 +100,19 @@ def set_keras_mask(tensor, mask):
     return tensor
 
 
+def masks_kept_per_thread() -> bool:
+    """Whether Keras keeps some tensors' masks where a second Python thread can corrupt them.
+
+    A JAX tracer takes no attributes, so Keras stores its mask in a dict keyed by `id(tensor)`
+    in its *thread-local* global state, and registers a finalizer that deletes the entry when
+    the tracer dies. The finalizer looks in the dict of whichever thread runs it: when Python's
+    garbage collector happens to run on another thread (any thread that allocates), the entry
+    stays in the first thread's dict, and a later tracer that gets the same id inherits that
+    mask (a `Concatenate` then fails with shapes from another model). Work we would put on a
+    second thread runs on the calling thread instead on this backend."""
+    return keras.backend.backend() == "jax"
+
+
 def traced_by_jax(x) -> bool:
     """True while jax.jit (or jax.grad) traces `x`. Keras has no public test for a tracer."""
     import jax

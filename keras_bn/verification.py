@@ -537,7 +537,17 @@ def model_failure(model, where: str, inputs, error) -> KerasBNError:
 def in_background(fn):
     """Starts `fn` on a second thread, under the caller's TF device scope, and yields its future;
     leaving the block waits for it. For Keras reference outputs computed while the calling
-    thread folds or converts (TF runs its kernels without the GIL)."""
+    thread folds or converts (TF runs its kernels without the GIL). Where a second thread could
+    corrupt Keras's masks (`_keras_internals.masks_kept_per_thread`), `fn` runs on the calling
+    thread when the block is left, its result or exception in the future as before."""
+    if internals.masks_kept_per_thread():
+        pending = concurrent.futures.Future()
+        yield pending
+        try:
+            pending.set_result(fn())
+        except Exception as error:  # handed to the caller through pending.result(), as a thread does
+            pending.set_exception(error)
+        return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
         yield pool.submit(on_callers_device(fn))
 

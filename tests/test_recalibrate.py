@@ -3,9 +3,11 @@
 Runs on every Keras backend (tests/test_backends.py runs it on JAX and PyTorch); the
 tf.distribute test is TensorFlow's."""
 
+import gc
 import json
 import subprocess
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -566,3 +568,76 @@ def test_subclassed_models_are_refused_naming_the_caller(caller, subclassed_mode
         getattr(keras_bn, caller)(model, x)
     for w, b in zip(model.get_weights(), before):
         np.testing.assert_array_equal(w, b)
+
+
+jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX tracers only")
+
+
+@jax_only
+def test_keras_loses_a_jax_tracers_mask_entry_when_another_thread_collects_it():
+    # Why keras_bn keeps its work on the calling thread on JAX (the test below). A tracer takes
+    # no attributes, so Keras keeps its mask in a thread-local dict keyed by id(tracer), removed
+    # by a finalizer that looks in the collecting thread's dict. If this stops failing to remove
+    # the entry, Keras has fixed it and the second thread may come back on JAX.
+    import jax
+    import jax.numpy as jnp
+    from keras.src.backend.common import global_state  # where Keras keeps the dict
+
+    class Cycle:  # garbage only the collector frees, on whichever thread runs it
+        pass
+
+    def leave_a_masked_tracer(x):
+        cycle = Cycle()
+        cycle.me, cycle.tracer = cycle, x * 2.0
+        keras_bn._keras_internals.set_keras_mask(cycle.tracer, jnp.ones((6, 6), bool))
+        keys.append(id(cycle.tracer))
+        return x
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for collect_on_another_thread, stale in ((True, True), (False, False)):
+            keys = []
+            jax.jit(lambda x: leave_a_masked_tracer(x))(jnp.ones((6, 6)))  # a new trace
+            masks = global_state.get_global_attribute("_keras_mask_dict")
+            assert keys[0] in masks  # the tracer is garbage, not yet collected
+            if collect_on_another_thread:
+                worker = threading.Thread(target=gc.collect)
+                worker.start()
+                worker.join()
+            else:
+                gc.collect()
+            assert (keys[0] in masks) is stale
+            masks.pop(keys[0], None)  # leave no stale entry to the tests after this one
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_work_moves_to_a_second_thread_only_where_keras_keeps_masks_safely(data):
+    # recalibrate copies the model, and fold_bn runs the original model, on a second thread
+    # while the calling thread works (TensorFlow and PyTorch run kernels without the GIL). On
+    # JAX, garbage collected on that thread would leave stale masks (the test above), and a
+    # Concatenate fed a tracer with a reused id then failed with another model's mask shape:
+    # both stay on the calling thread there.
+    copied_on, called_on = [], set()
+
+    class Recording(L.Layer):
+        @classmethod
+        def from_config(cls, config):
+            copied_on.append(threading.get_ident())
+            return super().from_config(config)
+
+        def call(self, x):
+            called_on.add(threading.get_ident())
+            return x
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, L.BatchNormalization()(Recording()(L.Conv2D(4, 3)(inputs))))
+    keras_bn.recalibrate(model, data[:20], verbose=0)
+    me, jax = threading.get_ident(), keras.backend.backend() == "jax"
+    assert len(copied_on) == 1 and (copied_on[0] == me) is jax
+    called_on.clear()
+    keras_bn.fold_bn(model)
+    assert me in called_on  # the folded model's check
+    assert (called_on == {me}) is jax  # the original model's outputs: elsewhere, but on JAX
