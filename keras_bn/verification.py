@@ -545,7 +545,7 @@ def in_background(fn):
         yield pending
         try:
             pending.set_result(fn())
-        except Exception as error:  # handed to the caller through pending.result(), as a thread does
+        except Exception as error:  # to the caller through pending.result(), as from a thread
             pending.set_exception(error)
         return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keras-bn-reference") as pool:
