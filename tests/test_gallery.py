@@ -142,8 +142,17 @@ def exported_or_refused(to_file, entry, model, precision, path, column):
     return report, time.perf_counter() - start
 
 
+def skip_spliceai_reduced_precision(entry, precision):
+    """SpliceAI's float16 and int8 exports take about 45 s of CI's 12 minutes, on paths fer and
+    MMSplice also take. The gallery's own run (KERAS_BN_UPDATE_GALLERY=1) includes them."""
+    if entry.name == "spliceai" and precision != "float32":
+        if not os.environ.get("KERAS_BN_UPDATE_GALLERY"):
+            pytest.skip("SpliceAI's reduced precisions run with KERAS_BN_UPDATE_GALLERY=1")
+
+
 @pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
 def test_onnx_export(entry, model, precision, tmp_path):
+    skip_spliceai_reduced_precision(entry, precision)
     path = tmp_path / f"{entry.name}.onnx"
     done = exported_or_refused(export.to_onnx, entry, model, precision, path, precision)
     if done is None:
@@ -209,6 +218,7 @@ def test_command_line_never_exits_70(entry, model, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_litert_export(entry, model, precision, tmp_path):
+    skip_spliceai_reduced_precision(entry, precision)
     path = tmp_path / f"{entry.name}.tflite"
     done = exported_or_refused(export.to_litert, entry, model, precision, path, "LiteRT int8")
     if done is None:
