@@ -25,6 +25,7 @@ from keras_bn.conventions import keras_momentum_to_torch, torch_momentum_to_kera
 from keras_bn.diagnosis import DiagnosisReport, diagnose
 from keras_bn.errors import MissingExtraError, SkippedUpdateWarning, VerificationError
 from keras_bn.fold import FoldReport, fold_bn
+from keras_bn.interop import InteropReport, from_torch_state_dict, to_torch_state_dict
 from keras_bn.layer import BatchNorm
 from keras_bn.recalibration import RecalibrationReport, recalibrate
 
@@ -35,6 +36,9 @@ __all__ = [
     "ChannelAffine",
     "FoldReport",
     "fold_bn",
+    "from_torch_state_dict",
+    "to_torch_state_dict",
+    "InteropReport",
     "KerasBNError",
     "MissingExtraError",
     "SkippedUpdateWarning",

@@ -34,6 +34,7 @@ EXTRAS = {
     "onnx": ("tensorflow", "tf2onnx", "onnx", "onnxruntime"),
     "demo": ("tensorflow", "tf2onnx", "onnx", "onnxruntime", "ai_edge_litert", "sklearn"),
     "litert": ("tensorflow", "ai_edge_litert"),
+    "torch": ("torch",),
 }
 
 

@@ -121,6 +121,10 @@ class BatchNorm(keras.layers.Layer):
             the batch global already). If False, each replica uses its own share of the batch,
             on JAX too (each device's slice; the moving statistics average the devices'
             updates, as tf.distribute's do). Without distribution it has no effect.
+        count_batches: If True, training batches are counted in the non-trainable weight
+            `num_batches_tracked` with any momentum, as PyTorch's layers count them (its
+            state dicts carry the count). With `momentum=None` the count is kept anyway: the
+            cumulative average needs it.
         beta_initializer: As in `keras.layers.BatchNormalization`.
         gamma_initializer: As in `keras.layers.BatchNormalization`.
         moving_mean_initializer: As in `keras.layers.BatchNormalization`.
@@ -177,6 +181,7 @@ class BatchNorm(keras.layers.Layer):
         scale: bool = True,
         unbiased_variance: bool = False,
         synchronized: bool = False,
+        count_batches: bool = False,
         beta_initializer="zeros",
         gamma_initializer="ones",
         moving_mean_initializer="zeros",
@@ -214,6 +219,7 @@ class BatchNorm(keras.layers.Layer):
             ("scale", scale),
             ("unbiased_variance", unbiased_variance),
             ("synchronized", synchronized),
+            ("count_batches", count_batches),
         ):
             if not isinstance(flag, bool):
                 raise KerasBNError(
@@ -223,6 +229,7 @@ class BatchNorm(keras.layers.Layer):
         self.scale = scale
         self.unbiased_variance = unbiased_variance
         self.synchronized = synchronized
+        self.count_batches = count_batches
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -251,7 +258,8 @@ class BatchNorm(keras.layers.Layer):
 
         `momentum` is PyTorch's (weight of the NEW batch value), converted to Keras's
         `1 - momentum`; `None` keeps the cumulative average. The moving variance is unbiased, as
-        PyTorch's running_var. `affine=False` gives no gamma and no beta. Other keyword arguments
+        PyTorch's running_var, and training batches are counted in `num_batches_tracked` as
+        PyTorch counts them. `affine=False` gives no gamma and no beta. Other keyword arguments
         (`axis`, `name`, ...) go to the constructor; note that PyTorch's channel axis is 1 while
         Keras data is usually channels-last (axis=-1, the default here).
         """
@@ -263,6 +271,7 @@ class BatchNorm(keras.layers.Layer):
             center=affine,
             scale=affine,
             unbiased_variance=True,
+            count_batches=True,
             **kwargs,
         )
 
@@ -299,7 +308,7 @@ class BatchNorm(keras.layers.Layer):
     def _add_weights(self, shape):
         """Weights in Keras's order (gamma, beta, moving_mean, moving_variance), so that
         get_weights()/set_weights() interchange with keras.layers.BatchNormalization; then
-        `num_batches_tracked` for momentum=None, and the skip counter, which is no weight."""
+        `num_batches_tracked` for momentum=None or count_batches=True, and the skip counter, which is no weight."""
         for name, used in (("gamma", self.scale), ("beta", self.center)):
             if used:
                 weight = self.add_weight(
@@ -324,7 +333,7 @@ class BatchNorm(keras.layers.Layer):
                 aggregation="mean",
             )
             setattr(self, name, weight)
-        if self.momentum is None:
+        if self.momentum is None or self.count_batches:
             self.num_batches_tracked = self.add_weight(
                 shape=(),
                 name="num_batches_tracked",
@@ -384,7 +393,7 @@ class BatchNorm(keras.layers.Layer):
         )
         self.moving_mean.assign(ops.cast(update.mean, self.moving_mean.dtype))
         self.moving_variance.assign(ops.cast(update.variance, self.moving_variance.dtype))
-        if self.momentum is None:
+        if self.num_batches_tracked is not None:
             tracked = self.num_batches_tracked
             tracked.assign(tracked + ops.cast(ops.any(update.updated), tracked.dtype))
         if update.skipped is not False:
@@ -414,6 +423,7 @@ class BatchNorm(keras.layers.Layer):
             "scale": self.scale,
             "unbiased_variance": self.unbiased_variance,
             "synchronized": self.synchronized,
+            "count_batches": self.count_batches,
             "beta_initializer": initializers.serialize(self.beta_initializer),
             "gamma_initializer": initializers.serialize(self.gamma_initializer),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),

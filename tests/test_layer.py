@@ -239,7 +239,14 @@ def test_conventions_convert():
     bn = BatchNorm.from_torch(momentum=0.1, eps=1e-5, affine=False)
     assert bn.momentum == pytest.approx(0.9) and bn.epsilon == 1e-5 and bn.unbiased_variance
     bn.build((None, 4))
-    assert [w.name for w in bn.weights] == ["moving_mean", "moving_variance"]
+    # PyTorch counts training batches whatever its momentum; a layer built from_torch does too.
+    assert bn.count_batches
+    assert [w.name for w in bn.weights] == ["moving_mean", "moving_variance", "num_batches_tracked"]
+    bn(np.ones((3, 4), "float32"), training=True)
+    assert int(bn.num_batches_tracked.numpy()) == 1
+    plain = BatchNorm(momentum=0.9)
+    plain.build((None, 4))
+    assert [w.name for w in plain.weights][-1] == "moving_variance"  # Keras's four weights
     with pytest.raises(ValueError, match=r"Expected: a number in \[0, 1\].*Received: momentum=1.5"):
         keras_bn.torch_momentum_to_keras(1.5)
 
