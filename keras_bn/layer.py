@@ -14,7 +14,7 @@ import keras
 from keras import constraints, initializers, ops, regularizers
 
 from keras_bn import _keras_internals as internals
-from keras_bn import _stats
+from keras_bn import _stats, _variants
 from keras_bn.conventions import (
     KERAS_EPSILON,
     KERAS_MOMENTUM,
@@ -125,6 +125,20 @@ class BatchNorm(keras.layers.Layer):
             `num_batches_tracked` with any momentum, as PyTorch's layers count them (its
             state dicts carry the count). With `momentum=None` the count is kept anyway: the
             cumulative average needs it.
+        renorm: If True, batch renormalization (Ioffe, 2017) with Keras 3's arithmetic: in
+            training the batch-normalized values are corrected by `r` and `d` against moving
+            `renorm_mean`/`renorm_stddev` (see `keras_bn._variants`); the moving variance is
+            derived from a moving standard deviation, `max(moving_stddev**2 - epsilon, 0)`, as
+            Keras does. Inference is unchanged.
+        renorm_clipping: With `renorm`, optional bounds {"rmin", "rmax", "dmax"}: `r` is clipped
+            to [rmin, rmax] and `d` to [-dmax, dmax].
+        renorm_momentum: With `renorm`, the momentum (Keras's, weight of the old value) of
+            `renorm_mean` and `renorm_stddev`.
+        virtual_batch_size: Rows per ghost batch (tf-keras's ghost batch normalization): in
+            training each batch is split into ghost batches, each normalized with its own
+            statistics (ghost batch g holds rows g, g + G, g + 2G, ... of G ghost batches);
+            the moving statistics take one update per batch, from the ghost batches' average.
+            The batch size must be a multiple of it. Inference is unchanged.
         beta_initializer: As in `keras.layers.BatchNormalization`.
         gamma_initializer: As in `keras.layers.BatchNormalization`.
         moving_mean_initializer: As in `keras.layers.BatchNormalization`.
@@ -182,6 +196,10 @@ class BatchNorm(keras.layers.Layer):
         unbiased_variance: bool = False,
         synchronized: bool = False,
         count_batches: bool = False,
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
         beta_initializer="zeros",
         gamma_initializer="ones",
         moving_mean_initializer="zeros",
@@ -230,6 +248,11 @@ class BatchNorm(keras.layers.Layer):
         self.unbiased_variance = unbiased_variance
         self.synchronized = synchronized
         self.count_batches = count_batches
+        self._check_variants(renorm, renorm_clipping, renorm_momentum, virtual_batch_size)
+        self.renorm = renorm
+        self.renorm_clipping = dict(renorm_clipping) if renorm_clipping else None
+        self.renorm_momentum = float(renorm_momentum)
+        self.virtual_batch_size = virtual_batch_size
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -244,7 +267,71 @@ class BatchNorm(keras.layers.Layer):
         self.moving_mean = None
         self.moving_variance = None
         self.num_batches_tracked = None
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
         self._skipped = None
+
+    def _check_variants(self, renorm, clipping, renorm_momentum, virtual_batch_size):
+        """Validates the batch-renormalization and ghost-batch arguments (in __init__, which also
+        reads configs from model files)."""
+        if not isinstance(renorm, bool):
+            raise KerasBNError(expected("Invalid `renorm`", "True or False", f"renorm={renorm!r}"))
+        check_momentum(renorm_momentum, "renorm_momentum")
+        if renorm_momentum is None:
+            raise KerasBNError(
+                expected("Invalid `renorm_momentum`", "a number in [0, 1]", "renorm_momentum=None")
+            )
+        if clipping is not None:
+            if not isinstance(clipping, dict) or set(clipping) - {"rmin", "rmax", "dmax"}:
+                raise KerasBNError(
+                    expected(
+                        "Invalid `renorm_clipping`",
+                        'a dict with keys among "rmin", "rmax", "dmax"',
+                        f"renorm_clipping={clipping!r}",
+                    )
+                )
+            rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+            if rmin is not None and rmax is not None and rmax < rmin:
+                raise KerasBNError(
+                    expected("Invalid `renorm_clipping`", "rmax >= rmin", f"{clipping!r}")
+                )
+            if dmax is not None and dmax < 0:
+                raise KerasBNError(
+                    expected("Invalid `renorm_clipping`", "dmax >= 0", f"{clipping!r}")
+                )
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size < 1
+        ):
+            raise KerasBNError(
+                expected(
+                    "Invalid `virtual_batch_size`",
+                    "a positive integer (rows per ghost batch), or None",
+                    f"virtual_batch_size={virtual_batch_size!r}",
+                )
+            )
+        if renorm and virtual_batch_size is not None:
+            raise KerasBNError(
+                expected(
+                    "renorm and virtual_batch_size",
+                    "one of them (keras_bn does not combine them)",
+                    "both",
+                )
+            )
+        variant = "renorm=True" if renorm else None
+        if virtual_batch_size is not None:
+            variant = "virtual_batch_size"
+        if variant is not None:
+            for flag, value, why in (
+                ("momentum=None", self.momentum is None and renorm, "Keras's renorm has none"),
+                ("unbiased_variance=True", self.unbiased_variance and renorm,
+                 "renorm derives the moving variance from a moving standard deviation"),
+                ("synchronized=True", self.synchronized, "its statistics are per replica"),
+            ):  # fmt: skip
+                if value:
+                    raise KerasBNError(
+                        expected(f"{variant} with {flag}", f"not {flag} ({why})", flag)
+                    )
 
     @classmethod
     def from_torch(
@@ -333,6 +420,26 @@ class BatchNorm(keras.layers.Layer):
                 aggregation="mean",
             )
             setattr(self, name, weight)
+        if self.renorm:
+            # Keras 3's names and order, so that set_weights interchanges with its renorm layer.
+            # The moving standard deviation starts at sqrt of the moving variance's start.
+            def stddev_initializer(shape, dtype=None):
+                return ops.sqrt(self.moving_variance_initializer(shape, dtype=dtype))
+
+            for name, initializer in (
+                ("moving_stddev", stddev_initializer),
+                ("renorm_mean", self.moving_mean_initializer),
+                ("renorm_stddev", stddev_initializer),
+            ):
+                weight = self.add_weight(
+                    shape=shape,
+                    name=name,
+                    initializer=initializer,
+                    trainable=False,
+                    autocast=False,
+                    aggregation="mean",
+                )
+                setattr(self, name, weight)
         if self.momentum is None or self.count_batches:
             self.num_batches_tracked = self.add_weight(
                 shape=(),
@@ -372,10 +479,35 @@ class BatchNorm(keras.layers.Layer):
             )
         if not (training and self.trainable):
             return _kernels.infer(self, inputs, mask)
-        outputs, statistics = _kernels.train(self, inputs, mask)
+        if self.renorm or self.virtual_batch_size is not None:
+            if inputs.shape[0] == 0:
+                return ops.cast(inputs, self.compute_dtype)
+            outputs, statistics = _variants.train(self, inputs, mask)
+            if self.renorm:
+                self._update_renorm(*statistics)
+                return outputs
+        else:
+            outputs, statistics = _kernels.train(self, inputs, mask)
         if statistics is not None:  # None: an empty batch, nothing to learn from
             self._update_moving(*statistics)
         return outputs
+
+    def _update_renorm(self, mean, variance, count):
+        """Assigns `_variants.renorm_update`'s statistics, or keeps the old ones (and counts the
+        skip) when the batch's are not finite."""
+        mean, variance = (ops.stop_gradient(ops.reshape(t, (-1,))) for t in (mean, variance))
+        finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(variance)))
+        for variable, value in _variants.renorm_update(self, mean, variance):
+            kept = ops.where(finite, value, ops.cast(variable, value.dtype))
+            variable.assign(ops.cast(kept, variable.dtype))
+        if self.num_batches_tracked is not None:
+            tracked = self.num_batches_tracked
+            tracked.assign(tracked + ops.cast(finite, tracked.dtype))
+        if BACKEND != "jax":
+            counter = self._skipped.variable
+            counter.assign(counter + ops.cast(ops.logical_not(finite), counter.dtype))
+        elif internals.concrete_bool(finite) is False:
+            self._skipped.variable.assign(self._skipped.variable.value + 1)
 
     def _update_moving(self, mean, variance, count):
         """Assigns `_stats.moving_update`'s result (no host op: this runs inside compiled steps),
@@ -424,6 +556,10 @@ class BatchNorm(keras.layers.Layer):
             "unbiased_variance": self.unbiased_variance,
             "synchronized": self.synchronized,
             "count_batches": self.count_batches,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+            "virtual_batch_size": self.virtual_batch_size,
             "beta_initializer": initializers.serialize(self.beta_initializer),
             "gamma_initializer": initializers.serialize(self.gamma_initializer),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),

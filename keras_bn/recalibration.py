@@ -572,6 +572,10 @@ def _assign(old, new, mean, var, accumulator, path):
     new_std = np.sqrt(var + old.epsilon)
     new.moving_mean.assign(mean.astype(new.moving_mean.dtype))
     new.moving_variance.assign(var.astype(new.moving_variance.dtype))
+    if getattr(new, "moving_stddev", None) is not None:  # batch renormalization's (either layer)
+        # Renorm derives the moving variance from it (moving_stddev**2 - epsilon) after the next
+        # training step: it must agree with the new variance.
+        new.moving_stddev.assign(new_std.astype(new.moving_stddev.dtype))
     if isinstance(new, BatchNorm) and new.momentum is None:
         new.num_batches_tracked.assign(accumulator.batches)
     return RecalibrationRow(

@@ -883,6 +883,174 @@ def test_fit_with_xla_matches_keras(rng):
     assert np.all(np.abs(ours.layers[2].moving_mean.numpy()) > 0.05)
 
 
+# ----------------------------------------------------------------------------------------------
+# Batch renormalization and ghost batches: the features tf-keras and Keras users come for.
+
+
+RENORM_CLIPPING = [None, {"rmin": 0.7, "rmax": 1.5, "dmax": 0.5}]
+
+
+@pytest.mark.parametrize("clipping", RENORM_CLIPPING)
+def test_renorm_matches_keras(clipping, rng):
+    kwargs = dict(renorm=True, renorm_clipping=clipping, renorm_momentum=0.9, momentum=0.8)
+    ours = BatchNorm(**kwargs, gamma_initializer="random_uniform", beta_initializer="random_normal")
+    theirs = keras.layers.BatchNormalization(**kwargs)
+    ours.build((None, 5, 3))
+    theirs.build((None, 5, 3))
+    # Keras's names and order: the weights interchange.
+    assert [w.name for w in ours.weights] == [w.name for w in theirs.weights]
+    theirs.set_weights(ours.get_weights())
+    for step in range(5):  # batches whose statistics drift, so that r and d are clipped
+        x = rng.normal(1.0 + step, 2.0 + step, size=(8, 5, 3)).astype("float32")
+        if step < 4:
+            y_ours, y_theirs = ours(x, training=True), theirs(x, training=True)
+        else:
+            y_ours, g_ours = train_with_input_gradient(ours, x)
+            y_theirs, g_theirs = train_with_input_gradient(theirs, x)
+            np.testing.assert_allclose(to_np(g_ours), to_np(g_theirs), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(to_np(y_ours), to_np(y_theirs), rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6, err_msg=a.name)
+    # Inference: the plain layer, from the moving statistics.
+    x = rng.normal(size=(4, 5, 3)).astype("float32")
+    s = ours.gamma.numpy() / np.sqrt(ours.moving_variance.numpy() + 1e-3)
+    expected = (x - ours.moving_mean.numpy()) * s + ours.beta.numpy()
+    np.testing.assert_allclose(to_np(ours(x, training=False)), expected, rtol=1e-5, atol=1e-5)
+
+
+def ghost_reference(x, virtual_batch_size, epsilon=1e-3):
+    """NumPy: ghost batch g of G holds rows g, g + G, ... (tf-keras's reshape), normalized with
+    its own biased statistics; returns (outputs, mean of the ghost means, mean of the ghost
+    variances)."""
+    x = x.astype(np.float64)
+    groups = len(x) // virtual_batch_size
+    out, means, variances = np.empty_like(x), [], []
+    axes = tuple(range(x.ndim - 1))
+    for g in range(groups):
+        rows = x[g::groups]
+        mean, var = rows.mean(axes), rows.var(axes)
+        out[g::groups] = (rows - mean) / np.sqrt(var + epsilon)
+        means.append(mean)
+        variances.append(var)
+    return out, np.mean(means, 0), np.mean(variances, 0)
+
+
+def test_ghost_batches_match_numpy(rng):
+    layer = BatchNorm(virtual_batch_size=4, momentum=0.9)
+    moving_mean, moving_var = np.zeros(3), np.ones(3)
+    for step in range(3):
+        x = rng.normal(step, 1.0 + step, size=(12, 5, 3)).astype("float32")
+        expected, mean, var = ghost_reference(x, 4)
+        np.testing.assert_allclose(to_np(layer(x, training=True)), expected, rtol=1e-5, atol=1e-5)
+        moving_mean = 0.9 * moving_mean + 0.1 * mean
+        moving_var = 0.9 * moving_var + 0.1 * var
+    np.testing.assert_allclose(layer.moving_mean.numpy(), moving_mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), moving_var, rtol=1e-6)
+    # Negative case: a whole-batch BatchNorm normalizes differently.
+    whole = BatchNorm(momentum=0.9)
+    x = rng.normal(size=(12, 5, 3)).astype("float32")
+    assert not np.allclose(to_np(whole(x, training=True)), ghost_reference(x, 4)[0], atol=1e-2)
+
+
+@tf_only
+def test_ghost_batches_match_tf_keras(rng):
+    tf_keras = pytest.importorskip("tf_keras")
+    ours = BatchNorm(virtual_batch_size=4, momentum=0.9, gamma_initializer="random_uniform")
+    theirs = tf_keras.layers.BatchNormalization(virtual_batch_size=4, momentum=0.9)
+    ours.build((None, 6, 3))
+    theirs.build((None, 6, 3))
+    theirs.set_weights([w.numpy().reshape(t.shape) for w, t in zip(ours.weights, theirs.weights)])
+    for step in range(3):
+        x = rng.normal(step, 2.0, size=(16, 6, 3)).astype("float32")
+        np.testing.assert_allclose(
+            to_np(ours(x, training=True)), theirs(x, training=True).numpy(), rtol=1e-5, atol=1e-5
+        )
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy().reshape(a.shape), rtol=1e-6, atol=1e-7)
+
+
+def test_renorm_and_ghost_batches_in_fit_with_xla(rng):
+    # One model with both: ghost batches straight after the input (so their moving statistics
+    # are NumPy's over the data's batches), then a convolution and batch renormalization, whose
+    # twin is Keras's renorm layer (compiled too, but eager on torch: a second torch.compile
+    # costs 12 s here, and the arithmetic compared is the same).
+    x = rng.normal(2.0, 3.0, size=(64, 6, 6, 3)).astype("float32")
+    y = rng.normal(size=(64, 5)).astype("float32")
+    renorm = dict(renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}, momentum=0.9)
+
+    def fit(make_renorm, jit_compile):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input(x.shape[1:])
+        h = BatchNorm(virtual_batch_size=4, momentum=0.9, name="ghost")(inputs)
+        h = make_renorm()(keras.layers.Conv2D(4, 3, name="conv")(h))
+        model = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Flatten()(h)))
+        model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=jit_compile)
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        return model, history.history["loss"]
+
+    ours, loss_ours = fit(lambda: BatchNorm(**renorm, name="renorm"), True)
+    theirs, loss_theirs = fit(
+        lambda: keras.layers.BatchNormalization(**renorm, name="renorm"), BACKEND != "torch"
+    )
+    np.testing.assert_allclose(loss_ours, loss_theirs, rtol=1e-5)
+    for a, b in zip(ours.get_layer("renorm").weights, theirs.get_layer("renorm").weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
+    mean, var = np.zeros(3), np.ones(3)
+    for _ in range(2):
+        for start in range(0, 64, 16):
+            _, m, v = ghost_reference(x[start : start + 16], 4)
+            mean, var = 0.9 * mean + 0.1 * m, 0.9 * var + 0.1 * v
+    ghost = ours.get_layer("ghost")
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ghost.moving_variance.numpy(), var, rtol=1e-5)
+
+
+def test_renorm_and_ghost_batches_are_ordinary_batchnorms_at_inference(tmp_path, rng):
+    inputs = keras.Input((6, 6, 2))
+    h = BatchNorm(renorm=True, name="renorm")(keras.layers.Conv2D(4, 3, name="c1")(inputs))
+    h = BatchNorm(virtual_batch_size=2, name="ghost")(keras.layers.Conv2D(3, 1, name="c2")(h))
+    model = keras.Model(inputs, h)
+    x = rng.normal(size=(8, 6, 6, 2)).astype("float32")
+    model(x, training=True)
+    path = tmp_path / "variants.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.get_layer("renorm").renorm and loaded.get_layer("ghost").virtual_batch_size == 2
+    np.testing.assert_allclose(to_np(loaded(x)), to_np(model(x)), rtol=1e-6, atol=1e-6)
+    folded, report = keras_bn.fold_bn(model)
+    assert [r.action.value for r in report.rows] == ["folded backward"] * 2
+    np.testing.assert_allclose(to_np(folded(x)), to_np(model(x)), rtol=1e-5, atol=1e-5)
+    # Recalibration writes the moving standard deviation renorm trains from, consistently.
+    new, _ = keras_bn.recalibrate(model, x, verbose=0)
+    layer = new.get_layer("renorm")
+    np.testing.assert_allclose(
+        layer.moving_stddev.numpy() ** 2 - 1e-3, layer.moving_variance.numpy(), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "r": 2}}, r"renorm_clipping"),
+        ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, r"rmax >= rmin"),
+        ({"renorm": True, "momentum": None}, r"renorm=True with momentum=None"),
+        ({"renorm": True, "virtual_batch_size": 4}, r"one of them"),
+        ({"virtual_batch_size": 0}, r"a positive integer"),
+        ({"virtual_batch_size": 2, "synchronized": True}, r"with synchronized=True"),
+    ],
+)
+def test_bad_renorm_and_ghost_arguments_are_refused(kwargs, message):
+    with pytest.raises(KerasBNError, match=message):
+        BatchNorm(**kwargs)
+
+
+def test_a_batch_that_ghost_batches_do_not_divide_is_refused(rng):
+    layer = BatchNorm(virtual_batch_size=4)
+    with pytest.raises(KerasBNError, match=r"multiple of virtual_batch_size=4.*a batch of 6"):
+        layer(rng.normal(size=(6, 3)).astype("float32"), training=True)
+    assert layer.moving_mean.numpy().tolist() == [0.0, 0.0, 0.0]
+
+
 def test_nan_batch_under_xla_is_counted_and_reported_by_the_callback(rng):
     inputs = keras.Input((3,))
     bn = BatchNorm(momentum=0.5)

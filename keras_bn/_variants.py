@@ -1,0 +1,131 @@
+"""The training step of BatchNorm's two variants, in keras.ops on every backend: batch
+renormalization (`renorm=True`) and ghost batches (`virtual_batch_size`). At inference both are
+the plain layer (`y = x * s + t` from the moving statistics), so fold, recalibrate, diagnose and
+export treat them as any BatchNorm.
+
+Batch renormalization (Ioffe, "Batch Renormalization", NIPS 2017), with Keras 3's arithmetic:
+
+    std = sqrt(var(batch) + epsilon),   s_r = max(renorm_stddev, sqrt(epsilon))
+    r = clip(std / s_r, rmin, rmax),    d = clip((mean(batch) - renorm_mean) / s_r, -dmax, dmax)
+    y = (x - mean(batch)) / std * (r * gamma) + (d * gamma + beta)      r, d without gradient
+
+Ghost batches (Hoffer et al., "Train longer, generalize better", 2017), with tf-keras's grouping:
+a batch of B rows is read as V = virtual_batch_size rows by G = B / V ghost batches, ghost batch
+g holding rows g, g + G, g + 2G, ...; each is normalized with its own statistics, and the moving
+statistics take one update per batch from the mean of the ghost batches' means and variances.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from keras_bn import _stats
+from keras_bn.errors import KerasBNError, expected
+
+
+def _math(layer, inputs):
+    inputs = ops.convert_to_tensor(inputs)
+    float64 = keras.backend.standardize_dtype(inputs.dtype) == "float64"
+    return inputs, ops.cast(inputs, "float64" if float64 else "float32")
+
+
+def train(layer, inputs, mask):
+    """`(outputs, (mean, variance, count))` for a training step of a renorm or ghost-batch layer:
+    one row of statistics per batch (the ghost batches' average for ghost batches), `count` the
+    values per channel behind each row."""
+    inputs, x = _math(layer, inputs)
+    rank = len(inputs.shape)
+    axis = layer.axis % rank
+    channels = int(inputs.shape[axis])
+    gamma, beta = _stats.gamma_beta(layer, channels, x.dtype)
+    epsilon = ops.convert_to_tensor(layer.epsilon, dtype=x.dtype)
+    ghost = layer.virtual_batch_size
+    if ghost is not None:
+        if axis == 0:
+            raise KerasBNError(
+                expected("Ghost batches split the batch axis", "a channel axis other than 0",
+                         f"axis={layer.axis}")
+            )  # fmt: skip
+        batch = inputs.shape[0]
+        if batch is not None and int(batch) % ghost:
+            raise KerasBNError(
+                expected(
+                    f"BatchNorm '{layer.name}': the batch splits into ghost batches",
+                    f"a batch size that is a multiple of virtual_batch_size={ghost}",
+                    f"a batch of {batch}",
+                    "Use a batch size that virtual_batch_size divides (drop the last partial "
+                    "batch: drop_remainder=True in tf.data).",
+                )
+            )
+        x = ops.reshape(x, (ghost, -1, *x.shape[1:]))  # [i, g] = row i * G + g: tf-keras's
+        if mask is not None:
+            mask = ops.reshape(mask, (ghost, -1, *mask.shape[1:]))
+        rank, axis = rank + 1, axis + 1
+        axes = [i for i in range(rank) if i not in (1, axis)]
+    else:
+        axes = [i for i in range(rank) if i != axis]
+    centered, mean, variance, count = _stats.moments(x, axes, mask)
+    static = mask is None and all(x.shape[i] is not None for i in axes)
+    n = math.prod(int(x.shape[i]) for i in axes) if static else None
+    if n is not None and n < 2:
+        raise KerasBNError(_stats.batch_of_one_message(tuple(inputs.shape)))
+    shape = _stats.channel_shape(rank, axis)
+    gamma, beta = ops.reshape(gamma, shape), ops.reshape(beta, shape)
+    std = ops.sqrt(variance + epsilon)
+    if layer.renorm:
+        r, d = _renorm_correction(layer, mean, std, epsilon, shape)
+        gamma, beta = gamma * r, d * gamma + beta
+    outputs = centered / std * gamma + beta
+    if ghost is not None:
+        outputs = ops.reshape(outputs, ops.shape(inputs))
+        # One moving update per batch: the ghost batches' statistics averaged.
+        mean = ops.mean(ops.reshape(mean, (-1, channels)), axis=0)
+        variance = ops.mean(ops.reshape(variance, (-1, channels)), axis=0)
+        count = ops.reshape(count, (-1, channels))[:1]
+    rows = (
+        ops.reshape(mean, (1, channels)),
+        ops.reshape(variance, (1, channels)),
+        n if n is not None else ops.reshape(count, (1, channels)),
+    )
+    return ops.cast(outputs, layer.compute_dtype), rows
+
+
+def _renorm_correction(layer, mean, std, epsilon, shape):
+    """`(r, d)` against the renorm statistics of earlier batches, clipped, without gradient."""
+    renorm_mean = ops.reshape(ops.cast(layer.renorm_mean, mean.dtype), shape)
+    renorm_std = ops.maximum(
+        ops.reshape(ops.cast(layer.renorm_stddev, mean.dtype), shape), ops.sqrt(epsilon)
+    )
+    r = std / renorm_std
+    d = (mean - renorm_mean) / renorm_std
+    clipping = layer.renorm_clipping or {}
+    if clipping.get("rmin") is not None:
+        r = ops.maximum(r, clipping["rmin"])
+    if clipping.get("rmax") is not None:
+        r = ops.minimum(r, clipping["rmax"])
+    if clipping.get("dmax") is not None:
+        d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
+    return ops.stop_gradient(r), ops.stop_gradient(d)
+
+
+def renorm_update(layer, mean, variance):
+    """The statistics after a renorm step, as Keras 3 updates them: `renorm_mean` and
+    `renorm_stddev` with `renorm_momentum`, `moving_mean` and `moving_stddev` with `momentum`,
+    and `moving_variance = max(moving_stddev**2 - epsilon, 0)`. Returns [(variable, value)]."""
+    std = ops.sqrt(variance + layer.epsilon)
+    m, rm = layer.momentum, layer.renorm_momentum
+
+    def ema(variable, value, momentum):
+        return ops.cast(variable, value.dtype) * momentum + value * (1.0 - momentum)
+
+    moving_std = ema(layer.moving_stddev, std, m)
+    return [
+        (layer.renorm_mean, ema(layer.renorm_mean, mean, rm)),
+        (layer.renorm_stddev, ema(layer.renorm_stddev, std, rm)),
+        (layer.moving_mean, ema(layer.moving_mean, mean, m)),
+        (layer.moving_stddev, moving_std),
+        (layer.moving_variance, ops.relu(moving_std * moving_std - layer.epsilon)),
+    ]
