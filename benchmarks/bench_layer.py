@@ -7,6 +7,9 @@ eager autograd on PyTorch (Keras's default there). Runs are interleaved (ours, K
 Keras, ...) and the reported ratio is the median of per-round ratios, so machine noise hits both
 sides alike.
 
+Batch renormalization against Keras's renorm layer, and ghost batches (virtual_batch_size=8)
+against Keras's plain layer, on the NHWC input.
+
 Then the first training step of a network (16 Conv2D-BN-ReLU blocks on (64, 16, 16, 8), a new
 model each round, `fit` on one batch with Keras's default compile settings for the backend):
 what a user waits for before training starts, mostly tracing and compiling the step.
@@ -179,6 +182,26 @@ def main():
          make_steps(keras.layers.BatchNormalization(), shape))
         for case, shape in CASES.items()
     ]  # fmt: skip
+    # The variants: batch renormalization against Keras's own renorm layer; ghost batches of 8
+    # (Keras 3 has none) against Keras's plain layer, the cost of the per-ghost statistics.
+    shape = CASES["NHWC (32,56,56,64)"]
+    clipping = {"rmax": 3.0, "dmax": 5.0}
+    pairs.append(
+        (
+            "renorm NHWC (32,56,56,64) vs Keras renorm",
+            make_steps(keras_bn.BatchNorm(renorm=True, renorm_clipping=clipping), shape),
+            make_steps(
+                keras.layers.BatchNormalization(renorm=True, renorm_clipping=clipping), shape
+            ),
+        )
+    )
+    pairs.append(
+        (
+            "ghost batches of 8, NHWC (32,56,56,64) vs Keras plain",
+            make_steps(keras_bn.BatchNorm(virtual_batch_size=8), shape),
+            make_steps(keras.layers.BatchNormalization(), shape),
+        )
+    )
     case, shape = BLOCK
     pairs.append(
         (

@@ -93,6 +93,23 @@ def train(layer, inputs, mask):
     return ops.cast(outputs, layer.compute_dtype), rows
 
 
+def renormalized(layer, outputs, mean, variance):
+    """Batch renormalization applied to a plain BatchNorm's training outputs `y = x̂·γ + β`
+    (TensorFlow's fused kernel, one row of batch statistics): `(y − β)·r + (d·γ + β)`, which is
+    `x̂·(r·γ) + (d·γ + β)` with the same gradients (`r` and `d` carry none)."""
+    rank = len(outputs.shape)
+    axis = layer.axis % rank
+    y = ops.cast(outputs, "float64" if outputs.dtype == "float64" else "float32")
+    channels = int(outputs.shape[axis])
+    gamma, beta = _stats.gamma_beta(layer, channels, y.dtype)
+    shape = _stats.channel_shape(rank, axis)
+    mean, variance = (ops.reshape(ops.cast(t, y.dtype), shape) for t in (mean, variance))
+    epsilon = ops.convert_to_tensor(layer.epsilon, dtype=y.dtype)
+    gamma, beta = ops.reshape(gamma, shape), ops.reshape(beta, shape)
+    r, d = _renorm_correction(layer, mean, ops.sqrt(variance + epsilon), epsilon, shape)
+    return ops.cast((y - beta) * r + (d * gamma + beta), layer.compute_dtype)
+
+
 def _renorm_correction(layer, mean, std, epsilon, shape):
     """`(r, d)` against the renorm statistics of earlier batches, clipped, without gradient."""
     renorm_mean = ops.reshape(ops.cast(layer.renorm_mean, mean.dtype), shape)

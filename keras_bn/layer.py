@@ -479,6 +479,14 @@ class BatchNorm(keras.layers.Layer):
             )
         if not (training and self.trainable):
             return _kernels.infer(self, inputs, mask)
+        if self.renorm and BACKEND == "tensorflow":
+            # The plain kernel (fused where it can be), then the renorm correction.
+            outputs, statistics = _kernels.train(self, inputs, mask)
+            if statistics is None:
+                return outputs
+            outputs = _variants.renormalized(self, outputs, *statistics[:2])
+            self._update_renorm(*statistics)
+            return outputs
         if self.renorm or self.virtual_batch_size is not None:
             if inputs.shape[0] == 0:
                 return ops.cast(inputs, self.compute_dtype)
