@@ -146,3 +146,41 @@ def renorm_update(layer, mean, variance):
         (layer.moving_stddev, moving_std),
         (layer.moving_variance, ops.relu(moving_std * moving_std - layer.epsilon)),
     ]
+
+
+def add_renorm_weights(layer, shape):
+    """Adds `moving_stddev`, `renorm_mean` and `renorm_stddev` to a renorm layer."""
+
+    # Keras 3's names and order, so that set_weights interchanges with its renorm layer.
+    # The moving standard deviation starts at sqrt of the moving variance's start.
+    def stddev_initializer(shape, dtype=None):
+        return ops.sqrt(layer.moving_variance_initializer(shape, dtype=dtype))
+
+    for name, initializer in (
+        ("moving_stddev", stddev_initializer),
+        ("renorm_mean", layer.moving_mean_initializer),
+        ("renorm_stddev", stddev_initializer),
+    ):
+        weight = layer.add_weight(
+            shape=shape,
+            name=name,
+            initializer=initializer,
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+        )
+        setattr(layer, name, weight)
+
+
+def update_renorm(layer, mean, variance, count):
+    """Assigns `renorm_update`'s statistics, or keeps the old ones when the batch's are not
+    finite; returns whether they were (a boolean tensor)."""
+    mean, variance = (ops.stop_gradient(ops.reshape(t, (-1,))) for t in (mean, variance))
+    finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(variance)))
+    for variable, value in renorm_update(layer, mean, variance):
+        kept = ops.where(finite, value, ops.cast(variable, value.dtype))
+        variable.assign(ops.cast(kept, variable.dtype))
+    if layer.num_batches_tracked is not None:
+        tracked = layer.num_batches_tracked
+        tracked.assign(tracked + ops.cast(finite, tracked.dtype))
+    return finite

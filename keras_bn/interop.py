@@ -413,16 +413,24 @@ def _weighted_plan(site, prefix, group, kind, module, row):
 
 def _batchnorm_plan(site, prefix, group, module, row):
     """(values by Keras weight name, config changes) for a BatchNorm."""
+    changes, notes = _batchnorm_conventions(site, prefix, group, module)
+    values = _batchnorm_values(site, prefix, group, changes, notes, row)
+    row.conversions.extend(notes)
+    return values, changes
+
+
+def _batchnorm_conventions(site, prefix, group, module):
+    """(config changes, report notes): PyTorch's conventions for the Keras layer, from the
+    module where given, else what the state dict's keys say (affine)."""
     layer, path = site.layer, site.path
     ours = isinstance(layer, BatchNorm)
     name = type(module).__name__ if module is not None else "BatchNorm"
-    extra = set(group) - set(BATCHNORM_KEYS)
-    if extra:
+    if set(group) - set(BATCHNORM_KEYS):
         raise KerasBNError(
             expected(
                 f"PyTorch BatchNorm '{prefix}' holds BatchNorm tensors",
                 f"only {', '.join(BATCHNORM_KEYS)}",
-                f"also {sorted(extra)}",
+                f"also {sorted(set(group) - set(BATCHNORM_KEYS))}",
             )
         )
     tracks = "running_mean" in group and "running_var" in group
@@ -493,6 +501,14 @@ def _batchnorm_plan(site, prefix, group, module, row):
             "Keras's layer updates a biased moving variance in further training (PyTorch's is "
             "unbiased); keras_bn.BatchNorm has both"
         )
+    return changes, notes
+
+
+def _batchnorm_values(site, prefix, group, changes, notes, row):
+    """{Keras weight name: array} for a BatchNorm, each checked (finite, variances >= 0, one
+    value per channel, a whole batch count)."""
+    layer, path = site.layer, site.path
+    ours = isinstance(layer, BatchNorm)
     values = {}
     for torch_name, keras_name in (
         ("weight", "gamma"),
@@ -549,8 +565,7 @@ def _batchnorm_plan(site, prefix, group, module, row):
                 f"num_batches_tracked {int(count)} not kept: Keras's layer has no batch count "
                 "(PyTorch reads it only for momentum=None)"
             )
-    row.conversions.extend(notes)
-    return values, changes
+    return values
 
 
 def from_torch_state_dict(

@@ -7,14 +7,13 @@ kernel. The arithmetic is in `_stats` (every backend), `_tf_kernels` (TensorFlow
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import keras
 from keras import constraints, initializers, ops, regularizers
 
+from keras_bn import _arguments, _stats, _variants
 from keras_bn import _keras_internals as internals
-from keras_bn import _stats, _variants
 from keras_bn.conventions import (
     KERAS_EPSILON,
     KERAS_MOMENTUM,
@@ -65,17 +64,10 @@ class BatchNorm(keras.layers.Layer):
       `momentum=None`): `moving = moving + (batch - moving) / k` for the k-th batch. The batch
       count lives in the non-trainable weight `num_batches_tracked`.
 
-    Conventions (see also `keras_bn.conventions`):
-
-    | argument          | Keras (default here)  | PyTorch `BatchNorm*d`        | ONNX BatchNormalization  |
-    |-------------------|-----------------------|------------------------------|--------------------------|
-    | momentum          | 0.99, weight of old   | 0.1, weight of NEW (=0.9 here) | 0.9, weight of old     |
-    | epsilon           | 1e-3                  | 1e-5                         | 1e-5                     |
-    | moving variance   | biased                | unbiased                     | (inference only)         |
-    | cumulative average| momentum=None         | momentum=None                | -                        |
-
-    `BatchNorm.from_torch(momentum=0.1, eps=1e-5, affine=True)` builds a layer with PyTorch's
-    semantics.
+    Conventions: Keras's momentum is the weight of the OLD value (0.99, epsilon 1e-3); PyTorch's
+    the weight of the NEW one (0.1, eps 1e-5, unbiased running variance). `keras_bn.conventions`
+    and the user guide have the table. `BatchNorm.from_torch(momentum=0.1, eps=1e-5,
+    affine=True)` builds a layer with PyTorch's semantics.
 
     A batch whose statistics contain NaN or Inf does not update the moving statistics. The skip is
     counted in `skipped_updates`; in eager mode it also emits a `RuntimeWarning` at once. Inside a
@@ -89,21 +81,14 @@ class BatchNorm(keras.layers.Layer):
     never a silently wrong finite answer. An empty batch returns an empty output and leaves the
     moving statistics alone, as in Keras and PyTorch.
 
-    Fast path: channels-last inputs (any rank; rank 2/3 are viewed as 4-D), in training and in
-    inference, use `FusedBatchNormV3` when no mask is given, `synchronized=False`, and the kernel
-    keeps epsilon as given: any epsilon where TF has no GPU or TPU, else `epsilon >= 1.001e-5`
-    (`tf.nn.fused_batch_norm` raises smaller ones, for cuDNN; not verified on a GPU here). The
-    generic path computes statistics on the input shifted by one of its samples, so
-    data with a large mean and a tiny spread (mean 1e4, std 0.01) keeps its variance to ~1e-5
-    relative. The fused kernel, whose plain two-pass variance loses digits once |mean| / std >
-    ~1e3 (0.6% at 1e6), is given the input shifted the same way. E[x^2] - E[x]^2 would give 0
-    there.
+    Statistics are computed on the input shifted by one of its samples, so data with a large
+    mean and a tiny spread (mean 1e4, std 0.01) keeps its variance to ~1e-5 relative, where
+    E[x^2] - E[x]^2 gives 0. On TensorFlow, channels-last inputs without a mask use the fused
+    kernel (`FusedBatchNormV3`) on that shifted input, wherever it keeps epsilon as given (any
+    epsilon without a GPU or TPU, else `epsilon >= 1.001e-5`).
 
-    On JAX and PyTorch the same statistics are computed in keras.ops (shifted, two passes). In
-    eager PyTorch, unmasked inputs whose channel means are within 100 standard deviations of 0
-    use PyTorch's own kernel, `torch.nn.functional.batch_norm`, instead (`keras_bn._torch_kernels`).
-    On JAX the unmasked training normalization has BatchNorm's textbook gradient, written for
-    XLA (`keras_bn._stats.normalize_with_batch_gradient`).
+    On JAX and PyTorch the same statistics are computed in keras.ops; eager PyTorch uses its own
+    kernel where it is exact enough (`keras_bn._torch_kernels`).
 
     Args:
         axis: Integer, the channel axis. -1 for channels_last, 1 for channels_first.
@@ -212,43 +197,25 @@ class BatchNorm(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         # Validated here, not in build(): __init__ also runs for configs read from model files.
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise KerasBNError(
-                expected(
-                    "Invalid `axis`",
-                    "an integer (-1 or 1 for channels last/first)",
-                    f"axis={axis!r}",
-                )
-            )
-        self.axis = axis
+        self.axis = _arguments.check_axis(axis)
         self.momentum = check_momentum(momentum, "momentum")
-        if (
-            isinstance(epsilon, bool)
-            or not isinstance(epsilon, (int, float))
-            or not math.isfinite(epsilon)
-            or epsilon <= 0
-        ):
-            raise KerasBNError(
-                expected("Invalid `epsilon`", "a finite number > 0", f"epsilon={epsilon!r}")
-            )
-        self.epsilon = float(epsilon)
-        for flag_name, flag in (
-            ("center", center),
-            ("scale", scale),
-            ("unbiased_variance", unbiased_variance),
-            ("synchronized", synchronized),
-            ("count_batches", count_batches),
-        ):
-            if not isinstance(flag, bool):
-                raise KerasBNError(
-                    expected(f"Invalid `{flag_name}`", "True or False", f"{flag_name}={flag!r}")
-                )
+        self.epsilon = _arguments.check_epsilon(epsilon)
+        _arguments.check_flags(
+            center=center,
+            scale=scale,
+            unbiased_variance=unbiased_variance,
+            synchronized=synchronized,
+            count_batches=count_batches,
+            renorm=renorm,
+        )
         self.center = center
         self.scale = scale
         self.unbiased_variance = unbiased_variance
         self.synchronized = synchronized
         self.count_batches = count_batches
-        self._check_variants(renorm, renorm_clipping, renorm_momentum, virtual_batch_size)
+        _arguments.check_variants(
+            self, renorm, renorm_clipping, renorm_momentum, virtual_batch_size
+        )
         self.renorm = renorm
         self.renorm_clipping = dict(renorm_clipping) if renorm_clipping else None
         self.renorm_momentum = float(renorm_momentum)
@@ -270,69 +237,6 @@ class BatchNorm(keras.layers.Layer):
         self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
         self._skipped = None
 
-    def _check_variants(self, renorm, clipping, renorm_momentum, virtual_batch_size):
-        """Validates the batch-renormalization and ghost-batch arguments (in __init__, which also
-        reads configs from model files)."""
-        if not isinstance(renorm, bool):
-            raise KerasBNError(expected("Invalid `renorm`", "True or False", f"renorm={renorm!r}"))
-        check_momentum(renorm_momentum, "renorm_momentum")
-        if renorm_momentum is None:
-            raise KerasBNError(
-                expected("Invalid `renorm_momentum`", "a number in [0, 1]", "renorm_momentum=None")
-            )
-        if clipping is not None:
-            if not isinstance(clipping, dict) or set(clipping) - {"rmin", "rmax", "dmax"}:
-                raise KerasBNError(
-                    expected(
-                        "Invalid `renorm_clipping`",
-                        'a dict with keys among "rmin", "rmax", "dmax"',
-                        f"renorm_clipping={clipping!r}",
-                    )
-                )
-            rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
-            if rmin is not None and rmax is not None and rmax < rmin:
-                raise KerasBNError(
-                    expected("Invalid `renorm_clipping`", "rmax >= rmin", f"{clipping!r}")
-                )
-            if dmax is not None and dmax < 0:
-                raise KerasBNError(
-                    expected("Invalid `renorm_clipping`", "dmax >= 0", f"{clipping!r}")
-                )
-        if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 1
-        ):
-            raise KerasBNError(
-                expected(
-                    "Invalid `virtual_batch_size`",
-                    "a positive integer (rows per ghost batch), or None",
-                    f"virtual_batch_size={virtual_batch_size!r}",
-                )
-            )
-        if renorm and virtual_batch_size is not None:
-            raise KerasBNError(
-                expected(
-                    "renorm and virtual_batch_size",
-                    "one of them (keras_bn does not combine them)",
-                    "both",
-                )
-            )
-        variant = "renorm=True" if renorm else None
-        if virtual_batch_size is not None:
-            variant = "virtual_batch_size"
-        if variant is not None:
-            for flag, value, why in (
-                ("momentum=None", self.momentum is None and renorm, "Keras's renorm has none"),
-                ("unbiased_variance=True", self.unbiased_variance and renorm,
-                 "renorm derives the moving variance from a moving standard deviation"),
-                ("synchronized=True", self.synchronized, "its statistics are per replica"),
-            ):  # fmt: skip
-                if value:
-                    raise KerasBNError(
-                        expected(f"{variant} with {flag}", f"not {flag} ({why})", flag)
-                    )
-
     @classmethod
     def from_torch(
         cls,
@@ -350,8 +254,7 @@ class BatchNorm(keras.layers.Layer):
         (`axis`, `name`, ...) go to the constructor; note that PyTorch's channel axis is 1 while
         Keras data is usually channels-last (axis=-1, the default here).
         """
-        if not isinstance(affine, bool):
-            raise KerasBNError(expected("Invalid `affine`", "True or False", f"affine={affine!r}"))
+        _arguments.check_flags(affine=affine)
         return cls(
             momentum=torch_momentum_to_keras(momentum),
             epsilon=eps,
@@ -421,25 +324,7 @@ class BatchNorm(keras.layers.Layer):
             )
             setattr(self, name, weight)
         if self.renorm:
-            # Keras 3's names and order, so that set_weights interchanges with its renorm layer.
-            # The moving standard deviation starts at sqrt of the moving variance's start.
-            def stddev_initializer(shape, dtype=None):
-                return ops.sqrt(self.moving_variance_initializer(shape, dtype=dtype))
-
-            for name, initializer in (
-                ("moving_stddev", stddev_initializer),
-                ("renorm_mean", self.moving_mean_initializer),
-                ("renorm_stddev", stddev_initializer),
-            ):
-                weight = self.add_weight(
-                    shape=shape,
-                    name=name,
-                    initializer=initializer,
-                    trainable=False,
-                    autocast=False,
-                    aggregation="mean",
-                )
-                setattr(self, name, weight)
+            _variants.add_renorm_weights(self, shape)
         if self.momentum is None or self.count_batches:
             self.num_batches_tracked = self.add_weight(
                 shape=(),
@@ -485,37 +370,20 @@ class BatchNorm(keras.layers.Layer):
             if statistics is None:
                 return outputs
             outputs = _variants.renormalized(self, outputs, *statistics[:2])
-            self._update_renorm(*statistics)
+            self._count_skipped(ops.logical_not(_variants.update_renorm(self, *statistics)))
             return outputs
         if self.renorm or self.virtual_batch_size is not None:
             if inputs.shape[0] == 0:
                 return ops.cast(inputs, self.compute_dtype)
             outputs, statistics = _variants.train(self, inputs, mask)
             if self.renorm:
-                self._update_renorm(*statistics)
+                self._count_skipped(ops.logical_not(_variants.update_renorm(self, *statistics)))
                 return outputs
         else:
             outputs, statistics = _kernels.train(self, inputs, mask)
         if statistics is not None:  # None: an empty batch, nothing to learn from
             self._update_moving(*statistics)
         return outputs
-
-    def _update_renorm(self, mean, variance, count):
-        """Assigns `_variants.renorm_update`'s statistics, or keeps the old ones (and counts the
-        skip) when the batch's are not finite."""
-        mean, variance = (ops.stop_gradient(ops.reshape(t, (-1,))) for t in (mean, variance))
-        finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(variance)))
-        for variable, value in _variants.renorm_update(self, mean, variance):
-            kept = ops.where(finite, value, ops.cast(variable, value.dtype))
-            variable.assign(ops.cast(kept, variable.dtype))
-        if self.num_batches_tracked is not None:
-            tracked = self.num_batches_tracked
-            tracked.assign(tracked + ops.cast(finite, tracked.dtype))
-        if BACKEND != "jax":
-            counter = self._skipped.variable
-            counter.assign(counter + ops.cast(ops.logical_not(finite), counter.dtype))
-        elif internals.concrete_bool(finite) is False:
-            self._skipped.variable.assign(self._skipped.variable.value + 1)
 
     def _update_moving(self, mean, variance, count):
         """Assigns `_stats.moving_update`'s result (no host op: this runs inside compiled steps),
@@ -537,14 +405,7 @@ class BatchNorm(keras.layers.Layer):
             tracked = self.num_batches_tracked
             tracked.assign(tracked + ops.cast(ops.any(update.updated), tracked.dtype))
         if update.skipped is not False:
-            counter = self._skipped.variable
-            if BACKEND == "jax":
-                # JAX's compiled step carries only the model's own variables in and out: the
-                # counter, kept out of them (see _Counter), counts what it sees outside jax.jit.
-                if internals.concrete_bool(update.skipped):
-                    counter.assign(counter.value + 1)
-            else:
-                counter.assign(counter + ops.cast(update.skipped, counter.dtype))
+            self._count_skipped(update.skipped)
         if update.all_finite is False:
             warnings.warn(
                 f"keras_bn.BatchNorm '{self.name}': the batch statistics contain NaN or Inf; "
@@ -552,6 +413,15 @@ class BatchNorm(keras.layers.Layer):
                 SkippedUpdateWarning,
                 stacklevel=3,
             )
+
+    def _count_skipped(self, skipped):
+        """Adds a skipped batch (a boolean tensor) to the counter, inside compiled steps too."""
+        counter = self._skipped.variable
+        if BACKEND == "jax":  # counts outside jax.jit only: the counter is no model variable
+            if internals.concrete_bool(skipped):
+                counter.assign(counter.value + 1)
+        else:
+            counter.assign(counter + ops.cast(skipped, counter.dtype))
 
     def get_config(self):
         base_config = super().get_config()
