@@ -1,5 +1,6 @@
-"""The training step of BatchNorm's two variants, in keras.ops on every backend: batch
-renormalization (`renorm=True`) and ghost batches (`virtual_batch_size`). At inference both are
+"""BatchNorm's two variants in training, in keras.ops on every backend: batch renormalization
+(`renorm=True`, a correction of the plain training kernel's outputs) and ghost batches
+(`virtual_batch_size`, a training step of their own). At inference both are
 the plain layer (`y = x * s + t` from the moving statistics), so fold, recalibrate, diagnose and
 export treat them as any BatchNorm.
 
@@ -33,9 +34,9 @@ def _math(layer, inputs):
 
 
 def train(layer, inputs, mask):
-    """`(outputs, (mean, variance, count))` for a training step of a renorm or ghost-batch layer:
-    one row of statistics per batch (the ghost batches' average for ghost batches), `count` the
-    values per channel behind each row."""
+    """`(outputs, (mean, variance, count))` for a training step of a ghost-batch layer: one row
+    of statistics per batch (the ghost batches' average), `count` the values per channel behind
+    it."""
     inputs, x = _math(layer, inputs)
     rank = len(inputs.shape)
     axis = layer.axis % rank
@@ -74,11 +75,7 @@ def train(layer, inputs, mask):
         raise KerasBNError(_stats.batch_of_one_message(tuple(inputs.shape)))
     shape = _stats.channel_shape(rank, axis)
     gamma, beta = ops.reshape(gamma, shape), ops.reshape(beta, shape)
-    std = ops.sqrt(variance + epsilon)
-    if layer.renorm:
-        r, d = _renorm_correction(layer, mean, std, epsilon, shape)
-        gamma, beta = gamma * r, d * gamma + beta
-    outputs = centered / std * gamma + beta
+    outputs = centered / ops.sqrt(variance + epsilon) * gamma + beta
     if ghost is not None:
         outputs = ops.reshape(outputs, ops.shape(inputs))
         # One moving update per batch: the ghost batches' statistics averaged.
@@ -94,20 +91,29 @@ def train(layer, inputs, mask):
 
 
 def renormalized(layer, outputs, mean, variance):
-    """Batch renormalization applied to a plain BatchNorm's training outputs `y = x̂·γ + β`
-    (TensorFlow's fused kernel, one row of batch statistics): `(y − β)·r + (d·γ + β)`, which is
-    `x̂·(r·γ) + (d·γ + β)` with the same gradients (`r` and `d` carry none)."""
+    """Batch renormalization applied to a plain BatchNorm's training outputs `y = x̂·γ + β` (the
+    backend's training kernel, fused on TensorFlow): `(y − β)·r + (d·γ + β)`, which is
+    `x̂·(r·γ) + (d·γ + β)` with the same gradients (`r` and `d` carry none). `mean` and
+    `variance` have a row per slice of the batch normalized on its own (JAX devices without
+    synchronization), each slice corrected by its own `r` and `d`."""
     rank = len(outputs.shape)
     axis = layer.axis % rank
     y = ops.cast(outputs, "float64" if outputs.dtype == "float64" else "float32")
-    channels = int(outputs.shape[axis])
+    channels, rows = int(outputs.shape[axis]), int(mean.shape[0])
+    if rows > 1:
+        y = ops.reshape(y, (rows, -1, *y.shape[1:]))
+        rank, axis = rank + 1, axis + 1
     gamma, beta = _stats.gamma_beta(layer, channels, y.dtype)
     shape = _stats.channel_shape(rank, axis)
+    gamma, beta = ops.reshape(gamma, shape), ops.reshape(beta, shape)
+    shape[0] = rows if rows > 1 else 1
     mean, variance = (ops.reshape(ops.cast(t, y.dtype), shape) for t in (mean, variance))
     epsilon = ops.convert_to_tensor(layer.epsilon, dtype=y.dtype)
-    gamma, beta = ops.reshape(gamma, shape), ops.reshape(beta, shape)
     r, d = _renorm_correction(layer, mean, ops.sqrt(variance + epsilon), epsilon, shape)
-    return ops.cast((y - beta) * r + (d * gamma + beta), layer.compute_dtype)
+    y = (y - beta) * r + (d * gamma + beta)
+    if rows > 1:
+        y = ops.reshape(y, ops.shape(outputs))
+    return ops.cast(y, layer.compute_dtype)
 
 
 def _renorm_correction(layer, mean, std, epsilon, shape):
@@ -175,7 +181,11 @@ def add_renorm_weights(layer, shape):
 def update_renorm(layer, mean, variance, count):
     """Assigns `renorm_update`'s statistics, or keeps the old ones when the batch's are not
     finite; returns whether they were (a boolean tensor)."""
-    mean, variance = (ops.stop_gradient(ops.reshape(t, (-1,))) for t in (mean, variance))
+    # A row per slice of the batch (JAX devices without synchronization): their average.
+    mean, variance = (
+        ops.stop_gradient(ops.mean(ops.reshape(t, (-1, t.shape[-1])), axis=0))
+        for t in (mean, variance)
+    )
     finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(variance)))
     for variable, value in renorm_update(layer, mean, variance):
         kept = ops.where(finite, value, ops.cast(variable, value.dtype))

@@ -364,21 +364,17 @@ class BatchNorm(keras.layers.Layer):
             )
         if not (training and self.trainable):
             return _kernels.infer(self, inputs, mask)
-        if self.renorm and BACKEND == "tensorflow":
-            # The plain kernel (fused where it can be), then the renorm correction.
+        if self.renorm:  # the plain kernel (fused where it can be), then the correction
             outputs, statistics = _kernels.train(self, inputs, mask)
             if statistics is None:
                 return outputs
             outputs = _variants.renormalized(self, outputs, *statistics[:2])
             self._count_skipped(ops.logical_not(_variants.update_renorm(self, *statistics)))
             return outputs
-        if self.renorm or self.virtual_batch_size is not None:
+        if self.virtual_batch_size is not None:
             if inputs.shape[0] == 0:
                 return ops.cast(inputs, self.compute_dtype)
             outputs, statistics = _variants.train(self, inputs, mask)
-            if self.renorm:
-                self._count_skipped(ops.logical_not(_variants.update_renorm(self, *statistics)))
-                return outputs
         else:
             outputs, statistics = _kernels.train(self, inputs, mask)
         if statistics is not None:  # None: an empty batch, nothing to learn from
