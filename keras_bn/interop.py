@@ -688,7 +688,7 @@ def _rebuilt(keras_model, sites, plans):
 
 
 def to_torch_state_dict(keras_model: keras.Model, *, mapping: dict[str, str] | None = None,
-                        as_numpy: bool = False) -> dict:  # fmt: skip
+                        as_numpy: bool = False, strict: bool = True) -> dict:  # fmt: skip
     """The weights of a Keras model as a PyTorch state dict, in PyTorch's layouts.
 
     The inverse of `from_torch_state_dict`: `Dense`, convolutions, transposed and depthwise
@@ -700,6 +700,8 @@ def to_torch_state_dict(keras_model: keras.Model, *, mapping: dict[str, str] | N
         mapping: {PyTorch module key prefix: Keras layer path}. Without it each layer's path is
             its prefix, with "/" as ".".
         as_numpy: NumPy arrays instead of torch tensors (no torch needed).
+        strict: If True, a layer with weights of a kind this cannot write (LayerNormalization,
+            Embedding, ...) is an error naming it; if False it is left out.
 
     Returns:
         An ordered {key: tensor} for `torch_module.load_state_dict`. The PyTorch BatchNorms must
@@ -712,7 +714,19 @@ def to_torch_state_dict(keras_model: keras.Model, *, mapping: dict[str, str] | N
         ```
     """
     require_graph(keras_model, "to_torch_state_dict")
-    sites = [s for s in walk(keras_model) if _keras_kind(s.layer) and s.layer.weights]
+    every = list(walk(keras_model))
+    others = [s for s in every if s.layer.weights and not _keras_kind(s.layer)]
+    if strict and others:
+        raise KerasBNError(
+            expected(
+                "to_torch_state_dict writes every layer with weights (strict=True)",
+                "Dense, Conv{1,2,3}D, DepthwiseConv{1,2}D, Conv{1,2,3}DTranspose and BatchNorm "
+                "layers",
+                ", ".join(f"'{s.path}' ({type(s.layer).__name__})" for s in others),
+                "Pass strict=False to write the others and convert these yourself.",
+            )
+        )
+    sites = [s for s in every if _keras_kind(s.layer) and s.layer.weights]
     names = {path: prefix for prefix, path in (mapping or {}).items()}
     if mapping is not None:
         unknown = set(names) - {s.path for s in sites}

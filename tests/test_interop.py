@@ -439,6 +439,33 @@ def test_left_overs_on_the_keras_side_and_unsupported_layers():
         keras_bn.from_torch_state_dict(odd, nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
 
 
+def test_nested_keras_models_pair_in_order_and_export_by_path(rng):
+    # The Keras twin groups its blocks in a nested Sequential, as models are often written;
+    # PyTorch's Sequential numbers them. Layer paths carry the nesting.
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    block = keras.Sequential(
+        [keras.Input((6, 6, 2)), L.Conv2D(4, 3), keras_bn.BatchNorm(), L.ReLU()], name="block"
+    )
+    inputs = keras.Input((6, 6, 2))
+    twin = keras.Model(inputs, L.Conv2D(3, 1, name="head")(block(inputs)))
+    x = rng.normal(size=(2, 2, 6, 6)).astype("float32")
+    model, report = keras_bn.from_torch_state_dict(twin, net, samples=x)
+    assert report.verification["passed"]
+    assert [r.keras.split("/")[0] for r in report.rows] == ["block", "block", "head"]
+    assert set(keras_bn.to_torch_state_dict(model, as_numpy=True)) == {
+        f"block.{model.layers[1].layers[i].name}.{k}"
+        for i, keys in ((0, ("weight", "bias")),
+                        (1, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")))
+        for k in keys
+    } | {"head.weight", "head.bias"}  # fmt: skip
+    # A layer with weights of another kind is named, not silently left out.
+    odd = keras.Sequential([keras.Input((4,)), L.LayerNormalization(name="ln"), L.Dense(2)])
+    with pytest.raises(KerasBNError, match=r"'ln' \(LayerNormalization\)"):
+        keras_bn.to_torch_state_dict(odd, as_numpy=True)
+    assert len(keras_bn.to_torch_state_dict(odd, as_numpy=True, strict=False)) == 2
+
+
 def test_conventions_keras_layers_cannot_hold_are_refused():
     # PyTorch's cumulative average (momentum=None) has no place in Keras's BatchNormalization.
     net = nn.Sequential(nn.BatchNorm1d(3, momentum=None))
