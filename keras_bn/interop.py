@@ -165,9 +165,17 @@ def _tensors(state_dict) -> tuple[dict[str, np.ndarray], str | None, dict | None
         if arrays and all(k.startswith(prefix) for k in arrays):
             arrays = {k[len(prefix) :]: v for k, v in arrays.items()}
             stripped = (stripped or "") + prefix
-    if modules is not None and stripped:
-        modules = {k[len(stripped) :]: m for k, m in modules.items() if k.startswith(stripped)}
-    return arrays, stripped, modules
+    return arrays, stripped, None if modules is None else _modules(modules, stripped)
+
+
+def _modules(named_modules, stripped):
+    """{key prefix: module} with the state dict's wrapper prefix removed where a name has it
+    (a DataParallel checkpoint loads into the bare module as well as into the wrapped one)."""
+    if not stripped:
+        return dict(named_modules)
+    return {
+        k[len(stripped) :] if k.startswith(stripped) else k: m for k, m in named_modules.items()
+    }
 
 
 def _groups(arrays) -> collections.OrderedDict:
@@ -358,17 +366,16 @@ def _weighted_plan(site, prefix, group, kind, module, row):
                 f"groups={module.groups}",
             )
         )
-    if module is not None:
-        torch_kind = TORCH_KINDS.get(type(module).__name__)
-        transposed = kind == "conv_transpose"
-        if torch_kind == "conv_transpose" and not transposed:
-            raise KerasBNError(
-                expected(
-                    f"Keras layer '{path}' ({type(layer).__name__}) takes a convolution",
-                    "a Conv*d module",
-                    f"'{prefix}', a {type(module).__name__}",
-                )
+    if module is not None and (TORCH_KINDS.get(type(module).__name__) == "conv_transpose") != (
+        kind == "conv_transpose"
+    ):
+        raise KerasBNError(
+            expected(
+                f"Keras layer '{path}' ({type(layer).__name__}) and PyTorch module '{prefix}'",
+                "both transposed convolutions or neither",
+                f"a {type(module).__name__}",
             )
+        )
     values = {}
     weight = group.get("weight")
     if weight is None:
@@ -627,7 +634,7 @@ def from_torch_state_dict(
     if torch_module is None and modules is not None:
         torch_module = state_dict
     elif torch_module is not None:
-        _, _, modules = _tensors(torch_module)
+        modules = _modules(dict(torch_module.named_modules()), report.stripped_prefix)
     if modules is not None:
         report.conventions = "torch module"
     groups = _groups(arrays)

@@ -482,6 +482,17 @@ def test_conventions_keras_layers_cannot_hold_are_refused():
         keras_bn.from_torch_state_dict(twin, net, mapping={"bn": twin.layers[0].name})
 
 
+def test_a_transposed_convolution_never_pairs_with_a_plain_one():
+    # Both ways, with shapes that fit (4 -> 4 channels, 2x2): only the module's class tells.
+    for torch_layer, keras_layer in (
+        (nn.ConvTranspose2d(4, 4, 2), L.Conv2D(4, 2)),
+        (nn.Conv2d(4, 4, 2), L.Conv2DTranspose(4, 2)),
+    ):
+        twin = keras.Sequential([keras.Input((5, 5, 4)), keras_layer])
+        with pytest.raises(KerasBNError, match=r"both transposed convolutions or neither"):
+            keras_bn.from_torch_state_dict(twin, nn.Sequential(torch_layer))
+
+
 def test_without_the_module_conventions_stay_the_keras_layers_and_the_report_says_so():
     net, twin = small_pair()
     model, report = keras_bn.from_torch_state_dict(twin, net.state_dict())
