@@ -1028,6 +1028,32 @@ def test_renorm_and_ghost_batches_are_ordinary_batchnorms_at_inference(tmp_path,
     )
 
 
+def test_renorm_and_ghost_batches_under_mixed_float16(mixed_policy, rng):
+    # float16 outputs, float32 statistics: renorm's against Keras's own renorm layer under the
+    # same policy, the ghost batches' against NumPy's float64 reference.
+    mixed_policy("mixed_float16")
+    clipping = {"rmax": 2.0, "dmax": 1.0}
+    ours = BatchNorm(momentum=0.9, renorm=True, renorm_clipping=clipping)
+    theirs = keras.layers.BatchNormalization(momentum=0.9, renorm=True, renorm_clipping=clipping)
+    ghost = BatchNorm(momentum=0.9, virtual_batch_size=4)
+    for layer in (ours, theirs, ghost):
+        layer.build((None, 6, 6, 3))
+    mean = np.zeros(3)
+    for _ in range(3):
+        x = rng.normal(2.0, 3.0, size=(8, 6, 6, 3)).astype("float32")
+        y_ours, y_theirs = ours(x, training=True), theirs(x, training=True)
+        assert keras.backend.standardize_dtype(y_ours.dtype) == "float16"
+        np.testing.assert_allclose(to_np(y_ours), to_np(y_theirs), rtol=2e-3, atol=2e-3)
+        y_ghost = ghost(x, training=True)
+        assert keras.backend.standardize_dtype(y_ghost.dtype) == "float16"
+        mean = 0.9 * mean + 0.1 * ghost_reference(x, 4)[1]
+    for a, b in zip(ours.weights, theirs.weights):
+        assert a.dtype == "float32"
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
+    assert ghost.moving_mean.dtype == "float32"
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
