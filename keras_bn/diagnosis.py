@@ -15,7 +15,7 @@ import math
 import keras
 import numpy as np
 
-from keras_bn import _data
+from keras_bn import _data, _processes
 from keras_bn._graph import BATCHNORM_TYPES, require_graph, walk
 from keras_bn.fold import (
     DisplayEnum,
@@ -273,7 +273,7 @@ def _updates_to_forget(momentum):
 
 
 def diagnose(
-    model: keras.Model, data=None, *, batch_size: int = 32, verbose: int = 0
+    model: keras.Model, data=None, *, batch_size: int = 32, distributed="auto", verbose: int = 0
 ) -> DiagnosisReport:
     """Diagnoses the BatchNorms of `model` (nothing is changed) and returns a `DiagnosisReport`;
     `report.healthy` is False when any row's verdict is not "ok".
@@ -297,6 +297,9 @@ def diagnose(
         model: A Sequential or Functional model with at least one BatchNorm.
         data: Optional data, in any form `keras_bn.recalibrate` takes (labels are ignored).
         batch_size: Rows per batch when `data` is arrays; use the training batch size.
+        distributed: As for `keras_bn.recalibrate`: "auto" (default) compares with the
+            statistics of every process's data in a distributed run, so that every process
+            reports the same verdicts; False, this process's data only.
         verbose: 1 shows the progress bar of the recalibration with `data`; 0 (default) is
             silent.
 
@@ -322,7 +325,9 @@ def diagnose(
     float16 = {row.name: row.float16 for row in plan.rows}  # by path, "outer/inner/bn"
     population = None
     if data is not None:
-        recalibrated, _ = recalibrate(model, data, batch_size=batch_size, verbose=verbose)
+        recalibrated, _ = recalibrate(
+            model, data, batch_size=batch_size, distributed=distributed, verbose=verbose
+        )
         # By path: same-named BatchNorms in two nested models are two layers.
         population = {
             site.path: site.layer
@@ -351,4 +356,16 @@ def diagnose(
             before = keras.tree.flatten(run_original(model, first, "first batch of the data"))
             after = keras.tree.flatten(run_inference(recalibrated, first, as_numpy=True))
             report.output_error = max(compare(b, a).max_rel for b, a in zip(before, after))
+        report.output_error = _largest_over_processes(report.output_error, distributed)
     return report
+
+
+def _largest_over_processes(error, distributed):
+    """The output change on the first batch of every process's shard, the largest (None when no
+    process had a batch), so that every process of a distributed run reports one number."""
+    processes = _processes.find(distributed)
+    if processes is None or not processes.merges_at_the_end:
+        return error
+    errors = processes.gather(np.array([np.nan if error is None else error]))[:, 0]
+    errors = errors[~np.isnan(errors)]
+    return float(errors.max()) if errors.size else None

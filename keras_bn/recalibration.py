@@ -36,7 +36,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_bn import _data, _stats
+from keras_bn import _data, _processes, _stats
 from keras_bn import _keras_internals as internals
 from keras_bn._environment import progress_verbose
 from keras_bn._graph import BATCHNORM_TYPES, require_graph, run_inference, walk
@@ -76,16 +76,42 @@ class RecalibrationRow:
 
 @dataclasses.dataclass
 class RecalibrationReport:
+    """`batches` and each row's values per channel count every process of a distributed run;
+    `processes` and `engine` say which ones were merged (1 and None for one process), and
+    `process_batches` how many batches each read, in rank order, where each read its own shard
+    (None where every process read the same data, as under `tf.distribute`)."""
+
     estimator: str
     batches: int
     rows: list[RecalibrationRow] = dataclasses.field(default_factory=list)
+    processes: int = 1
+    engine: str | None = None
+    process_batches: list[int] | None = None
 
     def to_dict(self) -> dict:
         return {
             "estimator": self.estimator,
             "batches": self.batches,
+            "processes": self.processes,
+            "engine": self.engine,
+            "process_batches": self.process_batches,
             "rows": [r.to_dict() for r in self.rows],
         }
+
+    def merged_line(self) -> str | None:
+        """The line saying how the processes' statistics were merged, or None for one process."""
+        if self.processes < 2:
+            return None
+        if self.process_batches is None:
+            return (
+                f"every batch split across {self.processes} processes ({self.engine}), its "
+                "statistics all-reduced; values per channel count all of them"
+            )
+        shards = " + ".join(str(b) for b in self.process_batches)
+        return (
+            f"statistics of {self.processes} processes merged ({self.engine}), batches per "
+            f"process {shards}; values per channel count all of them"
+        )
 
     def __str__(self):
         width = max([len(r.name) for r in self.rows] + [9])
@@ -105,6 +131,8 @@ class RecalibrationReport:
             f"{len(self.rows)} BatchNorm(s) recalibrated over {self.batches} batches "
             f"({self.estimator} statistics)"
         )
+        if self.merged_line():
+            lines.append(self.merged_line())
         return "\n".join(lines)
 
 
@@ -241,6 +269,10 @@ def _jax_step(model, collect):
     import jax
 
     variables = list(model.variables)
+    # This process's whole copy of each weight, read once: in a run of several processes the
+    # weights of a keras.distribution model span all of them, and each process reads its own
+    # shard of the data with them (`_processes.local_jax_value`).
+    values = [_processes.local_jax_value(v.value) for v in variables]
 
     def pure(values, inputs):
         with keras.StatelessScope(state_mapping=list(zip(variables, values))):
@@ -249,7 +281,7 @@ def _jax_step(model, collect):
     compiled = jax.jit(pure)
 
     def step(inputs):
-        results = compiled([v.value for v in variables], list(inputs))
+        results = compiled(values, list(inputs))
         return keras.tree.map_structure(ops.convert_to_numpy, results)
 
     return step
@@ -289,6 +321,23 @@ class _Population:
     def result(self):
         denominator = self.n - 1 if self.unbiased else self.n
         return self.mean, self.m2 / denominator
+
+    def to_vector(self):
+        """`[batches, n, mean, M2]` (per channel), what one process sends to the others."""
+        return np.concatenate([[float(self.batches)], self.n, self.mean, self.m2])
+
+    @classmethod
+    def from_vectors(cls, unbiased, rows):
+        """The merge of every process's `to_vector`, in rank order (Chan's update again); None
+        when no process saw a batch."""
+        merged = cls(unbiased)
+        batches = 0
+        for batches_r, n, mean, m2 in _split_vectors(rows):
+            if batches_r:  # an empty shard sends zeros: nothing to add
+                merged.add(n, mean, m2)
+                batches += int(batches_r)
+        merged.batches = batches
+        return merged if batches else None
 
 
 class _BatchMean:
@@ -332,6 +381,35 @@ class _BatchMean:
             self._sum(self.pending.pop(0))
 
     def result(self):
+        sum_mean, sum_var, summed = self._closed()
+        return sum_mean / summed, sum_var / summed
+
+    def to_vector(self):
+        """`[batches, n, sum of means, sum of variances]` (per channel), after this process's
+        own trailing remainder is merged: what one process sends to the others."""
+        sum_mean, sum_var, summed = self._closed()
+        channels = np.shape(self.n)
+        return np.concatenate(
+            [[float(summed)], self.n, *(np.broadcast_to(v, channels) for v in (sum_mean, sum_var))]
+        )
+
+    @classmethod
+    def from_vectors(cls, unbiased, rows):
+        """Every process's batches averaged with equal weights (each process's trailing
+        remainder merged into its own previous batch, as on one process); None when no
+        process saw a batch."""
+        merged = cls(unbiased)
+        for summed, n, sum_mean, sum_var in _split_vectors(rows):
+            if summed:
+                merged.sum_mean = merged.sum_mean + sum_mean
+                merged.sum_var = merged.sum_var + sum_var
+                merged.summed += int(summed)
+                merged.n = n if merged.n is None else merged.n + n
+        return merged if merged.summed else None
+
+    def _closed(self):
+        """`(sum of means, sum of variances, batches)` of every batch so far, the trailing
+        remainder merged."""
         sum_mean, sum_var, summed = self.sum_mean, self.sum_var, self.summed
         rows = list(self.pending)
         if len(rows) == 2 and 2 * np.min(rows[1][0]) < self.first:
@@ -351,7 +429,43 @@ class _BatchMean:
             sum_mean = sum_mean + mean
             sum_var = sum_var + self._variance(count, m2)
             summed += 1
-        return sum_mean / summed, sum_var / summed
+        return sum_mean, sum_var, summed
+
+
+def _split_vectors(rows):
+    """Each process's `[batches, a, b, c]` vector (three per-channel parts) as its four parts."""
+    channels = (rows.shape[1] - 1) // 3
+    for row in rows:
+        yield (
+            row[0],
+            row[1 : 1 + channels],
+            row[1 + channels : 1 + 2 * channels],
+            row[1 + 2 * channels :],
+        )
+
+
+def _merge_processes(processes, targets, accumulators, seen, error, estimator):
+    """Every process's partial statistics, gathered through the engine's collective and merged in
+    rank order: `(accumulators, batches per process)`, the same on every process. A process
+    that failed, or read no batch, still joins both collectives (`_processes.gather_outcome`),
+    so that no process waits for it."""
+    estimate = _Population if estimator == "population" else _BatchMean
+    parts = []
+    for key, bn in targets.items():
+        accumulator = accumulators.get(str(key))
+        channels = int(bn.moving_mean.shape[0])
+        parts.append(np.zeros(1 + 3 * channels) if accumulator is None else accumulator.to_vector())
+    vector = np.concatenate(parts)
+    per_process = _processes.gather_outcome(processes, error, seen, len(vector))
+    rows = processes.gather(vector)
+    merged, start = {}, 0
+    for (key, bn), part in zip(targets.items(), parts):
+        unbiased = getattr(bn, "unbiased_variance", False)
+        accumulator = estimate.from_vectors(unbiased, rows[:, start : start + len(part)])
+        start += len(part)
+        if accumulator is not None:
+            merged[str(key)] = accumulator
+    return merged, per_process
 
 
 def _run_step(model, step, inputs, index):
@@ -373,6 +487,7 @@ def recalibrate(
     batches: int | None = None,
     estimator: str = "population",
     only_trainable: bool = False,
+    distributed="auto",
     verbose: int = 1,
 ) -> tuple[keras.Model, RecalibrationReport]:
     """Returns `(new_model, report)`: a copy of `model` whose BatchNorms (`keras_bn.BatchNorm`
@@ -393,6 +508,12 @@ def recalibrate(
         only_trainable: Leave BatchNorms with `trainable=False` alone. By default they are
             recalibrated too: freezing a BatchNorm for fine-tuning keeps its statistics from the
             old data, and stale statistics are exactly what this function is for.
+        distributed: "auto" (default): in a distributed run (an initialized
+            `torch.distributed` process group, JAX with several processes, a
+            `tf.distribute` strategy) every process ends with the statistics of all the
+            processes' data, identical everywhere; every process must call `recalibrate`.
+            False: this process's data only. See the guide's "Distributed runs" for who
+            shards the data on each engine.
         verbose: 1 (default) shows a Keras progress bar, 0 is silent, as in `model.predict`.
 
     Returns:
@@ -435,9 +556,10 @@ def recalibrate(
     strategy = None
     if BACKEND == "tensorflow" and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
-    step = _step(model, targets, strategy)
-    total = _batch_budget(data, batch_size, batches)
-    bar = keras.utils.Progbar(total, verbose=progress_verbose(verbose), unit_name="batch")
+    processes = _processes.find(distributed, strategy)
+    _processes.refuse_local_writes_to_global_variables(model, distributed)
+    # distributed=False under a strategy: one device's step, outside the replicas.
+    step = _step(model, targets, strategy if distributed else None)
 
     def copy_model():  # same architecture and weights, in the caller's strategy scope
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -446,16 +568,25 @@ def recalibrate(
         return copy
 
     # The copy is made on a second thread while the data runs (TF runs its kernels without the
-    # GIL): on ResNet50 it costs about a sixth of a predict over 64 images when made after.
-    with in_background(copy_model) as pending:
-        accumulators, seen = _accumulate(
-            model, step, targets, data, batch_size, batches, estimator, bar
+    # GIL): on ResNet50 it costs about a sixth of a predict over 64 images when made after. Not
+    # in a distributed run, where making variables can be a collective of its own.
+    with in_background(copy_model, inline=processes is not None) as pending:
+        accumulators, seen, error = _read_data(
+            model, step, targets, data, batch_size, batches, estimator, verbose, processes
         )
+    per_process = None
+    if processes is not None and processes.merges_at_the_end:
+        accumulators, per_process = _merge_processes(
+            processes, targets, accumulators, seen, error, estimator
+        )
+        seen = sum(per_process)
     copy = pending.result()
     if seen == 0:
         raise KerasBNError(expected("The data gave no batch", "at least one batch", "none"))
     new_stats = _checked_statistics(targets, accumulators)
-    report = RecalibrationReport(estimator=estimator, batches=seen)
+    report = RecalibrationReport(estimator=estimator, batches=seen, process_batches=per_process)
+    if processes is not None:
+        report.processes, report.engine = processes.count, processes.engine
     paths = {id(site.layer): site.path for site in walk(model)}  # "outer/inner/bn"
     copies = [layer for layer in internals.all_layers(copy) if isinstance(layer, BATCHNORM_TYPES)]
     for old, new in zip(bns, copies):
@@ -488,6 +619,20 @@ def _batch_budget(data, batch_size, batches):
     if batches is not None:
         total = batches if total is None else min(total, batches)
     return total
+
+
+def _read_data(model, step, targets, data, batch_size, batches, estimator, verbose, processes):
+    """`_accumulate` over this process's data: `(accumulators, batches, error)`. An error is
+    raised, except in a run whose processes merge at the end: there it is returned, for
+    `_merge_processes` to raise on every process once all of them have joined it."""
+    try:
+        total = _batch_budget(data, batch_size, batches)
+        bar = keras.utils.Progbar(total, verbose=progress_verbose(verbose), unit_name="batch")
+        return (*_accumulate(model, step, targets, data, batch_size, batches, estimator, bar), None)
+    except Exception as error:
+        if processes is None or not processes.merges_at_the_end:
+            raise
+        return {}, 0, error
 
 
 def _accumulate(model, step, targets, data, batch_size, batches, estimator, bar):

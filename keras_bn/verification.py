@@ -534,13 +534,15 @@ def model_failure(model, where: str, inputs, error) -> KerasBNError:
 
 
 @contextlib.contextmanager
-def in_background(fn):
+def in_background(fn, inline=False):
     """Starts `fn` on a second thread, under the caller's TF device scope, and yields its future;
     leaving the block waits for it. For Keras reference outputs computed while the calling
     thread folds or converts (TF runs its kernels without the GIL). Where a second thread could
-    corrupt Keras's masks (`_keras_internals.masks_kept_per_thread`), `fn` runs on the calling
-    thread when the block is left, its result or exception in the future as before."""
-    if internals.masks_kept_per_thread():
+    corrupt Keras's masks (`_keras_internals.masks_kept_per_thread`), or with `inline=True` (work
+    that must not overlap the caller's: a variable created under a multi-worker strategy is a
+    collective, which would race the data's all-reduces), `fn` runs on the calling thread when
+    the block is left, its result or exception in the future as before."""
+    if inline or internals.masks_kept_per_thread():
         pending = concurrent.futures.Future()
         yield pending
         try:
