@@ -328,29 +328,43 @@ def cmd_verify(args):
 def cmd_recalibrate(args):
     import keras_bn
 
+    from . import launcher
     from .files import check_output_path
 
     output = check_output_path(args.output, inputs=[args.model, args.data], suffix=".keras")
-    model = _load(args)
-    data = _load_samples(args.data, args, "data file")
-    with Step("recalibrating"):
-        new, report = keras_bn.recalibrate(
-            model,
-            data,
-            batch_size=args.batch_size,
-            estimator=args.estimator,
-            verbose=0 if args.json else 1,
-        )
-    return _write_keras(new, output, report, args)
+    run = launcher.join()
+    with run.scope():
+        model = _load(args)
+        data = run.rows(_load_samples(args.data, args, "data file"))
+        with Step("recalibrating"):
+            new, report = keras_bn.recalibrate(
+                model,
+                data,
+                batch_size=args.batch_size,
+                estimator=args.estimator,
+                verbose=0 if args.json else 1,
+            )
+        if run.rank == 0:  # every process holds the same statistics: one writes them
+            return _write_keras(new, output, report, args)
+    if args.json:
+        print(json.dumps({"output": None, "written_by_process": 0, **report.to_dict()}, indent=2))
+    else:
+        print(report)
+        print(f"process {run.rank} of {run.count}: process 0 writes {output}")
+    return EXIT_OK
 
 
 def cmd_doctor(args):
     import keras_bn
 
-    model = _load(args)
-    data = _load_samples(args.data, args, "data file")
-    with Step("diagnosing" + (" with data" if data is not None else "")):
-        report = keras_bn.diagnose(model, data, batch_size=args.batch_size)
+    from . import launcher
+
+    run = launcher.join()
+    with run.scope():
+        model = _load(args)
+        data = run.rows(_load_samples(args.data, args, "data file"))
+        with Step("diagnosing" + (" with data" if data is not None else "")):
+            report = keras_bn.diagnose(model, data, batch_size=args.batch_size)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK if report.healthy else EXIT_VERIFY_FAILED
 
