@@ -7,11 +7,15 @@
    - per batch: warm predict against the warm collection step (what each further batch costs).
 2. Memory: peak RSS of a fresh process recalibrating the digits CNN over N and 10 x N batches that
    stream from a tf.data generator (never materialized).
+3. Two processes: the digits CNN on PyTorch's backend, two gloo processes each recalibrating
+   half of the data and merging (`distributed="auto"`), against process 0 alone over all of it
+   (`distributed=False`), in the same launched run, interleaved rounds, median per-round ratio.
 
     python benchmarks/bench_recalibrate.py [--rounds 5]
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -49,6 +53,64 @@ RSS_SCRIPT = textwrap.dedent("""
     keras_bn.recalibrate(model, data, verbose=0)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, os, statistics, sys, time
+    rank, port, rounds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    os.environ["KERAS_BACKEND"] = "torch"
+    import numpy as np, torch.distributed as dist, keras_bn
+    from keras_bn.export.demo import build_model
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    model = build_model()
+    x = np.random.default_rng(0).random((4096, 8, 8, 1), dtype=np.float32)
+    half = x[2048 * rank: 2048 * (rank + 1)]
+    keras_bn.recalibrate(model, half, batch_size=64, verbose=0)  # warm-up, both modes
+    one, two, alone = [], [], []
+    for _ in range(rounds):
+        dist.barrier()
+        if rank == 0:  # one process over all the data, the other waiting
+            start = time.perf_counter()
+            keras_bn.recalibrate(model, x, batch_size=64, distributed=False, verbose=0)
+            one.append(time.perf_counter() - start)
+        for times, distributed in ((two, "auto"), (alone, False)):
+            dist.barrier()
+            start = time.perf_counter()
+            keras_bn.recalibrate(model, half, batch_size=64, distributed=distributed, verbose=0)
+            times.append(time.perf_counter() - start)
+        dist.barrier()  # both halves done: the slower one is the run's time
+    if rank == 0:
+        median = statistics.median
+        print(json.dumps({"one": median(one), "two": median(two), "alone": median(alone),
+                          "ratio": median([b / a for a, b in zip(one, two)]),
+                          "merge": median([b / a for a, b in zip(alone, two)])}))
+""")
+
+
+def two_processes(rounds):
+    """Process 0's median seconds: alone over all the data ("one"), half of it merged with
+    process 1's half ("two"), half of it not merged ("alone"); median per-round ratios two/one
+    ("ratio") and two/alone ("merge")."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_SCRIPT, str(rank), port, str(rounds)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [proc.communicate()[0] for proc in procs]
+    if any(proc.returncode for proc in procs):
+        raise RuntimeError("the two-process run failed")
+    return json.loads(outputs[0].strip().splitlines()[-1])
 
 
 def fresh(model):
@@ -146,6 +208,16 @@ def main():
     print(
         f"\npeak RSS, digits CNN streaming from tf.data: 100 batches {rss[100]:.0f} MiB, "
         f"1000 batches {rss[1000]:.0f} MiB (+{100 * growth:.1f}%)"
+    )
+    two = two_processes(args.rounds)
+    print(
+        "\nPyTorch backend, digits CNN, 4096 x 8x8, batch 64, process 0's times, median of "
+        f"{args.rounds} interleaved rounds:\n\n"
+        "| run | time (s) | / 1 process |\n|---|---|---|\n"
+        f"| 1 process, all the data | {two['one']:.3f} | |\n"
+        f"| 2 gloo processes, half each, merged | {two['two']:.3f} | {two['ratio']:.2f} |\n"
+        f"| 2 gloo processes, half each, not merged (`distributed=False`) | {two['alone']:.3f} "
+        f"| |\n\nmerged / not merged: {two['merge']:.2f}"
     )
 
 

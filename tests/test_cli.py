@@ -805,3 +805,37 @@ def test_a_missing_extra_is_one_line_with_its_pip_command(monkeypatch):
     assert run.returncode == 2 and run.stderr.strip() == f"keras-bn: error: {message}"
     _environment.EXTRAS["onnx"] = ("onnx",)
     _environment.require_extra("onnx", "keras-bn export")  # installed: no error
+
+
+@pytest.mark.parametrize(
+    "variables, pattern",
+    [
+        # torchrun's environment where Keras runs TensorFlow: each process alone would read only
+        # its block of rows and report statistics of part of the file.
+        ({"WORLD_SIZE": "2", "RANK": "0"}, r"started by torchrun .*KERAS_BACKEND=torch"),
+        ({"WORLD_SIZE": "two"}, r"Invalid WORLD_SIZE .*Expected: an integer"),
+        ({"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, r"KERAS_DISTRIBUTION_\* .*KERAS_BACKEND=jax"),
+        ({"TF_CONFIG": "{not json"}, r"Invalid TF_CONFIG"),
+    ],
+)
+@pytest.mark.parametrize("command", ["doctor", "recalibrate"])
+def test_a_launchers_environment_that_cannot_be_joined_exits_2(
+    files, tmp_path, monkeypatch, variables, pattern, command
+):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    args = [command, files / "model.keras", "--data", files / "samples.npy"]
+    if command == "recalibrate":
+        args += ["-o", tmp_path / "new.keras"]
+    run = cli_in_process(*args)
+    assert run.returncode == 2
+    one_line_error(run, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_worker_tf_config_is_a_single_process_run(files, monkeypatch, capsys):
+    # A TF_CONFIG naming one worker (a common leftover) is no distributed run: the whole file.
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}}))
+    run = cli_in_process("doctor", files / "model.keras", "--data", files / "samples.npy", "--json")
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    assert json.loads(run.stdout)["rows"]
