@@ -9,7 +9,8 @@
    stream from a tf.data generator (never materialized).
 3. Two processes: the digits CNN on PyTorch's backend, two gloo processes each recalibrating
    half of the data and merging (`distributed="auto"`), against process 0 alone over all of it
-   (`distributed=False`), in the same launched run, interleaved rounds, median per-round ratio.
+   (`distributed=False`), in the same launched run, interleaved rounds, median per-round ratio;
+   one PyTorch thread per process, so that the two processes do not share a core.
 
     python benchmarks/bench_recalibrate.py [--rounds 5]
 """
@@ -59,7 +60,8 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     import json, os, statistics, sys, time
     rank, port, rounds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     os.environ["KERAS_BACKEND"] = "torch"
-    import numpy as np, torch.distributed as dist, keras_bn
+    import numpy as np, torch, torch.distributed as dist, keras_bn
+    torch.set_num_threads(1)  # one core each: two processes do not fight over two cores
     from keras_bn.export.demo import build_model
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
@@ -211,7 +213,8 @@ def main():
     )
     two = two_processes(args.rounds)
     print(
-        "\nPyTorch backend, digits CNN, 4096 x 8x8, batch 64, process 0's times, median of "
+        "\nPyTorch backend, one thread per process, digits CNN, 4096 x 8x8, batch 64, "
+        "process 0's times, median of "
         f"{args.rounds} interleaved rounds:\n\n"
         "| run | time (s) | / 1 process |\n|---|---|---|\n"
         f"| 1 process, all the data | {two['one']:.3f} | |\n"

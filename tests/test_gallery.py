@@ -200,6 +200,10 @@ def test_command_line_never_exits_70(entry, model, tmp_path, monkeypatch):
             {"spliceai": "100,4", "fer": "32,32,1"}.get(entry.name, "16,5"),
         ),
     }  # fmt: skip
+    if entry.name == "spliceai" and not os.environ.get("KERAS_BN_UPDATE_GALLERY"):
+        # Its ONNX export with real samples is test_onnx_export[spliceai-float32] again (15 s of
+        # CI); the command line's export path runs here for the other models.
+        del runs["export"]
     codes = {}
     for label, args in runs.items():
         run = cli_in_process(*args)
@@ -209,11 +213,12 @@ def test_command_line_never_exits_70(entry, model, tmp_path, monkeypatch):
         assert "\x1b[" not in err, f"{label}: escape codes in {err[-500:]}"
         if code == 2:
             assert "keras-bn: error:" in err and "internal error" not in err
-    assert codes["inspect"] == codes["inspect .h5"] == codes["fold"] == codes["export"] == 0
+    assert codes["inspect"] == codes["inspect .h5"] == codes["fold"] == codes.get("export", 0) == 0
     assert codes["doctor"] in (0, 1)
     assert codes["export, bad shape"] == 2
-    # The two outputs and nothing else: no temporary file of ours or onnxruntime's.
-    assert sorted(os.listdir(tmp_path)) == sorted([*before, "folded.keras", "model.onnx"])
+    # The outputs and nothing else: no temporary file of ours or onnxruntime's.
+    outputs = ["folded.keras", *(["model.onnx"] if "export" in runs else [])]
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, *outputs])
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
