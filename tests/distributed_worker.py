@@ -123,5 +123,25 @@ with scope:
     result["failure_seconds"] = time.perf_counter() - started
     result["model_unchanged"] = statistics(model)
 
+if engine == "torch":
+    # The command line as torchrun starts it: it finds WORLD_SIZE, joins the group this process
+    # is in, reads its block of the file's rows; each command's exit code and stdout.
+    import contextlib
+    import io
+
+    from keras_bn.export.cli import main
+
+    os.environ["WORLD_SIZE"] = "2"
+    os.chdir(os.path.join(out, "cli"))
+    result["cli"] = []
+    for argv in (
+        ["doctor", "model.keras", "--data", "data.npy", "--batch-size", "8", "--json"],
+        ["recalibrate", "model.keras", "--data", "data.npy", "-o", "new.keras", "--json"],
+    ):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(argv)
+        result["cli"].append([code, printed.getvalue()])
+
 with open(os.path.join(out, f"{rank}.json"), "w") as f:
     json.dump(result, f)

@@ -141,11 +141,15 @@ ENGINES = {
 
 
 @pytest.mark.parametrize("engine", ["torch", "jax", "tf"])
-def test_two_processes_end_with_the_statistics_of_all_their_data_and_fail_together(
+def test_two_processes_end_with_the_statistics_of_all_their_data_and_agree_everywhere(
     engine, tmp_path
 ):
     shards = SHARDS[engine]
+    if engine == "torch":
+        cli_model = command_line_files(tmp_path / "cli")
     ranks = run_two(engine, tmp_path, shards)
+    if engine == "torch":
+        check_command_line(ranks, tmp_path / "cli", cli_model)
     for case, ranges in shards.items():
         if engine == "tf":  # the same data on both workers: one process over it
             union = [DATA[slice(*ranges[0])]]
@@ -197,62 +201,29 @@ def test_two_processes_end_with_the_statistics_of_all_their_data_and_fail_togeth
         }
 
 
-# Each process runs both commands through the command line's `main`, in one Python: the same
-# code as the console script, one Keras import instead of two.
-LAUNCHED_COMMANDS = """
-import contextlib, io, json, sys
-from keras_bn.export.cli import main
-
-results = []
-for argv in (["doctor", "model.keras", "--data", "data.npy", "--batch-size", "8", "--json"],
-             ["recalibrate", "model.keras", "--data", "data.npy", "-o", "new.keras", "--json"]):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    results.append([code, out.getvalue()])
-print(json.dumps(results))
-"""
-
-
-def test_the_command_line_under_a_launcher_reads_its_rows_and_agrees_everywhere(tmp_path):
-    # `keras-bn doctor --data` and `keras-bn recalibrate` as torchrun starts them (WORLD_SIZE,
-    # RANK, MASTER_ADDR, MASTER_PORT): each process reads its block of the file's rows, both
-    # report the same, and only process 0 writes the output.
+def command_line_files(folder):
+    """A model with one BatchNorm after a Dense layer, and the data, for the command line."""
     import keras
 
-    import keras_bn
-
+    folder.mkdir()
     inputs = keras.Input((6,))
     dense = keras.layers.Dense(4, name="d1")
     model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(dense(inputs)))
     model.set_weights(weights()[:6])
-    model.save(tmp_path / "model.keras")
-    np.save(tmp_path / "data.npy", DATA)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_XDIST_WORKER", "TF_CONFIG")}
-    env.update(
-        KERAS_BACKEND="torch", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", LAUNCHED_COMMANDS],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
-            env={**env, "RANK": str(rank)},
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        logs = [proc.communicate(timeout=300) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    ranks = []
-    for proc, (out, err) in zip(procs, logs):
-        assert proc.returncode == 0, err[-3000:]
-        ranks.append(json.loads(out.strip().splitlines()[-1]))
-    (doctor_0, doctor_1), (recalibrate_0, recalibrate_1) = zip(*ranks)
+    model.save(folder / "model.keras")
+    np.save(folder / "data.npy", DATA)
+    return model
+
+
+def check_command_line(ranks, folder, model):
+    """`keras-bn doctor --data` and `keras-bn recalibrate` as torchrun starts them (the worker
+    runs them through the command line's `main` once the group is up): each process reads its
+    block of the file's rows, both report the same, and only process 0 writes the output."""
+    import keras
+
+    import keras_bn
+
+    (doctor_0, recalibrate_0), (doctor_1, recalibrate_1) = (rank["cli"] for rank in ranks)
     # doctor: statistics still 0/1 (exit 1, a problem found), the same report on both.
     assert doctor_0[0] == doctor_1[0] == 1
     assert json.loads(doctor_0[1]) == json.loads(doctor_1[1])
@@ -263,9 +234,9 @@ def test_the_command_line_under_a_launcher_reads_its_rows_and_agrees_everywhere(
     # recalibrate: process 0 writes, process 1 says so; the file holds the whole file's statistics.
     assert recalibrate_0[0] == recalibrate_1[0] == 0
     written = [json.loads(r[1])["output"] for r in (recalibrate_0, recalibrate_1)]
-    assert written == [str(tmp_path / "new.keras"), None]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npy", "model.keras", "new.keras"]
-    bn = keras.saving.load_model(tmp_path / "new.keras").get_layer("bn")
+    assert written == [str(folder / "new.keras"), None]
+    assert sorted(p.name for p in folder.iterdir()) == ["data.npy", "model.keras", "new.keras"]
+    bn = keras.saving.load_model(folder / "new.keras").get_layer("bn")
     h1 = DATA.astype(np.float64) @ weights()[0].astype(np.float64) + weights()[1]
     np.testing.assert_allclose(bn.moving_mean.numpy(), h1.mean(0), atol=1e-6 * h1.std())
     np.testing.assert_allclose(bn.moving_variance.numpy(), h1.var(0), rtol=1e-6)
