@@ -380,6 +380,13 @@ TORCH_SYNC_SCRIPT = textwrap.dedent(f"""
         one = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
         one(torch.tensor(data[rank: rank + 1]), training=True)
         result["one_each"] = {{"var": one.moving_variance.numpy().tolist()}}
+        # recalibrate there: each process its half, every process the statistics of all 8 rows.
+        model = keras.Sequential([keras.Input((5,)), keras_bn.BatchNorm()])
+        new, report = keras_bn.recalibrate(model, local, batch_size=4, verbose=0)
+        bn = new.layers[0]
+        result["recalibrated"] = {{"mean": np.asarray(bn.moving_mean.numpy()).tolist(),
+                                  "var": np.asarray(bn.moving_variance.numpy()).tolist(),
+                                  "processes": report.processes}}
         with open(f"{{out}}/{{rank}}.json", "w") as f:
             json.dump(result, f)
         dist.destroy_process_group()
@@ -465,6 +472,13 @@ KERAS_DISTRIBUTION_SCRIPT = textwrap.dedent(f"""
             bn = model.layers[0]
             result[name] = {{"mean": np.asarray(bn.moving_mean.numpy()).tolist(),
                             "var": np.asarray(bn.moving_variance.numpy()).tolist()}}
+        # recalibrate there: each process its half, every process the statistics of all 8 rows.
+        model = keras.Sequential([keras.Input((5,)), keras_bn.BatchNorm()])
+        new, report = keras_bn.recalibrate(model, local, batch_size=4, verbose=0)
+        bn = new.layers[0]
+        result["recalibrated"] = {{"mean": np.asarray(bn.moving_mean.numpy()).tolist(),
+                                  "var": np.asarray(bn.moving_variance.numpy()).tolist(),
+                                  "processes": report.processes}}
         with open(f"{{out}}/{{rank}}.json", "w") as f:
             json.dump(result, f)
 
@@ -497,3 +511,7 @@ def test_torch_synchronized_statistics_under_keras_distribution(tmp_path):
         for local in ("False", "keras"):
             np.testing.assert_allclose(rank[local]["mean"], half.mean(0), rtol=1e-5)
             np.testing.assert_allclose(rank[local]["var"], half.var(0), rtol=1e-4)
+        # recalibrate under Keras's torch distribution: merged over both processes.
+        assert rank["recalibrated"]["processes"] == 2
+        np.testing.assert_allclose(rank["recalibrated"]["mean"], data.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(rank["recalibrated"]["var"], data.var(0), rtol=1e-6)
