@@ -380,13 +380,6 @@ TORCH_SYNC_SCRIPT = textwrap.dedent(f"""
         one = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
         one(torch.tensor(data[rank: rank + 1]), training=True)
         result["one_each"] = {{"var": one.moving_variance.numpy().tolist()}}
-        # recalibrate there: each process its half, every process the statistics of all 8 rows.
-        model = keras.Sequential([keras.Input((5,)), keras_bn.BatchNorm()])
-        new, report = keras_bn.recalibrate(model, local, batch_size=4, verbose=0)
-        bn = new.layers[0]
-        result["recalibrated"] = {{"mean": np.asarray(bn.moving_mean.numpy()).tolist(),
-                                  "var": np.asarray(bn.moving_variance.numpy()).tolist(),
-                                  "processes": report.processes}}
         with open(f"{{out}}/{{rank}}.json", "w") as f:
             json.dump(result, f)
         dist.destroy_process_group()
