@@ -124,6 +124,29 @@ with scope:
     result["model_unchanged"] = statistics(model)
 
 if engine == "torch":
+    # The layer itself on the same process group: synchronized=True takes the statistics of both
+    # processes' 4 rows, and its input gradient carries the global statistics' back; False,
+    # each process its own half. One row each: the global batch of 2 still trains.
+    import torch
+
+    sync_data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")
+    sync_data[4:] += 10.0
+    upstream = np.random.default_rng(1).normal(size=sync_data.shape).astype("float32")
+    for sync in (True, False):
+        layer = keras_bn.BatchNorm(momentum=0.0, synchronized=sync)
+        x = torch.tensor(sync_data[4 * rank : 4 * rank + 4], requires_grad=True)
+        y = layer(x, training=True)
+        (y * torch.tensor(upstream[4 * rank : 4 * rank + 4])).sum().backward()
+        result[f"synchronized={sync}"] = {
+            "mean": layer.moving_mean.numpy().tolist(),
+            "var": layer.moving_variance.numpy().tolist(),
+            "out": y.detach().numpy().tolist(),
+            "grad": x.grad.numpy().tolist(),
+        }
+    one = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
+    one(torch.tensor(sync_data[rank : rank + 1]), training=True)
+    result["one_each"] = one.moving_variance.numpy().tolist()
+
     # The command line as torchrun starts it: it finds WORLD_SIZE, joins the group this process
     # is in, reads its block of the file's rows; each command's exit code and stdout.
     import contextlib

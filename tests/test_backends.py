@@ -3,7 +3,7 @@ backend once per process, from KERAS_BACKEND): the whole layer, recalibration an
 files (among them the torch statistics where Keras's own lose their digits); fold_bn,
 recalibrate, diagnose and the command line on the demo CNN and a residual network trained there,
 exported and recalibrated here under TensorFlow; synchronized statistics on JAX's DataParallel
-and on torch.distributed."""
+(torch.distributed's are in tests/test_distributed.py)."""
 
 import json
 import os
@@ -354,84 +354,9 @@ def test_jax_data_parallel_statistics():
     ), result["indivisible"]
 
 
-TORCH_SYNC_SCRIPT = textwrap.dedent(f"""
-    import json, os, sys, tempfile
-    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
-
-    def replica(rank, init_file, out):
-        os.environ["KERAS_BACKEND"] = "torch"
-        import keras, keras_bn
-        dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
-                                world_size=2)
-        data = {DATA}
-        data[4:] += 10.0
-        weights = np.random.default_rng(1).normal(size=data.shape).astype("float32")
-        result = {{}}
-        for sync in (True, False):
-            layer = keras_bn.BatchNorm(momentum=0.0, synchronized=sync)
-            x = torch.tensor(data[4 * rank: 4 * rank + 4], requires_grad=True)
-            y = layer(x, training=True)
-            (y * torch.tensor(weights[4 * rank: 4 * rank + 4])).sum().backward()
-            result[str(sync)] = {{"mean": layer.moving_mean.numpy().tolist(),
-                                 "var": layer.moving_variance.numpy().tolist(),
-                                 "out": y.detach().numpy().tolist(),
-                                 "grad": x.grad.numpy().tolist()}}
-        # One sample per process: the global batch has two, so it trains.
-        one = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
-        one(torch.tensor(data[rank: rank + 1]), training=True)
-        result["one_each"] = {{"var": one.moving_variance.numpy().tolist()}}
-        with open(f"{{out}}/{{rank}}.json", "w") as f:
-            json.dump(result, f)
-        dist.destroy_process_group()
-
-    def one_process():
-        # The reference: one process, no distribution, the batch of 8.
-        import keras_bn
-        data = {DATA}
-        data[4:] += 10.0
-        weights = np.random.default_rng(1).normal(size=data.shape).astype("float32")
-        layer = keras_bn.BatchNorm(momentum=0.0)
-        x = torch.tensor(data, requires_grad=True)
-        y = layer(x, training=True)
-        (y * torch.tensor(weights)).sum().backward()
-        return {{"mean": layer.moving_mean.numpy().tolist(),
-                "var": layer.moving_variance.numpy().tolist(),
-                "out": y.detach().numpy().tolist(), "grad": x.grad.numpy().tolist()}}
-
-    if __name__ == "__main__":
-        out = sys.argv[1]
-        mp.spawn(replica, args=(os.path.join(out, "init"), out), nprocs=2)
-        ranks = [json.load(open(f"{{out}}/{{r}}.json")) for r in (0, 1)]
-        print(json.dumps({{"ranks": ranks, "plain": one_process()}}))
-""")
-
-
-def test_torch_distributed_statistics(tmp_path):
-    script = tmp_path / "sync.py"  # torch.multiprocessing's spawn re-imports the main module
-    script.write_text(TORCH_SYNC_SCRIPT)
-    run = run_on("torch", [str(script), str(tmp_path)], timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    ranks, plain = result["ranks"], result["plain"]  # plain: one process, the batch of 8
-    data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype("float32")
-    data[4:] += 10.0
-    np.testing.assert_allclose(plain["var"], data.var(0), rtol=1e-5)
-    for rank in ranks:
-        # synchronized=True over two processes: the moving statistics of the batch of 8.
-        np.testing.assert_allclose(rank["True"]["mean"], plain["mean"], rtol=1e-5)
-        np.testing.assert_allclose(rank["True"]["var"], plain["var"], rtol=1e-5)
-        np.testing.assert_allclose(rank["one_each"]["var"], data[:2].var(0), rtol=1e-4)
-    # The outputs and the input gradients are the batch of 8's, split: the all-reduce carries
-    # the gradient of the global statistics back to every process.
-    for key in ("out", "grad"):
-        joined = np.concatenate([rank["True"][key] for rank in ranks])
-        np.testing.assert_allclose(joined, plain[key], rtol=1e-4, atol=1e-5, err_msg=key)
-    # synchronized=False: each process its own half (the negative case).
-    for rank, half in zip(ranks, (data[:4], data[4:])):
-        np.testing.assert_allclose(rank["False"]["var"], half.var(0), rtol=1e-5)
-        assert not np.allclose(rank["False"]["var"], plain["var"], rtol=0.1)
-    local_grad = np.concatenate([rank["False"]["grad"] for rank in ranks])
-    assert not np.allclose(local_grad, plain["grad"], atol=1e-3)
+# PyTorch's torch.distributed: in tests/test_distributed.py, whose two gloo workers check the
+# synchronized layer (statistics, outputs and input gradients of the global batch) as well as
+# recalibration across processes, in one launch.
 
 
 # Keras 3.16 brings keras.distribution to the PyTorch backend (DTensor). Under its DataParallel,

@@ -150,6 +150,7 @@ def test_two_processes_end_with_the_statistics_of_all_their_data_and_agree_every
     ranks = run_two(engine, tmp_path, shards)
     if engine == "torch":
         check_command_line(ranks, tmp_path / "cli", cli_model)
+        check_synchronized_layer(ranks)
     for case, ranges in shards.items():
         if engine == "tf":  # the same data on both workers: one process over it
             union = [DATA[slice(*ranges[0])]]
@@ -240,3 +241,33 @@ def check_command_line(ranks, folder, model):
     h1 = DATA.astype(np.float64) @ weights()[0].astype(np.float64) + weights()[1]
     np.testing.assert_allclose(bn.moving_mean.numpy(), h1.mean(0), atol=1e-6 * h1.std())
     np.testing.assert_allclose(bn.moving_variance.numpy(), h1.var(0), rtol=1e-6)
+
+
+def check_synchronized_layer(ranks):
+    """`BatchNorm(synchronized=True)` over the torch workers' gloo group, each with 4 of 8 rows:
+    the moving statistics, outputs and input gradients of one batch of 8 (NumPy's, the
+    gradient by the textbook formula), once; `synchronized=False`, each process its half."""
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 5)).astype(np.float64)
+    data[4:] += 10.0
+    upstream = np.random.default_rng(1).normal(size=data.shape).astype("float32")
+    upstream = upstream.astype(np.float64)
+    data = data.astype("float32").astype(np.float64)
+    mean, var = data.mean(0), data.var(0)
+    inv = 1.0 / np.sqrt(var + 1e-3)
+    xhat = (data - mean) * inv
+    # d/dx of sum(upstream * xhat), gamma 1: inv * (g - mean(g) - xhat * mean(g * xhat)).
+    grad = inv * (upstream - upstream.mean(0) - xhat * (upstream * xhat).mean(0))
+    for rank in ranks:
+        synced = rank["synchronized=True"]
+        np.testing.assert_allclose(synced["mean"], mean, rtol=1e-5)
+        np.testing.assert_allclose(synced["var"], var, rtol=1e-5)
+        np.testing.assert_allclose(rank["one_each"], data[:2].var(0), rtol=1e-4)
+    for key, expected in (("out", xhat), ("grad", grad)):
+        joined = np.concatenate([rank["synchronized=True"][key] for rank in ranks])
+        np.testing.assert_allclose(joined, expected, rtol=1e-4, atol=1e-5, err_msg=key)
+    # synchronized=False: each process its own half (the negative case).
+    for rank, half in zip(ranks, (data[:4], data[4:])):
+        np.testing.assert_allclose(rank["synchronized=False"]["var"], half.var(0), rtol=1e-5)
+        assert not np.allclose(rank["synchronized=False"]["var"], var, rtol=0.1)
+    local_grad = np.concatenate([rank["synchronized=False"]["grad"] for rank in ranks])
+    assert not np.allclose(local_grad, grad, atol=1e-3)
