@@ -20,6 +20,7 @@ import os
 
 import keras
 
+from keras_bn import _processes
 from keras_bn.errors import KerasBNError, expected
 
 
@@ -115,8 +116,7 @@ def join() -> Run:
             import tensorflow as tf
 
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
-            resolver = strategy.cluster_resolver
-            chiefs = len(cluster.get("chief", ()))
-            rank = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
-            return Run(rank, workers, strategy=strategy)
+            # The library's own reading of the cluster: the rank recalibrate reports.
+            processes = _processes.find("auto", strategy)
+            return Run(processes.rank, processes.count, strategy=strategy)
     return Run()

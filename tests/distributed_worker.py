@@ -147,14 +147,16 @@ if engine == "torch":
     one(torch.tensor(sync_data[rank : rank + 1]), training=True)
     result["one_each"] = one.moving_variance.numpy().tolist()
 
-    # The command line as torchrun starts it: it finds WORLD_SIZE, joins the group this process
-    # is in, reads its block of the file's rows; each command's exit code and stdout.
-    import contextlib
+if engine in ("torch", "tf"):
+    # The command line as its launcher starts it (torchrun's WORLD_SIZE; TF_CONFIG, already set
+    # here): it joins the run, reads its rows of the file (torch: its block; TensorFlow: all,
+    # each batch split across the workers); each command's exit code and stdout.
     import io
 
     from keras_bn.export.cli import main
 
-    os.environ["WORLD_SIZE"] = "2"
+    if engine == "torch":
+        os.environ["WORLD_SIZE"] = "2"
     os.chdir(os.path.join(out, "cli"))
     result["cli"] = []
     for argv in (

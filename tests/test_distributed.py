@@ -145,11 +145,12 @@ def test_two_processes_end_with_the_statistics_of_all_their_data_and_agree_every
     engine, tmp_path
 ):
     shards = SHARDS[engine]
-    if engine == "torch":
+    if engine in ("torch", "tf"):
         cli_model = command_line_files(tmp_path / "cli")
     ranks = run_two(engine, tmp_path, shards)
-    if engine == "torch":
+    if engine in ("torch", "tf"):
         check_command_line(ranks, tmp_path / "cli", cli_model)
+    if engine == "torch":
         check_synchronized_layer(ranks)
     for case, ranges in shards.items():
         if engine == "tf":  # the same data on both workers: one process over it
@@ -217,9 +218,9 @@ def command_line_files(folder):
 
 
 def check_command_line(ranks, folder, model):
-    """`keras-bn doctor --data` and `keras-bn recalibrate` as torchrun starts them (the worker
-    runs them through the command line's `main` once the group is up): each process reads its
-    block of the file's rows, both report the same, and only process 0 writes the output."""
+    """`keras-bn doctor --data` and `keras-bn recalibrate` as a launcher starts them (torchrun's
+    WORLD_SIZE, or TF_CONFIG; the worker runs them through the command line's `main`): each
+    process reads its rows of the file, both report the same, and only process 0 writes."""
     import keras
 
     import keras_bn
